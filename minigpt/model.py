@@ -1,0 +1,145 @@
+"""The GPT-2 model (book ch. 4): token ids in, next-token logits out.
+
+    ids (batch, tokens)
+      -> token embedding + position embedding        (batch, tokens, emb_dim)
+      -> dropout -> n_layers x TransformerBlock       (batch, tokens, emb_dim)
+      -> final LayerNorm -> linear output head        (batch, tokens, vocab_size)
+
+Row ``t`` of the logits scores every vocabulary entry as the token that follows
+position ``t``; the causal mask in each block guarantees it saw only ids ``0..t``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from minigpt.attention import MultiHeadAttention
+from minigpt.config import GPTConfig
+from minigpt.layers import LayerNorm, TransformerBlock
+
+
+class GPTModel(nn.Module):
+    """GPT-2 with the book's module names (``tok_emb``, ``pos_emb``, ``trf_blocks``,
+    ``final_norm``, ``out_head``), so the book's saved state dicts load unchanged.
+
+    ``cfg`` may be a :class:`GPTConfig`, the book's config dict, or a preset name.
+    """
+
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any] | str) -> None:
+        super().__init__()
+        cfg = GPTConfig.coerce(cfg)
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            # One matrix both maps ids to vectors and scores vectors against every id.
+            self.out_head.weight = self.tok_emb.weight
+        self.gradient_checkpointing = False
+        self.cache_pos = 0  # absolute position of the next token fed with use_cache=True
+        self.apply(self._init_weights)
+        for name, param in self.named_parameters():
+            # GPT-2 scales the layers that write into the residual stream by 1/sqrt(2 * n_layers),
+            # so the stream's variance does not grow with depth.
+            if name.endswith(("out_proj.weight", "layers.2.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, in_idx: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        """``(batch, tokens)`` integer ids -> ``(batch, tokens, vocab_size)`` logits.
+
+        With ``use_cache=True`` the ids continue the sequence fed by earlier cached
+        calls (positions start at ``cache_pos``); call ``reset_kv_cache()`` first.
+        """
+        start = self.cache_pos if use_cache else 0
+        self._check_ids(in_idx, start)
+        num_tokens = in_idx.shape[1]
+        positions = torch.arange(start, start + num_tokens, device=in_idx.device)
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
+        for block in self.trf_blocks:
+            if self.gradient_checkpointing and self.training and not use_cache:
+                # Recompute the block's activations in backward instead of storing them.
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, use_cache=use_cache)
+        if use_cache:
+            self.cache_pos += num_tokens
+        return self.out_head(self.final_norm(x))
+
+    def _check_ids(self, in_idx: torch.Tensor, start: int) -> None:
+        if not isinstance(in_idx, torch.Tensor):
+            raise TypeError(f"GPTModel expects a tensor of token ids, got {type(in_idx).__name__}")
+        if in_idx.dtype.is_floating_point or in_idx.dtype.is_complex or in_idx.dtype == torch.bool:
+            raise TypeError(
+                f"GPTModel expects integer token ids (torch.long), got dtype {in_idx.dtype}; "
+                "convert with ids.long() if these really are ids"
+            )
+        if in_idx.dim() != 2:
+            raise ValueError(
+                f"GPTModel expects ids of shape (batch, tokens), got shape {tuple(in_idx.shape)}; "
+                "add a batch dimension with ids.unsqueeze(0)"
+            )
+        limit = self.cfg.context_length
+        if start + in_idx.shape[1] > limit:
+            raise ValueError(
+                f"{in_idx.shape[1]} tokens (after {start} cached) exceed context_length={limit}; "
+                f"keep only the last {limit - start} tokens, e.g. ids[:, -{limit - start}:]"
+            )
+        if in_idx.numel():
+            low, high = int(in_idx.min()), int(in_idx.max())
+            if low < 0 or high >= self.cfg.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size}); "
+                    "was the text encoded with a different tokenizer?"
+                )
+
+    def reset_kv_cache(self) -> None:
+        """Empty every block's KV cache; the next cached call starts at position 0."""
+        self.cache_pos = 0
+        for module in self.modules():
+            if isinstance(module, MultiHeadAttention):
+                module.reset_cache()
+
+    def set_attention_impl(self, use_sdpa: bool) -> None:
+        """Switch every block between the fused (SDPA) and the explicit attention path."""
+        for module in self.modules():
+            if isinstance(module, MultiHeadAttention):
+                module.use_sdpa = use_sdpa
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameter count; a tied output head is counted once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (see :mod:`minigpt.weights`)."""
+        from minigpt.weights import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> "GPTModel":
+        """Load a minigpt directory, a Hugging Face GPT-2 directory, or a GPT-2 name
+        (``gpt2-small`` ... ``gpt2-xl``; see :mod:`minigpt.weights`)."""
+        from minigpt.weights import load_pretrained
+
+        return load_pretrained(name_or_path, **kwargs)
