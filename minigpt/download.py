@@ -15,6 +15,7 @@ and the next call resumes it with an HTTP ``Range`` request.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import urllib.error
 import urllib.request
@@ -104,9 +105,15 @@ def download(
                 total=total, initial=offset, unit="B", unit_scale=True,
                 desc=dest.name, disable=not progress, leave=False,
             ) as bar:
-                while chunk := response.read(_CHUNK):
-                    f.write(chunk)
-                    bar.update(len(chunk))
+                try:
+                    while chunk := response.read(_CHUNK):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                except (TimeoutError, http.client.HTTPException) as err:
+                    # A stalled or broken transfer: the .part keeps what arrived.
+                    raise ConnectionError(
+                        f"download of {url} was interrupted ({err!r}); call again to resume it"
+                    ) from err
             if total is not None and part.stat().st_size < total:
                 raise ConnectionError(
                     f"download of {url} stopped after {part.stat().st_size} of {total} bytes; "
