@@ -1,10 +1,13 @@
 """Shared test setup: point minigpt at the offline data folder and keep caches per run."""
 
+import base64
 import os
 from pathlib import Path
 
 import pytest
+import tiktoken
 import torch
+from tiktoken_ext.openai_public import r50k_pat_str
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -19,6 +22,18 @@ def data_path() -> Path:
     if not path.is_dir():
         pytest.skip(f"data folder {path} is missing; set MINIGPT_DATA_DIR")
     return path
+
+
+@pytest.fixture(scope="session")
+def gpt2(data_path) -> tiktoken.Encoding:
+    """Reference GPT-2 BPE, built straight from tiktoken's own file in the data folder
+    (independent of minigpt's tokenizer code)."""
+    lines = (data_path / "gpt2" / "r50k_base.tiktoken").read_bytes().splitlines()
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+    return tiktoken.Encoding(
+        name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257,
+    )
 
 
 @pytest.fixture(autouse=True)

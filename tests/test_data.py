@@ -1,30 +1,12 @@
 """Sliding-window dataset and dataloader, checked against the book's chapter 2 numbers."""
 
-import base64
-
 import numpy as np
 import pytest
-import tiktoken
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from tiktoken_ext.openai_public import r50k_pat_str
 
 from minigpt.data import GPTDataset, create_dataloader, tokenize
-
-
-@pytest.fixture(scope="module")
-def gpt2(data_path) -> tiktoken.Encoding:
-    """GPT-2's BPE built from the offline data folder (tiktoken's own file format)."""
-    lines = (data_path / "gpt2" / "r50k_base.tiktoken").read_bytes().splitlines()
-    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
-    return tiktoken.Encoding(
-        name="gpt2",
-        pat_str=r50k_pat_str,
-        mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": 50256},
-        explicit_n_vocab=50257,
-    )
 
 
 @pytest.fixture(scope="module")

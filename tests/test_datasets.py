@@ -1,30 +1,12 @@
 """Corpus registry, train/validation split and the token-id cache."""
 
-import base64
-
 import numpy as np
 import pydoc_data.topics
 import pytest
-import tiktoken
 import torch
-from tiktoken_ext.openai_public import r50k_pat_str
 
 from minigpt.datasets import CORPORA, list_corpora, load_corpus, load_token_ids, split_text
 from minigpt.download import cache_dir
-
-
-@pytest.fixture(scope="module")
-def gpt2(data_path) -> tiktoken.Encoding:
-    """GPT-2's BPE built from the offline data folder (tiktoken's own file format)."""
-    lines = (data_path / "gpt2" / "r50k_base.tiktoken").read_bytes().splitlines()
-    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
-    return tiktoken.Encoding(
-        name="gpt2",
-        pat_str=r50k_pat_str,
-        mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": 50256},
-        explicit_n_vocab=50257,
-    )
 
 
 class OneShotTokenizer:
