@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 DATA_DIR_ENV = "MINIGPT_DATA_DIR"
 CACHE_DIR_ENV = "MINIGPT_CACHE_DIR"

@@ -46,12 +46,16 @@ class GPTModel(nn.Module):
             self.out_head.weight = self.tok_emb.weight
         self.gradient_checkpointing = False
         self.cache_pos = 0  # absolute position of the next token fed with use_cache=True
+        if not self.tok_emb.weight.is_meta:  # a meta model only describes shapes
+            self._init_parameters()
+
+    def _init_parameters(self) -> None:
         self.apply(self._init_weights)
         for name, param in self.named_parameters():
             # GPT-2 scales the layers that write into the residual stream by 1/sqrt(2 * n_layers),
             # so the stream's variance does not grow with depth.
             if name.endswith(("out_proj.weight", "layers.2.weight")):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
