@@ -2,6 +2,8 @@
 last real token, head surgery and freezing, padding-proof pooling, and a classifier that
 really learns spam from the real data."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -23,9 +25,12 @@ from minigpt.classification import (
     save_classifier,
     sms_spam_path,
     split_examples,
+    train_classifier,
 )
+from minigpt.cli import main
 from minigpt.config import GPTConfig
 from minigpt.model import GPTModel
+from minigpt.tokenizer import get_gpt2_tokenizer
 
 PAD = 50256
 SMALL = GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=2,
@@ -203,3 +208,90 @@ def test_saved_classifier_loads_with_its_labels_and_scores(tmp_path):
     ids = torch.randint(0, 50257, (2, 8))
     assert labels == ["ham", "spam"]
     assert torch.equal(loaded(ids), model(ids))
+
+
+# --- learning ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_thread():
+    """A model this small gains nothing from intra-op threads, and on a shared CPU they
+    make each step several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_small_random_gpt_learns_spam_far_above_chance(sms, one_thread):
+    train, val, test = split_examples(balance_classes(sms, seed=123), seed=123)
+    tokenizer = get_gpt2_tokenizer()
+    train_set = ClassificationDataset(train[:320], tokenizer, max_length=32)
+    labels = train_set.label_names
+    val_set = ClassificationDataset(val[:64], tokenizer, max_length=32, label_names=labels)
+    test_set = ClassificationDataset(test[:200], tokenizer, max_length=32, label_names=labels)
+    cfg = GPTConfig(vocab_size=50257, context_length=32, emb_dim=64, n_heads=2, n_layers=2,
+                    drop_rate=0.0, tie_weights=True)
+    model = make_classifier(GPTModel(cfg), num_classes=2, trainable="all")
+    result = train_classifier(
+        model, DataLoader(train_set, batch_size=16, shuffle=True, drop_last=True),
+        DataLoader(val_set, batch_size=32), epochs=2, lr=1e-3, eval_every=20, eval_iter=2,
+        device="cpu", progress=False,
+    )
+    # On balanced classes, always answering one class scores 50 %.
+    assert result.accuracy_before["val"] < 0.65
+    assert result.accuracy_after["train"] > 0.9
+    assert result.accuracy_after["val"] > 0.8
+    assert calc_accuracy_loader(DataLoader(test_set, batch_size=50), model, "cpu") > 0.8
+    assert result.history.steps == [20, 40]
+    assert result.history.train_losses[-1] < 0.1  # guessing costs ln 2 = 0.69
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def test_cli_fine_tunes_the_tiny_preset_on_spam(data_path, tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    code = main(["finetune", "classify", "--model", "tiny", "--data", "spam", "--subset", "400",
+                 "--max-length", "32", "--epochs", "2", "--lr", "1e-3", "--trainable", "all",
+                 "--output", str(out), "--device", "cpu"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["examples"] == {"train": 280, "val": 40, "test": 80}
+    assert metrics["accuracy"]["test"] > 0.8
+    assert f"test {metrics['accuracy']['test']:.1%}" in capsys.readouterr().out
+    assert (out / "loss.png").stat().st_size > 0 and (out / "accuracy.png").stat().st_size > 0
+    model, labels = load_classifier(out)
+    assert labels == ["ham", "spam"]
+    assert classify("WINNER!! Claim your FREE prize now, call 09061701461", model, get_gpt2_tokenizer(),
+                    labels, max_length=32) == "spam"
+
+
+def test_cli_with_lora_trains_only_the_adapters(tmp_path, one_thread):
+    GPTModel(SMALL).save_pretrained(tmp_path / "base")
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\n" + "".join(f"text {i},{'ab'[i % 2]}\n" for i in range(40)))
+    out = tmp_path / "run"
+    code = main(["finetune", "classify", "--model", str(tmp_path / "base"), "--data", str(data),
+                 "--lora-rank", "2", "--epochs", "1", "--output", str(out), "--device", "cpu"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    # rank 2 * (in + out) per linear: 4 attention (16 + 16), 2 feed-forward (16 + 64), head (16 + 2).
+    assert metrics["trainable_parameters"] == 2 * (2 * (4 * 32 + 2 * 80) + 18)
+    model, labels = load_classifier(out)  # merged: plain linears again
+    assert labels == ["a", "b"] and isinstance(model.out_head, nn.Linear)
+
+
+def test_cli_names_a_missing_label_column(tmp_path, capsys):
+    data = tmp_path / "data.tsv"
+    data.write_text("text\tcategory\nhello\ta\n")
+    code = main(["finetune", "classify", "--model", "tiny", "--data", str(data), "--output", str(tmp_path)])
+    assert code == 2
+    assert "has no column 'label'; its columns are ['text', 'category']" in capsys.readouterr().err
+
+
+def test_cli_rejects_an_empty_file(tmp_path, capsys):
+    data = tmp_path / "data.csv"
+    data.write_text("")
+    assert main(["finetune", "classify", "--model", "tiny", "--data", str(data), "--output", str(tmp_path)]) == 2
+    assert "is empty" in capsys.readouterr().err

@@ -4,12 +4,14 @@ masks on hand-made batches, data loading errors, response extraction, and the ju
 
 import http.server
 import json
+import math
 import threading
 
 import pytest
 import torch
 from torch import nn
 
+from minigpt.cli import main
 from minigpt.config import GPTConfig
 from minigpt.instruction import (
     HTTPJudge,
@@ -20,12 +22,17 @@ from minigpt.instruction import (
     extract_response,
     format_input,
     format_response,
+    generate_response,
+    instruction_dataloader,
     judge_prompt,
     load_instruction_data,
     parse_score,
+    save_responses,
     split_instruction_data,
 )
+from minigpt.model import GPTModel
 from minigpt.tokenizer import get_gpt2_tokenizer
+from minigpt.training import TrainConfig, train_model
 
 PAD = 50256
 INTRO = ("Below is an instruction that describes a task. "
@@ -40,6 +47,20 @@ class CharTokenizer:
 
     def decode(self, ids):
         return "".join(map(chr, ids))
+
+
+SMALL = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=2,
+                  drop_rate=0.0, tie_weights=True)
+
+
+@pytest.fixture
+def one_thread():
+    """A model this small gains nothing from intra-op threads, and on a shared CPU they
+    make each step several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # --- the prompt format ---------------------------------------------------------------------
@@ -210,3 +231,60 @@ def test_model_judge_scores_the_probability_weighted_number(data_path):
     logits[tokenizer.encode("90")] = 5.0
     logits[tokenizer.encode("The")] = 50.0  # not a number: ignored
     assert ModelJudge(FixedLogits(logits), tokenizer)(ENTRY, "Blue") == pytest.approx(85.0)
+
+
+# --- training, answering, the command line -------------------------------------------------
+
+
+def test_trained_model_answers_its_instructions_and_stops(data_path, tmp_path, one_thread):
+    entries = [{"instruction": "Name a primary color.", "input": "", "output": "Red is a primary color."},
+               {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour."}]
+    tokenizer = get_gpt2_tokenizer()
+    loader = instruction_dataloader(entries, tokenizer, batch_size=2, shuffle=True)
+    model = GPTModel(SMALL)
+    config = TrainConfig(max_steps=50, lr=1e-2, min_lr=1e-2, warmup_steps=0, eval_every=50)
+    history = train_model(model, loader, loader, config, device="cpu", progress=False)
+    assert history.train_losses[-1] < 0.2
+    # The answer ends where the model emits <|endoftext|>, which it learned from the one kept pad.
+    answers = [generate_response(model, entry, tokenizer, max_new_tokens=20) for entry in entries]
+    assert answers == ["Red is a primary color.", "Bonjour."]
+    save_responses([{**e, "model_response": a} for e, a in zip(entries, answers)], tmp_path / "r.json", [90, None])
+    assert json.loads((tmp_path / "r.json").read_text())[1] == {
+        "instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour.",
+        "model_response": "Bonjour.", "score": None}
+
+
+def cli_run(model_dir, out, *extra):
+    return main(["finetune", "instruct", "--model", str(model_dir), "--subset", "20", "--epochs", "1",
+                 "--lr", "1e-3", "--max-new-tokens", "3", "--output", str(out), "--device", "cpu", *extra])
+
+
+def test_cli_without_a_judge_says_so_and_reports_loss_and_perplexity(data_path, tmp_path, capsys, one_thread):
+    GPTModel(SMALL).save_pretrained(tmp_path / "base")
+    assert cli_run(tmp_path / "base", tmp_path / "run") == 0
+    out = capsys.readouterr().out
+    assert "no judge given (--judge-model or --judge-url)" in out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["examples"] == {"train": 17, "val": 1, "test": 2}
+    assert metrics["judge_score"] is None
+    assert metrics["test_perplexity"] == pytest.approx(math.exp(metrics["test_loss"]))
+    assert f"perplexity {metrics['test_perplexity']:,.1f}" in out
+    responses = json.loads((tmp_path / "run" / "responses.json").read_text())
+    assert [r["output"] for r in responses] == [e["output"] for e in load_instruction_data()[17:19]]
+    assert GPTModel.from_pretrained(tmp_path / "run").cfg == SMALL
+
+
+def test_cli_scores_the_answers_with_an_http_judge(data_path, tmp_path, capsys, one_thread):
+    GPTModel(SMALL).save_pretrained(tmp_path / "base")
+    with FakeChatServer({"message": {"role": "assistant", "content": "75"}}) as server:
+        code = cli_run(tmp_path / "base", tmp_path / "run", "--judge-url", f"{server.url}/api/chat")
+    assert code == 0 and len(server.requests) == 2
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["judge_score"] == 75
+    assert "judge score 75.0 / 100 over 2 of 2 responses" in capsys.readouterr().out
+
+
+def test_cli_names_the_malformed_entry(tmp_path, capsys):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c"}]))
+    assert main(["finetune", "instruct", "--model", "tiny", "--data", str(data), "--output", str(tmp_path)]) == 2
+    assert "entry 1 has no 'output' field" in capsys.readouterr().err

@@ -151,6 +151,10 @@ def test_clear_errors():
     for rank in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="rank must be a positive integer"):
             apply_lora(model, rank=rank, alpha=1)
+    with pytest.raises(ValueError, match="alpha must be positive"):
+        apply_lora(model, rank=2, alpha=0)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        apply_lora(model, rank=2, alpha=2, dropout=1.0)
     with pytest.raises(ValueError, match=r"\['W_qeury'\] match no nn.Linear"):
         apply_lora(model, rank=2, alpha=2, target_modules=["W_query", "W_qeury"])
     with pytest.raises(TypeError, match="list of patterns"):

@@ -1,0 +1,132 @@
+"""Peak memory of loading a 124M-parameter GPT-2 checkpoint and running one forward pass.
+
+Three loaders, each in a fresh subprocess so none inherits another's memory:
+
+- ``minigpt``: ``GPTModel.from_pretrained(dir)``, parameters are views into the
+  memory-mapped ``model.safetensors``;
+- ``transformers``: ``GPT2LMHeadModel.from_pretrained(dir)``;
+- ``book``: the book's load-then-copy, ``model.load_state_dict(torch.load(pth))`` into
+  an allocated ``GPTModel`` (its ``.pth`` holds the untied head and the causal masks, as
+  the book's does).
+
+Peak RSS is ``ru_maxrss`` after the forward pass minus ``ru_maxrss`` after the imports
+(``torch._dynamo`` included, see :func:`measure`);
+ratios are to the size of ``model.safetensors``. The checkpoint (gpt2-small shape, random
+weights, saved by transformers' ``save_pretrained``) is made in its own subprocess too.
+Prints one JSON line::
+
+    python bench/bench_load_memory.py [--checkpoint-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LOADERS = ("minigpt", "transformers", "book")
+FORWARD_TOKENS = 64
+
+
+def make_checkpoint(directory: Path) -> None:
+    """gpt2-small-shaped random checkpoint in HF format, plus the book's ``book.pth``."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from minigpt.model import GPTModel
+
+    torch.manual_seed(0)
+    with torch.device("meta"):  # transformers' init is slow on CPU; fill the tensors directly
+        hf = GPT2LMHeadModel(GPT2Config())
+    hf.to_empty(device="cpu")
+    hf.tie_weights()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.02)
+    hf.save_pretrained(directory)
+
+    model = GPTModel.from_pretrained(directory)
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # untied: a separate head copy
+    for i in range(model.cfg.n_layers):
+        n = model.cfg.context_length
+        state[f"trf_blocks.{i}.att.mask"] = torch.triu(torch.ones(n, n), diagonal=1)
+    torch.save(state, directory / "book.pth")
+
+
+def measure(loader: str, directory: Path) -> dict[str, float]:
+    """Load with ``loader``, run one forward pass; peak RSS growth over the post-import baseline."""
+    import torch
+    # transformers imports PyTorch's compiler at import time and minigpt on its first
+    # meta-device model (~70 MB, once per process): import it first in every process, so
+    # all three baselines hold the same modules and only the loading itself is measured.
+    import torch._dynamo  # noqa: F401
+
+    if loader == "minigpt":
+        from minigpt.model import GPTModel
+    elif loader == "transformers":
+        from transformers import GPT2LMHeadModel
+    else:
+        from minigpt.config import GPTConfig
+        from minigpt.model import GPTModel
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    start = time.perf_counter()
+    if loader == "minigpt":
+        model = GPTModel.from_pretrained(directory)
+    elif loader == "transformers":
+        model = GPT2LMHeadModel.from_pretrained(directory)
+    else:
+        model = GPTModel(GPTConfig.from_preset("gpt2-small", qkv_bias=True))
+        state = torch.load(directory / "book.pth", weights_only=True)
+        model.load_state_dict({k: v for k, v in state.items() if not k.endswith("att.mask")})
+        del state
+    with torch.no_grad():
+        model.eval()(torch.randint(0, 50257, (1, FORWARD_TOKENS)))
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_mb": (peak - baseline) / 1024, "seconds": seconds}
+
+
+def run_in_subprocess(*args: str) -> str:
+    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint-dir", type=Path, help="reuse (or create) the checkpoint here")
+    parser.add_argument("--make", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--measure", nargs=2, metavar=("LOADER", "DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.make:
+        make_checkpoint(args.make)
+        return
+    if args.measure:
+        print(json.dumps(measure(args.measure[0], Path(args.measure[1]))))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = args.checkpoint_dir or Path(tmp)
+        if not (directory / "book.pth").is_file():
+            directory.mkdir(parents=True, exist_ok=True)
+            run_in_subprocess("--make", str(directory))
+        file_mb = (directory / "model.safetensors").stat().st_size / 2**20
+        results = {name: json.loads(run_in_subprocess("--measure", name, str(directory))) for name in LOADERS}
+        print(json.dumps({
+            "bench": "load_memory",
+            "checkpoint": "gpt2-small shape (124M parameters), random weights, transformers save_pretrained",
+            "file_mb": round(file_mb, 1),
+            "book_pth_mb": round((directory / "book.pth").stat().st_size / 2**20, 1),
+            "forward_tokens": FORWARD_TOKENS,
+            "peak_rss_mb": {k: round(v["peak_mb"], 1) for k, v in results.items()},
+            "ratio_to_file": {k: round(v["peak_mb"] / file_mb, 3) for k, v in results.items()},
+            "seconds": {k: round(v["seconds"], 2) for k, v in results.items()},
+        }))
+
+
+if __name__ == "__main__":
+    main()

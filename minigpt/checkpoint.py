@@ -1,0 +1,209 @@
+"""Checkpoints: everything needed to continue a training run as if it never stopped.
+
+The one idea: a resumed run repeats the uninterrupted one exactly only if *every*
+source of change is saved: the weights, the optimizer's moment estimates, the step
+(which fixes the learning rate), the data loader's place in its shuffled order, and
+the random number generators (dropout draws from them).
+
+A run directory holds::
+
+    config.json, model.safetensors   the model (minigpt.weights): GPTModel.from_pretrained(run_dir)
+    training_state.pt                optimizer, loss scaler, step, data position, RNG states
+    history.json                     the losses recorded so far
+    settings.json                    the run's settings, so that resuming needs no arguments
+
+A checkpoint is saved as a whole or not at all: its files are written into a staging
+folder, which one rename commits, and then moved into place. A crash before the
+commit leaves the previous checkpoint untouched; a crash after it is completed by the
+next :func:`load_checkpoint`. (This protects against the process dying, not against
+the machine losing power before the disk cache is flushed.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minigpt.model import GPTModel
+from minigpt.weights import atomic_write, load_pretrained, save_pretrained
+
+STATE_FILE = "training_state.pt"
+HISTORY_FILE = "history.json"
+SETTINGS_FILE = "settings.json"
+_STAGING = ".checkpoint-staging"      # being written; ignored and replaced by the next save
+_COMMITTED = ".checkpoint-committed"  # complete; moved into place by save or the next load
+
+
+@dataclass
+class TrainingState:
+    """Where a checkpointed run stood: ``step`` optimizer steps done, the data loader
+    ``batch_in_epoch`` batches into epoch ``epoch``, and the history so far."""
+
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    tokens_seen: int
+    history: dict[str, list]
+
+
+# --------------------------------------------------------------------- random states
+
+
+def rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The state of every generator training may draw from: torch (CPU and CUDA),
+    Python's ``random`` and NumPy's global generator, as tensors and plain values only
+    (so that ``torch.load(weights_only=True)`` reads them back)."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": np_state["state"]["pos"],
+                  "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
+    }
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+                         "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    model: GPTModel,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None = None,
+    *,
+    step: int,
+    epoch: int,
+    batch_in_epoch: int,
+    tokens_seen: int,
+    history: dict[str, list],
+    rng_states: list[dict[str, Any]] | None = None,
+) -> None:
+    """Write a complete checkpoint into ``run_dir``, replacing the previous one atomically.
+
+    ``rng_states`` holds one :func:`rng_state` per process (index = rank); by default
+    this process's.
+    """
+    run_dir = Path(run_dir)
+    _finish_commit(run_dir)
+    staging = run_dir / _STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # left by a save that crashed
+    staging.mkdir(parents=True)
+    save_pretrained(model, staging)
+    state = {
+        "step": step,
+        "epoch": epoch,
+        "batch_in_epoch": batch_in_epoch,
+        "tokens_seen": tokens_seen,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_states if rng_states is not None else [rng_state(model.device)],
+    }
+    torch.save(state, staging / STATE_FILE)
+    (staging / HISTORY_FILE).write_text(json.dumps(history))
+    os.replace(staging, run_dir / _COMMITTED)  # the commit: one rename of a complete folder
+    _finish_commit(run_dir)
+
+
+def _finish_commit(run_dir: Path) -> None:
+    """Move a committed checkpoint's files into ``run_dir``. Safe to repeat, and safe
+    for several processes at once: each file is moved by exactly one rename."""
+    committed = run_dir / _COMMITTED
+    if not committed.is_dir():
+        return
+    for path in sorted(committed.iterdir()):
+        with contextlib.suppress(FileNotFoundError):  # another process moved it first
+            os.replace(path, run_dir / path.name)
+    with contextlib.suppress(FileNotFoundError, OSError):
+        committed.rmdir()
+
+
+# -------------------------------------------------------------------------- loading
+
+
+def load_checkpoint(
+    run_dir: str | os.PathLike,
+    model: GPTModel,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None = None,
+    *,
+    rank: int = 0,
+) -> TrainingState:
+    """Load the checkpoint in ``run_dir`` into ``model``, ``optimizer`` and ``scaler``,
+    restore process ``rank``'s random generators, and return where the run stood."""
+    run_dir = Path(run_dir)
+    _finish_commit(run_dir)
+    state_path = run_dir / STATE_FILE
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no {STATE_FILE}: there is no checkpoint to resume from")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle and zip errors of a damaged file
+        raise ValueError(f"{state_path} is corrupt or truncated: {err}") from err
+
+    saved = load_pretrained(run_dir)
+    if saved.cfg != model.cfg:
+        raise ValueError(f"{run_dir} holds a model with {saved.cfg}, but the model to resume is {model.cfg}")
+    with torch.no_grad():
+        model.load_state_dict(saved.state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+
+    rngs = state["rng"]
+    if rank >= len(rngs):
+        warnings.warn(f"{state_path} was written by {len(rngs)} process(es); process {rank} starts "
+                      "from rank 0's random state, so the run will not repeat exactly", stacklevel=2)
+    set_rng_state(rngs[min(rank, len(rngs) - 1)])
+
+    history_path = run_dir / HISTORY_FILE
+    history = json.loads(history_path.read_text()) if history_path.is_file() else {}
+    return TrainingState(step=state["step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
+                         tokens_seen=state["tokens_seen"], history=history)
+
+
+# ------------------------------------------------------------------ run settings
+
+
+def save_settings(run_dir: str | os.PathLike, settings: dict[str, Any]) -> None:
+    """Keep a run's settings (JSON) in ``run_dir/settings.json``."""
+    write_text(Path(run_dir) / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+
+
+def load_settings(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The settings :func:`save_settings` kept in ``run_dir``."""
+    path = Path(run_dir) / SETTINGS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory written by 'minigpt pretrain'?")
+    return json.loads(path.read_text())
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (see :func:`minigpt.weights.atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -1,0 +1,278 @@
+"""Training: the loss functions, AdamW groups, the schedule, and the loop's promises
+(bit-exact repetition, exact resume, NaN stop), plus `minigpt pretrain`/`eval` end to end."""
+
+import json
+import math
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minigpt.checkpoint import load_checkpoint
+from minigpt.cli import main
+from minigpt.config import GPTConfig
+from minigpt.data import GPTDataset
+from minigpt.model import GPTModel
+from minigpt.training import (
+    TrainConfig,
+    calc_loss_batch,
+    calc_loss_loader,
+    create_optimizer,
+    lr_at_step,
+    next_token_loss,
+    param_groups,
+    perplexity,
+    resolve_precision,
+    select_device,
+    sharded_loader,
+    train_model,
+)
+
+CFG = GPTConfig(vocab_size=96, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)
+
+
+def _ids(n_windows: int, seed: int = 1) -> torch.Tensor:
+    # A noisy counting pattern: learnable, so the loss really moves.
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.arange(n_windows * CFG.context_length + 1) % 40
+    return torch.where(torch.rand(ids.shape, generator=g) < 0.2, torch.randint(0, 96, ids.shape, generator=g), ids)
+
+
+def _loaders(batch_size: int = 4):
+    n = CFG.context_length
+    train = sharded_loader(GPTDataset(_ids(24), max_length=n, stride=n), batch_size, shuffle=True, seed=7)
+    val = sharded_loader(GPTDataset(_ids(8, seed=2), max_length=n, stride=n), batch_size, shuffle=False)
+    return train, val
+
+
+def _config(**changes) -> TrainConfig:
+    base = dict(max_steps=8, lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_every=2, eval_iter=2,
+                grad_accum=2, precision="float32")
+    return TrainConfig(**{**base, **changes})
+
+
+def _train(config: TrainConfig | None = None, model_seed: int = 0, batch_size: int = 4, model=None, **kwargs):
+    torch.manual_seed(model_seed)
+    model = model if model is not None else GPTModel(CFG)
+    train, val = _loaders(batch_size)
+    history = train_model(model, train, val, config or _config(), device="cpu", progress=False, **kwargs)
+    return model, history
+
+
+# ----------------------------------------------------------------------- loss functions
+
+
+def test_calc_loss_batch_is_cross_entropy_over_every_position():
+    model = GPTModel(CFG).eval()
+    inputs, targets = torch.randint(0, 96, (2, 16)), torch.randint(0, 96, (2, 16))
+    logits = model(inputs)
+    expected = F.cross_entropy(logits.reshape(-1, 96), targets.reshape(-1))
+    assert torch.allclose(calc_loss_batch(inputs, targets, model, "cpu"), expected)
+
+
+def test_calc_loss_batch_ignores_targets_of_minus_100():
+    model = GPTModel(CFG).eval()
+    inputs, targets = torch.randint(0, 96, (1, 16)), torch.randint(0, 96, (1, 16))
+    masked = targets.clone()
+    masked[0, 5:] = -100
+    logits = model(inputs)
+    expected = F.cross_entropy(logits[0, :5], targets[0, :5])
+    assert torch.allclose(calc_loss_batch(inputs, masked, model, "cpu"), expected)
+
+
+def test_calc_loss_loader_averages_the_first_batches_and_is_nan_when_empty():
+    model = GPTModel(CFG).eval()
+    _, val = _loaders(batch_size=2)
+    batches = list(val)[:3]
+    expected = sum(calc_loss_batch(x, y, model, "cpu").item() for x, y in batches) / 3
+    assert calc_loss_loader(val, model, "cpu", num_batches=3) == pytest.approx(expected)
+    assert math.isnan(calc_loss_loader([], model, "cpu"))
+
+
+def test_perplexity():
+    assert perplexity(0.0) == 1.0
+    assert perplexity(math.log(50257)) == pytest.approx(50257)
+    assert perplexity(1e6) == math.inf
+
+
+# -------------------------------------------------------------- optimizer and schedule
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_weight_decay_applies_to_weight_matrices_only(tied):
+    model = GPTModel(GPTConfig.from_dict({**CFG.to_dict(), "tie_weights": tied}))
+    decay, no_decay = param_groups(model, weight_decay=0.1)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    name = {id(p): n for n, p in model.named_parameters()}
+    decayed = {name[id(p)] for p in decay["params"]}
+    # Every linear layer's matrix (attention, feed-forward, an untied output head) and nothing else:
+    # no embedding (a tied head is the embedding), bias, or LayerNorm scale/shift.
+    expected = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                and m.weight is not model.tok_emb.weight}
+    assert decayed == {f"{n}.weight" for n in expected}
+    assert ("out_head.weight" in decayed) is not tied
+    # Each parameter exactly once, shared ones included.
+    all_ids = [id(p) for p in decay["params"] + no_decay["params"]]
+    assert sorted(all_ids) == sorted(id(p) for p in model.parameters())
+
+
+def test_frozen_parameters_are_left_out_of_the_optimizer():
+    model = GPTModel(CFG)
+    model.tok_emb.weight.requires_grad_(False)
+    optimizer = create_optimizer(model, lr=1e-3)
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert id(model.tok_emb.weight) not in optimized and id(model.pos_emb.weight) in optimized
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_floor():
+    lr = lambda step: lr_at_step(step, max_lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert lr(0) == pytest.approx(1e-4)     # 1/10 of the peak
+    assert lr(4) == pytest.approx(5e-4)     # 5/10
+    assert lr(9) == pytest.approx(1e-3)     # warm-up done
+    assert lr(10) == pytest.approx(1e-3)    # cosine starts at the peak
+    assert lr(35) == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi / 4)))  # a quarter in
+    assert lr(60) == pytest.approx(5.5e-4)  # half-way: the mean of peak and floor
+    assert lr(110) == pytest.approx(1e-4) and lr(500) == pytest.approx(1e-4)
+
+
+def test_history_records_the_schedule_and_evaluations():
+    _, history = _train()
+    assert history.steps == [2, 4, 6, 8]
+    assert history.tokens_seen == [2 * 2 * 4 * 16 * k for k in (1, 2, 3, 4)]  # steps*accum*batch*tokens
+    assert history.lrs == [lr_at_step(s, 1e-2, 1e-3, 2, 8) for s in range(8)]
+    assert len(history.step_losses) == len(history.grad_norms) == 8
+    assert history.val_losses[-1] < history.val_losses[0]
+
+
+# ------------------------------------------------------------------ the loop's promises
+
+
+def test_same_seed_same_data_gives_the_same_loss_curve_bit_for_bit():
+    _, first = _train()
+    _, second = _train()
+    assert first.step_losses == second.step_losses
+    assert first.val_losses == second.val_losses
+    _, other_init = _train(model_seed=1)
+    assert other_init.step_losses != first.step_losses
+
+
+def test_resumed_run_repeats_the_uninterrupted_one_exactly(tmp_path):
+    # 24 windows, batch 4, 2 micro-batches per step: 3 steps per epoch. Checkpoints every
+    # 2 steps; the crash comes in step 6, so the run resumes from step 4, mid-epoch 1.
+    full_model, full = _train(run_dir=tmp_path / "full")
+
+    calls = 0
+
+    def crash_in_step_6(batch, model, device):
+        nonlocal calls
+        calls += model.training
+        if calls == 11:
+            raise KeyboardInterrupt  # the process dies mid-step
+        return next_token_loss(batch, model, device)
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(run_dir=tmp_path / "cut", loss_fn=crash_in_step_6)
+    # A new process: other RNG states and other initial weights, all to be overwritten.
+    torch.manual_seed(999), random.seed(999), np.random.seed(999)
+    resumed_model, resumed = _train(run_dir=tmp_path / "cut", resume=True, model_seed=5)
+
+    assert resumed.step_losses == full.step_losses
+    assert resumed.val_losses == full.val_losses
+    assert resumed.tokens_seen == full.tokens_seen
+    for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_nan_loss_stops_naming_the_step_after_saving_the_last_good_weights(tmp_path):
+    calls = 0
+
+    def nan_in_step_5(batch, model, device):
+        nonlocal calls
+        calls += model.training
+        loss = next_token_loss(batch, model, device)
+        return loss * float("nan") if calls == 5 else loss
+
+    model = GPTModel(CFG)
+    with pytest.raises(FloatingPointError, match="step 5") as err:
+        _train(_config(grad_accum=1), run_dir=tmp_path, loss_fn=nan_in_step_5, model=model)
+    assert str(tmp_path) in str(err.value)
+    restored = GPTModel(CFG)
+    state = load_checkpoint(tmp_path, restored, create_optimizer(restored, 1e-3))
+    assert state.step == 4 and len(state.history["step_losses"]) == 4
+    for a, b in zip(model.state_dict().values(), restored.state_dict().values()):
+        assert torch.equal(a, b) and torch.isfinite(b).all()  # the update of step 5 was not applied
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    cfg = GPTConfig.from_dict({**CFG.to_dict(), "drop_rate": 0.0})
+    torch.manual_seed(0)
+    big, small = GPTModel(cfg), GPTModel(cfg)
+    small.load_state_dict(big.state_dict())
+    # The sampler's order is the same, so 4 micro-batches of 2 hold the 8 windows of one batch.
+    _, one = _train(_config(max_steps=3, grad_accum=1), batch_size=8, model=big)
+    _, four = _train(_config(max_steps=3, grad_accum=4), batch_size=2, model=small)
+    assert one.step_losses == pytest.approx(four.step_losses, abs=1e-5)
+
+
+def test_gradient_checkpointing_changes_memory_not_results():
+    _, plain = _train(_config(max_steps=3))
+    _, recomputed = _train(_config(max_steps=3, gradient_checkpointing=True))
+    assert recomputed.step_losses == pytest.approx(plain.step_losses, abs=1e-6)
+
+
+def test_bfloat16_autocast_trains_close_to_float32():
+    _, fp32 = _train(_config(max_steps=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "emulated bfloat16 is slow" on CPUs without it
+        _, bf16 = _train(_config(max_steps=4, precision="bfloat16"))
+    assert bf16.step_losses == pytest.approx(fp32.step_losses, rel=0.02)
+
+
+# ------------------------------------------------------------------- devices, precision
+
+
+def test_select_device():
+    assert select_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert select_device() in (torch.device("cpu"), torch.device("mps"))
+        with pytest.raises(ValueError, match="no CUDA"):
+            select_device("cuda")
+
+
+def test_precision_choices():
+    cpu = torch.device("cpu")
+    assert resolve_precision("float32", cpu) == "float32"
+    assert resolve_precision("auto", cpu) in ("float32", "bfloat16")
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_precision("float16", cpu)
+    with pytest.raises(ValueError, match="unknown precision"):
+        resolve_precision("float8", cpu)
+
+
+# ---------------------------------------------------------------------- the CLI job
+
+
+def test_pretrain_cli_writes_a_run_that_generate_eval_and_resume_use(tmp_path, data_path, capsys):
+    run = tmp_path / "run"
+    args = ["pretrain", "--corpus", "the-verdict", "--context-length", "32", "--batch-size", "2",
+            "--steps", "2", "--eval-every", "1", "--eval-iter", "1", "--warmup", "1",
+            "--precision", "float32", "--prompt", "Every effort", "--out-dir", str(tmp_path), "--name", "run"]
+    assert main(args) == 0
+    assert "validation loss" in capsys.readouterr().out
+    for name in ("config.json", "model.safetensors", "training_state.pt", "history.json",
+                 "settings.json", "loss.png", "lr.png", "samples.txt"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "settings.json").read_text())["train"]["max_steps"] == 2
+    assert "--- step 2" in (run / "samples.txt").read_text()
+
+    assert main(["generate", "--checkpoint", str(run), "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert main(["eval", "--checkpoint", str(run), "--max-batches", "2", "--device", "cpu"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+
+    assert main(args) == 2  # the run exists: no silent overwrite
+    assert "--resume" in capsys.readouterr().err
+    assert main(["pretrain", "--resume", str(run), "--steps", "3"]) == 0  # nothing else needed
+    assert len(json.loads((run / "history.json").read_text())["step_losses"]) == 3
