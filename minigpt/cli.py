@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from minigpt.config import PRESETS, GPTConfig
+from minigpt.download import ChecksumError
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -354,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ConnectionError, KeyError) as err:
+    except (ValueError, FileNotFoundError, ConnectionError, KeyError, ChecksumError) as err:
         # Bad input is the user's to fix: show the message, not a traceback.
         print(f"minigpt {args.command}: error: {err}", file=sys.stderr)
         return 2

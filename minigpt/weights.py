@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 
 from minigpt.attention import CausalAttention, MultiHeadAttention
 from minigpt.config import GPTConfig
-from minigpt.download import cache_dir, data_dir, download
+from minigpt.download import data_dir, download
 from minigpt.model import GPTModel
 
 CONFIG_FILE = "config.json"
@@ -423,9 +423,9 @@ def export_hf(model: GPTModel, directory: str | os.PathLike) -> None:
 # ---------------------------------------------------------------------------- download
 
 def default_weights_dir() -> Path:
-    """Where GPT-2 checkpoints are kept: ``MINIGPT_WEIGHTS_DIR`` or ``<cache>/weights``."""
-    value = os.environ.get(WEIGHTS_DIR_ENV)
-    return Path(value).expanduser() if value else cache_dir() / "weights"
+    """Where GPT-2 checkpoints are kept: ``MINIGPT_WEIGHTS_DIR``, else ``weights/`` in the
+    current directory (the book's habit: the checkpoints sit next to the code using them)."""
+    return Path(os.environ.get(WEIGHTS_DIR_ENV, "weights")).expanduser()
 
 
 def download_gpt2(name: str, weights_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Path:
@@ -471,9 +471,12 @@ def _published_sha256(url: str) -> str | None:
     try:
         with urllib.request.build_opener(_KeepRedirect).open(request, timeout=30) as response:
             headers = response.headers
-    except urllib.error.HTTPError as err:  # a redirect arrives here, headers included
-        headers = err.headers
-    except OSError:  # offline: the download itself reports it
-        return None
+    except urllib.error.HTTPError as err:
+        if err.code >= 400:
+            raise ConnectionError(f"could not download {url}: HTTP {err.code} {err.reason}") from err
+        headers = err.headers  # a redirect arrives here, with the hub's own headers
+    except OSError as err:
+        raise ConnectionError(f"could not download {url}: {err}. Without internet, put "
+                              f"{CONFIG_FILE} and {WEIGHTS_FILE} in $MINIGPT_DATA_DIR/<name>/") from err
     etag = (headers.get("X-Linked-Etag") or headers.get("ETag") or "").removeprefix("W/").strip('"')
     return etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None

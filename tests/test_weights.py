@@ -402,6 +402,15 @@ def test_local_copy_in_data_dir_needs_no_network(hf_checkpoint, tmp_path, monkey
     assert GPTModel.from_pretrained("gpt2-medium").cfg.emb_dim == SHAPES["tiny"]["n_embd"]
 
 
+@pytest.mark.parametrize("name", ["gpt2-small", "gpt2-xl"])  # with and without a known hash
+def test_offline_download_is_a_connection_error(tmp_path, monkeypatch, name):
+    monkeypatch.setattr(weights, "HF_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.delenv("MINIGPT_DATA_DIR", raising=False)
+    with pytest.raises(ConnectionError, match="could not download"):
+        GPTModel.from_pretrained(name, weights_dir=tmp_path, progress=False)
+    assert files_under(tmp_path) == []
+
+
 def test_cli_generate_accepts_a_directory(tmp_path, capsys):
     pytest.importorskip("minigpt.tokenizer")
     random_hf_model(**{**SHAPES["tiny"], "vocab_size": 50257}).save_pretrained(tmp_path)
