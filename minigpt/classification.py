@@ -23,6 +23,7 @@ has 1,494 texts either way.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import random
@@ -268,6 +269,7 @@ class ClassificationDataset(Dataset):
         return input_ids, targets
 
     def class_counts(self) -> dict[str, int]:
+        """How many examples each class has: ``{label name: count}``."""
         counts = Counter(self.labels)
         return {name: counts[i] for i, name in enumerate(self.label_names)}
 
@@ -295,7 +297,7 @@ def make_classifier(
     head = nn.Linear(model.cfg.emb_dim, num_classes)
     model.out_head = head.to(device=model.tok_emb.weight.device, dtype=model.tok_emb.weight.dtype)
     if model.cfg.tie_weights:
-        model.cfg = GPTConfig.from_dict({**model.cfg.to_dict(), "tie_weights": False})
+        model.cfg = dataclasses.replace(model.cfg, tie_weights=False)  # a copy: others may share the config
     set_trainable(model, trainable)
     return model
 
@@ -447,7 +449,7 @@ def classify(
     return classify_texts([text], model, tokenizer, label_names, max_length)[0]
 
 
-# --- Saving --------------------------------------------------------------------------------
+# --- Saving and plotting -------------------------------------------------------------------
 
 
 def save_classifier(model: GPTModel, directory: str | os.PathLike, label_names: Sequence[str]) -> None:
@@ -473,11 +475,8 @@ def load_classifier(directory: str | os.PathLike, device: str | torch.device = "
     label_names = json.loads(labels_path.read_text())["label_names"]
     cfg = GPTConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
     model = make_classifier(GPTModel(cfg), len(label_names), trainable="all")
-    model.load_state_dict(load_file(directory / WEIGHTS_FILE, device=str(device)))
+    model.load_state_dict(load_file(directory / WEIGHTS_FILE))
     return model.to(device).eval(), label_names
-
-
-# --- The whole job -------------------------------------------------------------------------
 
 
 def plot_accuracy(before: dict[str, float], after: dict[str, float], path: str | os.PathLike | None = None) -> Figure:
@@ -498,6 +497,9 @@ def plot_accuracy(before: dict[str, float], after: dict[str, float], path: str |
     if path is not None:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     return fig
+
+
+# --- The whole job -------------------------------------------------------------------------
 
 
 def finetune_classifier(
@@ -551,15 +553,18 @@ def finetune_classifier(
     make_classifier(model, len(labels), trainable=[] if lora_rank else trainable)
     if lora_rank:
         print(apply_lora(model, lora_rank, lora_alpha if lora_alpha is not None else lora_rank))
+    # A last, short batch would weigh as much as a full one; drop it unless it is the only one.
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size)
     val_loader = DataLoader(val_set, batch_size=batch_size)
     test_loader = DataLoader(test_set, batch_size=batch_size)
     trainable_parameters = model.num_parameters(trainable_only=True)
-    test_before = calc_accuracy_loader(test_loader, model.to(device), device)
+    model.to(device)
+    test_before = calc_accuracy_loader(test_loader, model, device)
     result = train_classifier(model, train_loader, val_loader, epochs, lr, weight_decay, eval_every,
                               eval_iter, device, progress)
     result.accuracy_before["test"] = test_before
     result.accuracy_after["test"] = calc_accuracy_loader(test_loader, model, device)
+    model.eval()  # no dropout from here on
     test_loss = calc_loss_loader(test_loader, model, device)
     if lora_rank:
         merge_lora(model)

@@ -46,8 +46,8 @@ from tqdm.auto import tqdm
 from minigpt.data import tokenize
 from minigpt.download import fetch
 from minigpt.generation import generate
-from minigpt.model import GPTModel
 from minigpt.lora import apply_lora, merge_lora
+from minigpt.model import GPTModel
 from minigpt.plots import plot_losses
 from minigpt.tokenizer import get_gpt2_tokenizer
 from minigpt.training import (
@@ -193,7 +193,8 @@ def collate_instructions(
     positions after the first end-of-text are ``ignore_index``: they are padding.
     With ``mask_instruction`` (items must then be :class:`TokenizedExample`) the
     targets that are prompt tokens are ignored too. ``allowed_max_length`` keeps only
-    the first that many positions.
+    the first that many positions (with a masked prompt longer than that, nothing
+    is left to grade).
 
     The book's example, ``[[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]``, gives the inputs
     ``[5, 6, 50256, 50256, 50256]`` and targets ``[6, 50256, -100, -100, -100]``
@@ -212,7 +213,7 @@ def collate_instructions(
         target[len(ids):] = ignore_index  # keep the first pad, at len(ids) - 1: it ends the text
         if mask_instruction:
             # target[j] is token j + 1: positions before prompt_length - 1 predict prompt tokens.
-            target[: prompt_length - 1] = ignore_index
+            target[: max(prompt_length - 1, 0)] = ignore_index
         inputs.append(padded[:-1])
         targets.append(target)
     return torch.stack(inputs)[:, :allowed_max_length], torch.stack(targets)[:, :allowed_max_length]
@@ -435,6 +436,7 @@ def finetune_instructions(
                          sample_prompt=format_input(val[0]), sample_tokens=35)
     history = train_model(model, train_loader, val_loader, config, device=device, tokenizer=tokenizer,
                           progress=progress)
+    model.eval()  # no dropout from here on
     test_loss = calc_loss_loader(test_loader, model, device)
     responses = generate_responses(model, test[:num_responses], tokenizer, max_new_tokens, progress)
     scores = judge_responses(responses, judge, progress) if judge is not None else None

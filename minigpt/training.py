@@ -238,16 +238,17 @@ def autocast(device: torch.device, precision: str):
 class TrainConfig:
     """Settings of :func:`train_model` (the loop); the data and the model are arguments."""
 
-    max_steps: int = 1000
-    lr: float = 1e-3               # peak learning rate, reached after the warm-up
-    min_lr: float = 1e-4           # floor of the cosine decay
-    warmup_steps: int = 100
+    # The defaults suit `minigpt pretrain`'s tiny model: a few minutes on a laptop CPU.
+    max_steps: int = 200
+    lr: float = 3e-3               # peak learning rate, reached after the warm-up
+    min_lr: float = 3e-4           # floor of the cosine decay
+    warmup_steps: int = 20
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = 1.0  # largest gradient norm; None: no clipping
     grad_accum: int = 1            # micro-batches per optimizer step
-    eval_every: int = 100          # steps between evaluations (and checkpoints)
-    eval_iter: int | None = 10     # batches per evaluation; None: the whole loaders
+    eval_every: int = 40           # steps between evaluations (and checkpoints)
+    eval_iter: int | None = 5      # batches per evaluation; None: the whole loaders
     precision: str = "auto"        # "auto" (bfloat16 where fast), "float32", "bfloat16", "float16" (CUDA)
     compile: bool = False          # torch.compile the model for training
     gradient_checkpointing: bool = False
@@ -500,7 +501,7 @@ class PretrainConfig:
     preset: str = "tiny"
     context_length: int | None = None  # None: the preset's
     drop_rate: float | None = None     # None: the preset's
-    batch_size: int = 16               # per process; a step sees batch_size * processes * grad_accum windows
+    batch_size: int = 8                # per process; a step sees batch_size * processes * grad_accum windows
     val_ratio: float = 0.1             # the end of the corpus is held out for validation
     seed: int = 123                    # initial weights, data order, dropout
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -2,7 +2,11 @@
 last real token, head surgery and freezing, padding-proof pooling, and a classifier that
 really learns spam from the real data."""
 
+import functools
+import http.server
 import json
+import threading
+import zipfile
 
 import pytest
 import torch
@@ -27,8 +31,10 @@ from minigpt.classification import (
     split_examples,
     train_classifier,
 )
+from minigpt import classification
 from minigpt.cli import main
 from minigpt.config import GPTConfig
+from minigpt.download import ChecksumError
 from minigpt.model import GPTModel
 from minigpt.tokenizer import get_gpt2_tokenizer
 
@@ -63,6 +69,43 @@ def test_sms_spam_keeps_every_message_with_its_quotes(sms):
     assert label == "ham"
     assert text.startswith('"Wen u miss someone, the person is definitely special for u')
     assert text.endswith('" gdeve..')
+
+
+@pytest.fixture
+def uci_zip_server(tmp_path, monkeypatch):
+    """Serves ``sms.zip`` from a folder on 127.0.0.1, pointed to by the download URL;
+    the data folder is emptied, so the loader has to download."""
+    folder = tmp_path / "www"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(classification, "SMS_SPAM_ZIP_URL", f"http://127.0.0.1:{server.server_address[1]}/sms.zip")
+    monkeypatch.setenv("MINIGPT_DATA_DIR", str(tmp_path / "empty"))
+    yield folder / "sms.zip"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_download_extracts_and_verifies_the_collection(data_path, uci_zip_server):
+    tsv = (data_path / "sms_spam" / "SMSSpamCollection.tsv").read_bytes()
+    with zipfile.ZipFile(uci_zip_server, "w") as zf:
+        zf.writestr("SMSSpamCollection", tsv)
+        zf.writestr("readme", "about the data")
+    path = sms_spam_path()
+    assert path.read_bytes() == tsv and "cache" in path.parts
+    uci_zip_server.unlink()  # the second call finds the extracted copy in the cache
+    assert sms_spam_path() == path
+
+
+def test_download_with_other_content_is_a_checksum_error(uci_zip_server):
+    with zipfile.ZipFile(uci_zip_server, "w") as zf:
+        zf.writestr("SMSSpamCollection", "ham\tnot the real collection\n")
+    with pytest.raises(ChecksumError, match="does not have the expected SHA-256"):
+        sms_spam_path()
 
 
 def test_balanced_split_has_the_books_sizes_and_is_reproducible(sms):
