@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from minigpt import classification
 from minigpt.classification import (
-    IGNORE_INDEX,
     ClassificationDataset,
     balance_classes,
     calc_accuracy_loader,
@@ -31,7 +31,6 @@ from minigpt.classification import (
     split_examples,
     train_classifier,
 )
-from minigpt import classification
 from minigpt.cli import main
 from minigpt.config import GPTConfig
 from minigpt.download import ChecksumError
