@@ -6,12 +6,12 @@ the training text (overfitting).
 
 The figures are built with matplotlib's object-oriented API on its Agg (PNG) canvas,
 without pyplot: nothing depends on a display or on global plotting state, so this
-works the same in a script, a test, a server or a notebook (which shows the returned
-figure).
+works the same in a script, a test or a server; a notebook shows the returned figure.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Mapping
 
@@ -19,6 +19,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from minigpt.weights import atomic_write
+
+
+class PlotFigure(Figure):
+    """A matplotlib ``Figure`` that shows itself as a PNG when a notebook displays it
+    (a figure made without pyplot is not known to the notebook's plotting backend)."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", dpi=100)
+        return buffer.getvalue()
 
 
 def _as_dict(history: Any) -> Mapping[str, list]:
@@ -37,7 +47,7 @@ def plot_losses(history: Any, path: str | os.PathLike | None = None) -> Figure:
     """Training and validation loss against optimizer steps, with the number of training
     tokens seen on a second x-axis at the top; saved as a PNG at ``path`` if given."""
     h = _as_dict(history)
-    fig = Figure(figsize=(7, 4), layout="constrained")
+    fig = PlotFigure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
     if h.get("step_losses"):
         steps = range(1, len(h["step_losses"]) + 1)
@@ -61,7 +71,7 @@ def plot_losses(history: Any, path: str | os.PathLike | None = None) -> Figure:
 def plot_lr(history: Any, path: str | os.PathLike | None = None) -> Figure:
     """The learning rate of every optimizer step; saved as a PNG at ``path`` if given."""
     lrs = _as_dict(history)["lrs"]
-    fig = Figure(figsize=(7, 3), layout="constrained")
+    fig = PlotFigure(figsize=(7, 3), layout="constrained")
     ax = fig.add_subplot()
     ax.plot(range(1, len(lrs) + 1), lrs, color="tab:green")
     ax.set_xlabel("optimizer steps")

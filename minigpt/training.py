@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text: no widget library needed in notebooks
 
 from minigpt.checkpoint import (
     load_checkpoint,
@@ -239,15 +239,15 @@ class TrainConfig:
     """Settings of :func:`train_model` (the loop); the data and the model are arguments."""
 
     # The defaults suit `minigpt pretrain`'s tiny model: a few minutes on a laptop CPU.
-    max_steps: int = 200
+    max_steps: int = 120
     lr: float = 3e-3               # peak learning rate, reached after the warm-up
     min_lr: float = 3e-4           # floor of the cosine decay
-    warmup_steps: int = 20
+    warmup_steps: int = 12
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = 1.0  # largest gradient norm; None: no clipping
     grad_accum: int = 1            # micro-batches per optimizer step
-    eval_every: int = 40           # steps between evaluations (and checkpoints)
+    eval_every: int = 30           # steps between evaluations (and checkpoints)
     eval_iter: int | None = 5      # batches per evaluation; None: the whole loaders
     precision: str = "auto"        # "auto" (bfloat16 where fast), "float32", "bfloat16", "float16" (CUDA)
     compile: bool = False          # torch.compile the model for training
@@ -401,6 +401,26 @@ def train_model(
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress or rank != 0,
                desc="training", unit="step", dynamic_ncols=True)
 
+    def evaluate() -> None:
+        # Evaluation must not draw from the global RNG (the val loader's iterator does),
+        # or it would change the dropout of the steps that follow.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with autocast(device, precision):
+                losses = evaluate_model(model, train_loader, val_loader, device, cfg.eval_iter, loss_fn)
+                sample = (_sample(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, device)
+                          if tokenizer is not None and cfg.sample_prompt and rank == 0 else "")
+        train_loss, val_loss = _mean_over_ranks(list(losses), device)
+        history.steps.append(step)
+        history.tokens_seen.append(tokens_seen)
+        history.train_losses.append(train_loss)
+        history.val_losses.append(val_loss)
+        history.samples.append(sample)
+        if rank == 0 and progress:
+            bar.write(f"step {step:>6} | tokens {tokens_seen:>10,} | train loss {train_loss:.3f} "
+                      f"| val loss {val_loss:.3f} (perplexity {perplexity(val_loss):,.1f})")
+            if sample:
+                bar.write("  " + sample.replace("\n", " ")[:200])
+
     def checkpoint() -> None:
         rngs = rng_state_of_all_ranks(device)
         if run_dir is not None and rank == 0:
@@ -408,6 +428,8 @@ def train_model(
                             batch_in_epoch=batch_in_epoch, tokens_seen=tokens_seen,
                             history=history.to_dict(), rng_states=rngs)
 
+    if step == 0:
+        evaluate()  # the starting point of the curves: an untrained model's loss
     while step < cfg.max_steps:
         start = time.perf_counter()
         lr = lr_at_step(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
@@ -453,24 +475,7 @@ def train_model(
                         tok_s=f"{step_tokens * world_size / (time.perf_counter() - start):,.0f}")
 
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            # Evaluation must not draw from the global RNG (the val loader's iterator
-            # does), or it would change the dropout of the steps that follow.
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                with autocast(device, precision):
-                    losses = evaluate_model(model, train_loader, val_loader, device, cfg.eval_iter, loss_fn)
-                    sample = (_sample(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, device)
-                              if tokenizer is not None and cfg.sample_prompt and rank == 0 else "")
-            train_loss, val_loss = _mean_over_ranks(list(losses), device)
-            history.steps.append(step)
-            history.tokens_seen.append(tokens_seen)
-            history.train_losses.append(train_loss)
-            history.val_losses.append(val_loss)
-            history.samples.append(sample)
-            if rank == 0 and progress:
-                bar.write(f"step {step:>6} | tokens {tokens_seen:>10,} | train loss {train_loss:.3f} "
-                          f"| val loss {val_loss:.3f} (perplexity {perplexity(val_loss):,.1f})")
-                if sample:
-                    bar.write("  " + sample.replace("\n", " ")[:200])
+            evaluate()
             checkpoint()
     bar.close()
     return history

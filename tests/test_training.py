@@ -140,8 +140,8 @@ def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_floor():
 
 def test_history_records_the_schedule_and_evaluations():
     _, history = _train()
-    assert history.steps == [2, 4, 6, 8]
-    assert history.tokens_seen == [2 * 2 * 4 * 16 * k for k in (1, 2, 3, 4)]  # steps*accum*batch*tokens
+    assert history.steps == [0, 2, 4, 6, 8]  # 0: the untrained model, the curves' starting point
+    assert history.tokens_seen == [2 * 2 * 4 * 16 * k for k in range(5)]  # steps*accum*batch*tokens
     assert history.lrs == [lr_at_step(s, 1e-2, 1e-3, 2, 8) for s in range(8)]
     assert len(history.step_losses) == len(history.grad_norms) == 8
     assert history.val_losses[-1] < history.val_losses[0]
