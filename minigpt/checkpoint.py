@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from minigpt.model import GPTModel
-from minigpt.weights import atomic_write, load_pretrained, save_pretrained
+from minigpt.download import atomic_write
+from minigpt.weights import load_pretrained, save_pretrained
 
 STATE_FILE = "training_state.pt"
 HISTORY_FILE = "history.json"
@@ -205,5 +206,5 @@ def load_settings(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (see :func:`minigpt.weights.atomic_write`)."""
+    """Write a text file atomically (see :func:`minigpt.download.atomic_write`)."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

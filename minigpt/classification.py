@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from minigpt.config import GPTConfig
 from minigpt.data import tokenize
-from minigpt.download import ChecksumError, cache_dir, data_dir, download, sha256_of
+from minigpt.download import ChecksumError, atomic_write, cache_dir, data_dir, download, sha256_of
 from minigpt.lora import apply_lora, merge_lora
 from minigpt.model import GPTModel
 from minigpt.plots import plot_losses
@@ -56,7 +56,7 @@ from minigpt.training import (
     select_device,
     train_model,
 )
-from minigpt.weights import CONFIG_FILE, WEIGHTS_FILE, atomic_write
+from minigpt.weights import CONFIG_FILE, WEIGHTS_FILE
 
 PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from minigpt.data import ENDOFTEXT, tokenize
-from minigpt.download import cache_dir, fetch
+from minigpt.download import atomic_write, cache_dir, fetch
 
 
 @dataclass(frozen=True)
@@ -152,19 +151,10 @@ def load_token_ids(name_or_path: str | os.PathLike, tokenizer: Any = None) -> to
     ids = np.asarray(tokenize(text, tokenizer), dtype=np.int64)
     # GPT-2's 50,257 ids fit in 16 bits: a quarter of the disk space of int64.
     stored = ids.astype(np.uint16) if ids.size == 0 or ids.max() < 2**16 else ids.astype(np.uint32)
-    _save_atomically(path, stored)
+    atomic_write(path, lambda tmp: _save_npy(tmp, stored))
     return torch.from_numpy(ids)
 
 
-def _save_atomically(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` through a temporary file and a rename, so a crash or a
-    concurrent run never leaves a half-written cache file that would later be trusted."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to a bare name
+        np.save(f, array)

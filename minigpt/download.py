@@ -9,7 +9,8 @@ Two places are searched before anything is downloaded:
 A download streams into ``<name>.part`` next to its destination and is renamed into
 place only once its SHA-256 matches, so an interrupted or corrupt transfer never
 leaves a file that looks complete. An interrupted transfer keeps its ``.part`` file
-and the next call resumes it with an HTTP ``Range`` request.
+and the next call resumes it with an HTTP ``Range`` request. Every file minigpt writes
+goes through :func:`atomic_write` for the same reason.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -44,6 +47,23 @@ def data_dir() -> Path | None:
 def cache_dir() -> Path:
     """Where downloads are kept: ``MINIGPT_CACHE_DIR`` or ``~/.cache/minigpt``."""
     return Path(os.environ.get(CACHE_DIR_ENV, Path.home() / ".cache" / "minigpt")).expanduser()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp_path)`` and move the result onto ``path`` in one rename.
+
+    A crash mid-write leaves the old file (or none), never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def sha256_of(path: str | os.PathLike) -> str:

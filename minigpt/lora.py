@@ -38,7 +38,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from minigpt.weights import atomic_write
+from minigpt.download import atomic_write
+from minigpt.weights import tensor_mismatches
 
 logger = logging.getLogger(__name__)
 
@@ -420,17 +421,6 @@ def _check_adapter_tensors(
         base = module.linear if isinstance(module, LinearWithLoRA) else module
         for key, tensor in base.state_dict().items():
             expected[f"{name}.{key}"] = tuple(tensor.shape)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [
-        f"{key}: file has {tuple(state[key].shape)}, model expects {shape}"
-        for key, shape in expected.items() if key in state and tuple(state[key].shape) != shape
-    ]
-    if missing:
-        problems.append(f"missing tensors {missing}")
-    if unexpected:
-        problems.append(f"unexpected tensors {unexpected}")
-    if wrong_shape:
-        problems.append("tensors of the wrong shape: " + "; ".join(wrong_shape))
+    problems += tensor_mismatches(expected, state)
     if problems:
         raise ValueError(f"adapter {path} does not fit this model: " + ", ".join(problems))

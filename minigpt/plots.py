@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from minigpt.weights import atomic_write
+from minigpt.download import atomic_write
 
 
 class PlotFigure(Figure):

@@ -26,19 +26,18 @@ import math
 import os
 import re
 import struct
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors.torch import save_file
 
 from minigpt.attention import CausalAttention, MultiHeadAttention
 from minigpt.config import GPTConfig
-from minigpt.download import data_dir, download
+from minigpt.download import atomic_write, data_dir, download
 from minigpt.model import GPTModel
 
 CONFIG_FILE = "config.json"
@@ -259,12 +258,13 @@ def build_model(cfg: GPTConfig, state: Mapping[str, torch.Tensor], source: str) 
     return model
 
 
-def _check_tensors(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor],
-                   source: str, cfg: GPTConfig) -> None:
+def tensor_mismatches(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, torch.Tensor]) -> list[str]:
+    """What is wrong with ``found`` against the ``expected`` name -> shape table: missing,
+    unexpected and wrongly shaped tensors, each named (empty when everything fits)."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    wrong_shape = [f"{k}: file has {tuple(found[k].shape)}, model expects {tuple(v.shape)}"
-                   for k, v in expected.items() if k in found and found[k].shape != v.shape]
+    wrong_shape = [f"{k}: file has {tuple(found[k].shape)}, model expects {tuple(shape)}"
+                   for k, shape in expected.items() if k in found and tuple(found[k].shape) != tuple(shape)]
     problems = []
     if missing:
         problems.append(f"missing tensors {missing}")
@@ -272,6 +272,12 @@ def _check_tensors(expected: Mapping[str, torch.Tensor], found: Mapping[str, tor
         problems.append(f"unexpected tensors {unexpected}")
     if wrong_shape:
         problems.append("tensors of the wrong shape: " + "; ".join(wrong_shape))
+    return problems
+
+
+def _check_tensors(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor],
+                   source: str, cfg: GPTConfig) -> None:
+    problems = tensor_mismatches({k: tuple(v.shape) for k, v in expected.items()}, found)
     if problems:
         raise ValueError(f"{source} does not match its config ({cfg}): " + ", ".join(problems))
 
@@ -380,23 +386,6 @@ def config_to_hf(cfg: GPTConfig) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- saving
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
-    """Call ``write(tmp_path)`` and move the result onto ``path`` in one rename.
-
-    A crash mid-write leaves the old file (or none), never a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def _write_checkpoint(directory: Path, tensors: Mapping[str, torch.Tensor], config: Mapping) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

@@ -285,7 +285,7 @@ def test_a_small_random_gpt_learns_spam_far_above_chance(sms, one_thread):
     assert result.accuracy_after["train"] > 0.9
     assert result.accuracy_after["val"] > 0.8
     assert calc_accuracy_loader(DataLoader(test_set, batch_size=50), model, "cpu") > 0.8
-    assert result.history.steps == [20, 40]
+    assert result.history.steps == [0, 20, 40]
     assert result.history.train_losses[-1] < 0.1  # guessing costs ln 2 = 0.69
 
 
