@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm  # plain text: no widget library needed in notebooks
 
 from minigpt.checkpoint import (
@@ -63,7 +63,7 @@ LossFn = Callable[[Any, nn.Module, torch.device], torch.Tensor]
 # ------------------------------------------------------------------------ measuring
 
 
-def select_device(name: str | None = None) -> torch.device:
+def select_device(name: str | torch.device | None = None) -> torch.device:
     """The device called ``name`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), or the
     best available one: a CUDA GPU, then Apple's MPS, then the CPU."""
     if name:
@@ -299,7 +299,7 @@ def rank_and_world_size() -> tuple[int, int]:
     return 0, 1
 
 
-def sharded_loader(dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def sharded_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
     """A loader whose order is a pure function of ``(seed, epoch)``, split across processes.
 
     ``DistributedSampler`` shuffles with a generator seeded ``seed + epoch`` (the loop
@@ -343,7 +343,7 @@ def _mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
 def _sample(model: GPTModel, tokenizer, prompt: str, max_new_tokens: int, device: torch.device) -> str:
     """Greedy continuation of ``prompt``: deterministic, so it draws no random numbers."""
     idx = text_to_token_ids(prompt, tokenizer).to(device)[:, -model.cfg.context_length:]
-    out = generate(model, idx, max_new_tokens, eos_id=None)
+    out = generate(model, idx, max_new_tokens)
     return token_ids_to_text(out, tokenizer)
 
 
@@ -362,7 +362,7 @@ def train_model(
 ) -> History:
     """Train ``model`` for ``config.max_steps`` optimizer steps; returns the :class:`History`.
 
-    Every ``eval_every`` steps and at the end: the train and validation loss over
+    At step 0, every ``eval_every`` steps and at the end: the train and validation loss over
     ``eval_iter`` batches, a greedy sample of ``sample_prompt`` (needs ``tokenizer``),
     and, with ``run_dir``, a checkpoint there. ``resume=True`` continues from that
     checkpoint with the same losses the uninterrupted run would have had, when the
@@ -376,7 +376,7 @@ def train_model(
     after saving the weights of the last good step to ``run_dir``.
     """
     cfg = config
-    device = select_device(device) if not isinstance(device, torch.device) else device
+    device = select_device(device)
     precision = resolve_precision(cfg.precision, device)
     rank, world_size = rank_and_world_size()
     model.to(device)

@@ -16,6 +16,7 @@ from minigpt.cli import main
 from minigpt.config import GPTConfig
 from minigpt.data import GPTDataset
 from minigpt.model import GPTModel
+from minigpt.plots import plot_losses, plot_lr
 from minigpt.training import (
     TrainConfig,
     calc_loss_batch,
@@ -250,6 +251,18 @@ def test_precision_choices():
         resolve_precision("float16", cpu)
     with pytest.raises(ValueError, match="unknown precision"):
         resolve_precision("float8", cpu)
+
+
+def test_plots_are_pngs_with_tokens_seen_on_a_second_axis(tmp_path):
+    _, history = _train(_config(max_steps=4))
+    fig = plot_losses(history, tmp_path / "loss.png")
+    plot_lr(history, tmp_path / "lr.png")
+    for name in ("loss.png", "lr.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+    (ax,) = fig.axes
+    top = ax.child_axes[0]  # the secondary x-axis
+    assert top.get_xlabel() == "tokens seen" and ax.get_xlabel() == "optimizer steps"
+    assert fig._repr_png_().startswith(b"\x89PNG")  # shows itself in a notebook
 
 
 # ---------------------------------------------------------------------- the CLI job
