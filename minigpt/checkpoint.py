@@ -201,7 +201,8 @@ def load_settings(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The settings :func:`save_settings` kept in ``run_dir``."""
     path = Path(run_dir) / SETTINGS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory written by 'minigpt pretrain'?")
+        raise FileNotFoundError(
+            f"{path} does not exist: is {run_dir} a run directory written by 'minigpt pretrain'?")
     return json.loads(path.read_text())
 
 

@@ -58,6 +58,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); use the usual mode
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -104,7 +104,9 @@ class GPTModel(nn.Module):
                 f"{in_idx.shape[1]} tokens (after {start} cached) exceed context_length={limit}; "
                 f"keep only the last {limit - start} tokens, e.g. ids[:, -{limit - start}:]"
             )
-        if in_idx.numel():
+        # Reading min/max synchronises with the GPU and breaks a torch.compile graph, so
+        # compiled training skips the range check (an eager call still makes it).
+        if in_idx.numel() and not torch.compiler.is_compiling():
             low, high = int(in_idx.min()), int(in_idx.max())
             if low < 0 or high >= self.cfg.vocab_size:
                 bad = low if low < 0 else high

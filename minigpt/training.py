@@ -394,7 +394,8 @@ def train_model(
     model.train()
     forward_model: nn.Module = model
     if world_size > 1:
-        forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        forward_model = DistributedDataParallel(model, device_ids=device_ids)
     if cfg.compile:
         forward_model = torch.compile(forward_model)
     batches = _batches(train_loader, epoch, batch_in_epoch)

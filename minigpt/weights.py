@@ -29,6 +29,7 @@ import struct
 import urllib.error
 import urllib.request
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -209,6 +210,8 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
+            if size < 8:
+                raise ValueError(f"it has {size} bytes, fewer than the 8-byte header length")
             (n,) = struct.unpack("<Q", f.read(8))
             if n > size - 8:
                 raise ValueError(f"the header claims {n} bytes but the file has {size}")
@@ -227,6 +230,9 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 
 def _tensor_at(data: torch.Tensor, name: str, info: Mapping[str, Any]) -> torch.Tensor:
+    if info.get("dtype") not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"tensor {name!r} has unsupported dtype {info.get('dtype')!r}; "
+                         f"known: {sorted(_SAFETENSORS_DTYPES)}")
     dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
     begin, end = info["data_offsets"]
     nbytes = math.prod(shape) * dtype.itemsize
@@ -278,6 +284,11 @@ def tensor_mismatches(expected: Mapping[str, tuple[int, ...]], found: Mapping[st
 def _check_tensors(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor],
                    source: str, cfg: GPTConfig) -> None:
     problems = tensor_mismatches({k: tuple(v.shape) for k, v in expected.items()}, found)
+    dtypes = Counter(t.dtype for t in found.values())
+    if len(dtypes) > 1:  # a model of mixed precisions would fail (or silently upcast) later
+        usual = dtypes.most_common(1)[0][0]
+        odd = sorted(f"{k} ({t.dtype})" for k, t in found.items() if t.dtype != usual)
+        problems.append(f"tensors whose dtype differs from the others' {usual}: {odd}")
     if problems:
         raise ValueError(f"{source} does not match its config ({cfg}): " + ", ".join(problems))
 

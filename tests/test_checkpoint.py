@@ -29,6 +29,16 @@ from minigpt.training import create_optimizer
 CFG = GPTConfig(vocab_size=64, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These models are tiny: one thread is much faster than two waiting for each other
+    # on a busy CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _trained(steps: int = 2):
     model = GPTModel(CFG)
     optimizer = create_optimizer(model, lr=1e-2)

@@ -25,8 +25,10 @@ TIMEOUT_S = 180
 def _train(batch_size: int, run_dir=None):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 96, (16 * 40 + 1,), generator=g)
-    train = sharded_loader(GPTDataset(ids[:16 * 32 + 1], max_length=16, stride=16), batch_size, shuffle=True, seed=3)
-    val = sharded_loader(GPTDataset(ids[16 * 32:], max_length=16, stride=16), batch_size, shuffle=False)
+    train_set = GPTDataset(ids[:16 * 32 + 1], max_length=16, stride=16)
+    val_set = GPTDataset(ids[16 * 32:], max_length=16, stride=16)
+    train = sharded_loader(train_set, batch_size, shuffle=True, seed=3)
+    val = sharded_loader(val_set, batch_size, shuffle=False)
     torch.manual_seed(0)
     model = GPTModel(CFG)
     config = TrainConfig(max_steps=4, lr=1e-2, min_lr=1e-3, warmup_steps=1, eval_every=2, eval_iter=1,

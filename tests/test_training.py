@@ -35,6 +35,16 @@ from minigpt.training import (
 CFG = GPTConfig(vocab_size=96, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These models are tiny: one thread is much faster than two waiting for each other
+    # on a busy CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _ids(n_windows: int, seed: int = 1) -> torch.Tensor:
     # A noisy counting pattern: learnable, so the loss really moves.
     g = torch.Generator().manual_seed(seed)

@@ -417,3 +417,23 @@ def test_cli_generate_accepts_a_directory(tmp_path, capsys):
     assert cli_main(["generate", "--model", str(tmp_path), "--prompt", "Every effort moves you",
                      "--max-new-tokens", "5", "--temperature", "1.4", "--top-k", "25", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("Every effort moves you")
+
+
+def test_a_tensor_of_another_dtype_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    model = GPTModel(GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["final_norm.scale"] = state["final_norm.scale"].half()
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"final_norm.scale \(torch.float16\)"):
+        GPTModel.from_pretrained(tmp_path)
+
+
+def test_a_file_shorter_than_its_header_length_is_named(tmp_path):
+    model = GPTModel(GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(ValueError, match="model.safetensors is corrupt or truncated: it has 2 bytes"):
+        GPTModel.from_pretrained(tmp_path)
