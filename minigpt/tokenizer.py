@@ -487,8 +487,15 @@ def get_gpt2_tokenizer() -> tiktoken.Encoding:
     """
     try:
         encoder_json, vocab_bpe = gpt2_bpe_files()
-    except ConnectionError:
-        return tiktoken.get_encoding("gpt2")
+    except ConnectionError as offline:
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as err:  # tiktoken's own download failed too
+            raise ConnectionError(
+                "GPT-2's BPE files (gpt2/encoder.json, gpt2/vocab.bpe) are neither local nor "
+                "downloadable: connect to the internet once, or set MINIGPT_DATA_DIR to a folder "
+                f"that holds them ({offline})"
+            ) from err
     (_, encoder_sha256), (_, vocab_sha256) = GPT2_FILES.values()
     # tiktoken also keeps a copy in its cache ($TMPDIR/data-gym-cache); passing the hashes
     # makes sure that a stale copy there is never used.

@@ -347,3 +347,19 @@ def test_trained_tokenizer_survives_save_and_load(trained, verdict, tmp_path):
 def test_load_rejects_files_in_another_format(data_path):
     with pytest.raises(ValueError, match="not a minigpt BPE tokenizer"):
         BPETokenizer.load(data_path / "gpt2" / "encoder.json")
+
+
+def test_without_local_files_or_network_the_error_says_how_to_fix_it(monkeypatch):
+    import minigpt.tokenizer as tok
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tok, "gpt2_bpe_files", offline)
+    monkeypatch.setattr(tok.tiktoken, "get_encoding", offline)
+    tok.get_gpt2_tokenizer.cache_clear()
+    try:
+        with pytest.raises(ConnectionError, match="set MINIGPT_DATA_DIR"):
+            tok.get_gpt2_tokenizer()
+    finally:
+        tok.get_gpt2_tokenizer.cache_clear()  # later tests get the real encoding again
