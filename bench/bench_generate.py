@@ -2,7 +2,7 @@
 
 Greedy decoding of ``--new-tokens`` tokens at batch 1 from a ``--prompt-tokens``-token
 prompt, on random weights of the chosen GPT-2 shape (OpenAI's layout: qkv bias, tied
-head), for all three in one process. Prints one JSON line with tokens/s (median of
+head), for all three in one process, taking turns. Prints one JSON line with tokens/s (median of
 ``--repeats`` runs) and the ratios to transformers.
 
     python bench/bench_generate.py [--preset gpt2-small] [--new-tokens 200]
@@ -14,20 +14,25 @@ import argparse
 import json
 import statistics
 import time
+from typing import Callable
 
 import torch
 
 from minigpt import GPTConfig, GPTModel, generate
 
 
-def tokens_per_second(fn, new_tokens: int, repeats: int) -> float:
-    fn()  # warm-up: allocator, kernels, caches
-    times = []
+def interleaved_rates(runs: dict[str, Callable[[], object]], new_tokens: int, repeats: int) -> dict[str, float]:
+    """Median tokens/s of each run; the runs take turns, so drifting clock speeds or
+    background load hit all of them alike instead of whichever ran last."""
+    for run in runs.values():
+        run()  # warm-up: allocator, kernels, caches
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return new_tokens / statistics.median(times)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: new_tokens / statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -52,13 +57,14 @@ def main() -> None:
     n = args.new_tokens
 
     with torch.inference_mode():
-        cached = tokens_per_second(lambda: generate(ours, prompt, n, use_cache=True), n, args.repeats)
-        uncached = tokens_per_second(lambda: generate(ours, prompt, n, use_cache=False), n, args.repeats)
-        hf_rate = tokens_per_second(
-            lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                max_new_tokens=n, min_new_tokens=n, pad_token_id=0),
-            n, args.repeats,
-        )
+        rates = interleaved_rates({
+            "cached": lambda: generate(ours, prompt, n, use_cache=True),
+            "uncached": lambda: generate(ours, prompt, n, use_cache=False),
+            "transformers": lambda: hf.generate(
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                max_new_tokens=n, min_new_tokens=n, pad_token_id=0),
+        }, n, args.repeats)
+    cached, uncached, hf_rate = rates["cached"], rates["uncached"], rates["transformers"]
 
     print(json.dumps({
         "bench": "generate",
