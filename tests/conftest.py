@@ -42,6 +42,16 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU two threads
+    waiting for each other make each step several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

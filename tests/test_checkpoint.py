@@ -30,13 +30,8 @@ CFG = GPTConfig(vocab_size=64, context_length=8, emb_dim=16, n_heads=2, n_layers
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: one thread is much faster than two waiting for each other
-    # on a busy CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here trains tiny models."""
 
 
 def _trained(steps: int = 2):

@@ -255,16 +255,6 @@ def test_saved_classifier_loads_with_its_labels_and_scores(tmp_path):
 # --- learning ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_thread():
-    """A model this small gains nothing from intra-op threads, and on a shared CPU they
-    make each step several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_a_small_random_gpt_learns_spam_far_above_chance(sms, one_thread):
     train, val, test = split_examples(balance_classes(sms, seed=123), seed=123)
     tokenizer = get_gpt2_tokenizer()

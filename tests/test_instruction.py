@@ -53,16 +53,6 @@ SMALL = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_
                   drop_rate=0.0, tie_weights=True)
 
 
-@pytest.fixture
-def one_thread():
-    """A model this small gains nothing from intra-op threads, and on a shared CPU they
-    make each step several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- the prompt format ---------------------------------------------------------------------
 
 

@@ -36,13 +36,8 @@ CFG = GPTConfig(vocab_size=96, context_length=16, emb_dim=32, n_heads=2, n_layer
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: one thread is much faster than two waiting for each other
-    # on a busy CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here trains tiny models."""
 
 
 def _ids(n_windows: int, seed: int = 1) -> torch.Tensor:
