@@ -47,7 +47,7 @@ from minigpt.download import ChecksumError, atomic_write, cache_dir, data_dir, d
 from minigpt.lora import apply_lora, merge_lora
 from minigpt.model import GPTModel
 from minigpt.plots import plot_losses
-from minigpt.tokenizer import get_gpt2_tokenizer
+from minigpt.tokenizer import ENDOFTEXT_ID, get_gpt2_tokenizer
 from minigpt.training import (
     IGNORE_INDEX,
     History,
@@ -58,7 +58,7 @@ from minigpt.training import (
 )
 from minigpt.weights import CONFIG_FILE, WEIGHTS_FILE
 
-PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>
+PAD_TOKEN_ID = ENDOFTEXT_ID  # GPT-2 has no padding token: pad with <|endoftext|>
 
 SMS_SPAM_RELPATH = "sms_spam/SMSSpamCollection.tsv"
 SMS_SPAM_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"

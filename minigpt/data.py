@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-ENDOFTEXT = "<|endoftext|>"
+from minigpt.tokenizer import ENDOFTEXT, get_gpt2_tokenizer
 
 # A corpus given as token ids rather than text: the tokenizer is then not needed.
 TokenIds = Sequence[int] | torch.Tensor | np.ndarray
@@ -33,8 +33,6 @@ def tokenize(text: str, tokenizer: Any = None) -> list[int]:
     The tokenizer needs tiktoken's interface, ``encode(text, allowed_special=...)``.
     """
     if tokenizer is None:
-        from minigpt.tokenizer import get_gpt2_tokenizer  # imported late: it loads files
-
         tokenizer = get_gpt2_tokenizer()
     return tokenizer.encode(text, allowed_special={ENDOFTEXT})
 

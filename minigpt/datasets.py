@@ -28,7 +28,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from minigpt.data import ENDOFTEXT, tokenize
+from minigpt.data import tokenize
+from minigpt.tokenizer import ENDOFTEXT, get_gpt2_tokenizer
 from minigpt.download import atomic_write, cache_dir, fetch
 
 
@@ -139,8 +140,6 @@ def load_token_ids(name_or_path: str | os.PathLike, tokenizer: Any = None) -> to
     """
     text = load_corpus(name_or_path)
     if tokenizer is None:
-        from minigpt.tokenizer import get_gpt2_tokenizer  # imported late: it loads files
-
         tokenizer = get_gpt2_tokenizer()
     tokenizer_name = re.sub(r"[^A-Za-z0-9_.-]", "_", getattr(tokenizer, "name", type(tokenizer).__name__))
     text_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -49,7 +49,7 @@ from minigpt.generation import generate
 from minigpt.lora import apply_lora, merge_lora
 from minigpt.model import GPTModel
 from minigpt.plots import plot_losses
-from minigpt.tokenizer import get_gpt2_tokenizer
+from minigpt.tokenizer import ENDOFTEXT_ID, get_gpt2_tokenizer
 from minigpt.training import (
     IGNORE_INDEX,
     TrainConfig,
@@ -59,7 +59,7 @@ from minigpt.training import (
     train_model,
 )
 
-PAD_TOKEN_ID = 50256  # GPT-2's <|endoftext|>
+PAD_TOKEN_ID = ENDOFTEXT_ID  # GPT-2 has no padding token: pad with <|endoftext|>
 
 INSTRUCTION_DATA_RELPATH = "instruct/instruction-data.json"
 INSTRUCTION_DATA_URL = (

@@ -33,6 +33,7 @@ from tiktoken_ext.openai_public import r50k_pat_str
 from minigpt.download import fetch
 
 ENDOFTEXT = "<|endoftext|>"
+ENDOFTEXT_ID = 50256  # its id in GPT-2's vocabulary; also the padding id when fine-tuning
 UNK = "<|unk|>"
 
 # ---------------------------------------------------------------------------------------
@@ -507,6 +508,6 @@ def get_gpt2_tokenizer() -> tiktoken.Encoding:
         name="gpt2",
         pat_str=r50k_pat_str,  # tiktoken's faster equivalent of GPT2_SPLIT_PATTERN
         mergeable_ranks=ranks,
-        special_tokens={ENDOFTEXT: 50256},
+        special_tokens={ENDOFTEXT: ENDOFTEXT_ID},
         explicit_n_vocab=50257,
     )
