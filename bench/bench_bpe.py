@@ -8,7 +8,7 @@ word already cached) shows what the cache buys on a long corpus.
 Prints one JSON line: throughput in MB of UTF-8 per second (median of ``--repeats``
 rounds) and ``slowdown`` = tiktoken's throughput / ours (cold; ``slowdown_warm`` warm).
 
-    MINIGPT_DATA_DIR=../shared/data python bench/bench_bpe.py --corpus the-verdict
+    python bench/bench_bpe.py --corpus the-verdict
 """
 
 from __future__ import annotations
@@ -19,21 +19,13 @@ import statistics
 import time
 from collections.abc import Callable
 
+from minigpt import sources
+from minigpt.bpe import BPETokenizer, gpt2_bpe_files
 from minigpt.download import fetch
-from minigpt.tokenizer import BPETokenizer, get_gpt2_tokenizer, gpt2_bpe_files
+from minigpt.tokenizer import get_gpt2_tokenizer
 
-CORPORA = {
-    "the-verdict": (
-        "the-verdict.txt",
-        "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt",
-        "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f",
-    ),
-    "tinyshakespeare": (
-        "tinyshakespeare.txt",
-        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-    ),
-}
+# Both ship with minigpt: no network or data folder needed.
+CORPORA = {"the-verdict": sources.THE_VERDICT, "tinyshakespeare": sources.TINY_SHAKESPEARE}
 
 
 def seconds(run: Callable[[], object]) -> float:
@@ -48,7 +40,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
 
-    text = fetch(*CORPORA[args.corpus]).read_text(encoding="utf-8")
+    text = fetch(CORPORA[args.corpus]).read_text(encoding="utf-8")
     megabytes = len(text.encode("utf-8")) / 1e6
     ours = BPETokenizer.from_gpt2_files(*gpt2_bpe_files())
     reference = get_gpt2_tokenizer()

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt import GPTConfig, GPTModel
-from minigpt.training import autocast, calc_loss_batch
+from minigpt.losses import calc_loss_batch
+from minigpt.runtime import autocast
 
 SHAPES = {"gpt2-small": (4, 256), "tiny": (8, 128)}  # (batch, tokens)
 
@@ -135,7 +136,7 @@ def bench_shape(preset: str, precisions: list[str], steps: int, warmup: int, pea
 
 def loss_curve_deviation(steps: int) -> dict:
     """bfloat16 autocast against float32: the same tiny model, start and real text batches."""
-    from minigpt.datasets import load_token_ids
+    from minigpt.corpora import load_token_ids
 
     ids = load_token_ids("python-docs")
     batch_size, tokens = SHAPES["tiny"]
@@ -156,7 +157,7 @@ def loss_curve_deviation(steps: int) -> dict:
             optimizer.zero_grad(set_to_none=True)
             curve.append(loss.item())
         curves[precision] = curve
-    deviation = [abs(b - a) / a for a, b in zip(curves["float32"], curves["bfloat16"])]
+    deviation = [abs(b - a) / a for a, b in zip(curves["float32"], curves["bfloat16"], strict=True)]
     return {"config": "tiny", "check": "bf16_loss_curve", "steps": steps,
             "float32": [round(v, 4) for v in curves["float32"]],
             "bfloat16": [round(v, 4) for v in curves["bfloat16"]],

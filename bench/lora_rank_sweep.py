@@ -32,14 +32,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from minigpt.classification import (
-    ClassificationDataset,
-    balance_classes,
-    calc_accuracy_loader,
-    load_labelled_texts,
-    make_classifier,
-    split_examples,
-)
+from minigpt.classification import ClassificationDataset, calc_accuracy_loader, make_classifier
+from minigpt.files import atomic_write, write_text
+from minigpt.labelled_data import balance_classes, load_labelled_texts, split_examples
 from minigpt.lora import apply_lora
 from minigpt.model import GPTModel
 from minigpt.training import TrainConfig, train_model
@@ -171,7 +166,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ("seconds per epoch", [("", "seconds_per_epoch")]),
         ("peak memory (MiB)", [("", "peak_memory_mib")]),
     ]
-    for ax, (title, series) in zip(axes.flat, panels):
+    for ax, (title, series) in zip(axes.flat, panels, strict=True):
         for label, key in series:
             ax.plot(ranks, [r[key] for r in rows], marker="o", label=label or None)
         ax.set_xscale("log", base=2)
@@ -183,7 +178,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0, 0].set_yscale("log")
     fig.suptitle("LoRA rank sweep, SMS spam classification")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -203,8 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     table = markdown_table(rows, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lora_sweep.md").write_text(table)
+    write_text(args.out / "lora_sweep.md", table)
     plot(rows, args.out / "lora_sweep.png")
     print(table)
     print(f"wrote {args.out / 'lora_sweep.md'} and {args.out / 'lora_sweep.png'}")

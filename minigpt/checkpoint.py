@@ -8,6 +8,7 @@ the random number generators (dropout draws from them).
 A run directory holds::
 
     config.json, model.safetensors   the model (minigpt.weights): GPTModel.from_pretrained(run_dir)
+                                     for a GPT; a classifier's or LoRA's tensors are saved as they are
     training_state.pt                optimizer, loss scaler, step, data position, RNG states
     history.json                     the losses recorded so far
     settings.json                    the run's settings, so that resuming needs no arguments
@@ -24,19 +25,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from torch import nn
 
+from minigpt.config import GPTConfig
+from minigpt.files import write_json
 from minigpt.model import GPTModel
-from minigpt.download import atomic_write
-from minigpt.weights import load_pretrained, save_pretrained
+from minigpt.runtime import rng_state, set_rng_state
+from minigpt.state_dict import tensor_mismatches
+from minigpt.weights import CONFIG_FILE, WEIGHTS_FILE, load_state, save_pretrained
 
 STATE_FILE = "training_state.pt"
 HISTORY_FILE = "history.json"
@@ -57,39 +60,6 @@ class TrainingState:
     history: dict[str, list]
 
 
-# --------------------------------------------------------------------- random states
-
-
-def rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """The state of every generator training may draw from: torch (CPU and CUDA),
-    Python's ``random`` and NumPy's global generator, as tensors and plain values only
-    (so that ``torch.load(weights_only=True)`` reads them back)."""
-    np_state = np.random.get_state(legacy=False)
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                  "pos": np_state["state"]["pos"],
-                  "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
-    }
-    if torch.device(device).type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_state = state["numpy"]
-    np.random.set_state({"bit_generator": "MT19937",
-                         "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
-                         "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # --------------------------------------------------------------------------- saving
 
 
@@ -108,8 +78,8 @@ def save_checkpoint(
 ) -> None:
     """Write a complete checkpoint into ``run_dir``, replacing the previous one atomically.
 
-    ``rng_states`` holds one :func:`rng_state` per process (index = rank); by default
-    this process's.
+    ``rng_states`` holds one :func:`minigpt.runtime.rng_state` per process (index = rank);
+    by default this process's.
     """
     run_dir = Path(run_dir)
     _finish_commit(run_dir)
@@ -127,7 +97,7 @@ def save_checkpoint(
         "rng": rng_states if rng_states is not None else [rng_state(model.device)],
     }
     torch.save(state, staging / STATE_FILE)
-    (staging / HISTORY_FILE).write_text(json.dumps(history))
+    write_json(staging / HISTORY_FILE, history, indent=None)
     os.replace(staging, run_dir / _COMMITTED)  # the commit: one rename of a complete folder
     _finish_commit(run_dir)
 
@@ -168,11 +138,7 @@ def load_checkpoint(
     except Exception as err:  # pickle and zip errors of a damaged file
         raise ValueError(f"{state_path} is corrupt or truncated: {err}") from err
 
-    saved = load_pretrained(run_dir)
-    if saved.cfg != model.cfg:
-        raise ValueError(f"{run_dir} holds a model with {saved.cfg}, but the model to resume is {model.cfg}")
-    with torch.no_grad():
-        model.load_state_dict(saved.state_dict())
+    _load_model(run_dir, model)
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
@@ -184,17 +150,41 @@ def load_checkpoint(
     set_rng_state(rngs[min(rank, len(rngs) - 1)])
 
     history_path = run_dir / HISTORY_FILE
-    history = json.loads(history_path.read_text()) if history_path.is_file() else {}
+    history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.is_file() else {}
     return TrainingState(step=state["step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
                          tokens_seen=state["tokens_seen"], history=history)
+
+
+def _load_model(run_dir: Path, model: nn.Module) -> None:
+    """Put the checkpoint's tensors into ``model``, whatever was done to it: a classifier's
+    smaller head and LoRA's extra tensors load as they were saved, every name and shape checked."""
+    saved_cfg = GPTConfig.from_dict(json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")))
+    if saved_cfg != model.cfg:
+        raise ValueError(f"{run_dir} holds a model with {saved_cfg}, but the model to resume is {model.cfg}")
+    state = dict(load_state(run_dir))
+    expected = model.state_dict()
+    # A tied head is saved once, as the embedding: fill in every name of a shared tensor.
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in expected.items():
+        names_of.setdefault(tensor.data_ptr(), []).append(name)
+    for names in names_of.values():
+        present = [n for n in names if n in state]
+        for name in names:
+            if present and name not in state:
+                state[name] = state[present[0]]
+    problems = tensor_mismatches({n: tuple(t.shape) for n, t in expected.items()}, state)
+    if problems:
+        raise ValueError(f"{run_dir / WEIGHTS_FILE} does not fit the model to resume: " + "; ".join(problems))
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)
 
 
 # ------------------------------------------------------------------ run settings
 
 
 def save_settings(run_dir: str | os.PathLike, settings: dict[str, Any]) -> None:
-    """Keep a run's settings (JSON) in ``run_dir/settings.json``."""
-    write_text(Path(run_dir) / SETTINGS_FILE, json.dumps(settings, indent=2) + "\n")
+    """Keep a run's settings (JSON) in ``run_dir/settings.json``, written atomically."""
+    write_json(Path(run_dir) / SETTINGS_FILE, settings)
 
 
 def load_settings(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -203,9 +193,5 @@ def load_settings(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} does not exist: is {run_dir} a run directory written by 'minigpt pretrain'?")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (see :func:`minigpt.download.atomic_write`)."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

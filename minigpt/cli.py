@@ -1,28 +1,186 @@
 """The ``minigpt`` command line: one sub-command per job.
 
-Each sub-command is a pair of functions: ``_add_<name>(subparsers)`` declares its
-options and ``_cmd_<name>(args)`` runs it, calling the library the same way a
-notebook would.
+Argparse only. A sub-command's options are the fields of its job's settings (a dataclass
+in :mod:`minigpt.jobs`), whose defaults and help are written there and shown by
+``--help``; each command parses, calls the job, and prints what it returns. The jobs
+report through :mod:`logging`, which is shown here on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
+import re
 import sys
-from typing import Sequence
-
-import torch
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from minigpt.config import PRESETS, GPTConfig
-from minigpt.download import ChecksumError
+from minigpt.files import ChecksumError
+
+COMMANDS = {  # name -> one-line help; each has _add_<name> (its options) and _cmd_<name> (its run)
+    "info": "list the model presets with parameter counts and memory",
+    "generate": "continue a prompt",
+    "download": "download OpenAI's GPT-2 weights, verified by SHA-256",
+    "pretrain": "pretrain a fresh model on a corpus (default: a tiny model on Tiny Shakespeare, ~3 minutes)",
+    "eval": "loss and perplexity of a model on a corpus's validation split",
+    "finetune": "fine-tune a GPT to classify texts or to follow instructions",
+}
+TRAIN_HELP = {  # the training loop's settings (minigpt.training.TrainConfig), in the command line's words
+    "max_steps": ("--steps", "optimizer steps"),
+    "lr": ("--lr", "peak learning rate, reached after the warm-up"),
+    "min_lr": ("--min-lr", "learning rate at the end of the cosine decay"),
+    "warmup_steps": ("--warmup", "steps of linear warm-up"),
+    "weight_decay": ("--weight-decay", "AdamW's pull of the weight matrices towards 0"),
+    "betas": ("--betas", "AdamW's decay rates of the gradient's running mean and square"),
+    "grad_clip": ("--grad-clip", "largest gradient norm"),
+    "grad_accum": ("--grad-accum", "micro-batches per optimizer step"),
+    "eval_every": ("--eval-every", "steps between evaluations, samples and checkpoints"),
+    "eval_iter": ("--eval-iter", "batches of each split per evaluation"),
+    "precision": ("--precision", "float32, or mixed precision: auto (bfloat16 where the hardware has it), "
+                                 "bfloat16, float16 (CUDA)"),
+    "compile": ("--compile", "torch.compile the model"),
+    "gradient_checkpointing": ("--gradient-checkpointing", "recompute activations in backward: less memory"),
+    "sample_prompt": ("--prompt", "prompt of the samples shown at each evaluation"),
+    "sample_tokens": ("--sample-tokens", "tokens per sample"),
+    "sample_temperature": ("--sample-temperature", "temperature of the samples (0: greedy)"),
+    "sample_top_k": ("--sample-top-k", "the samples draw among this many likeliest tokens"),
+    "sample_seed": ("--sample-seed", "seed of the samples (their own generator: training is unaffected)"),
+}
+TRAIN_NONE = {"grad_clip": "none: no clipping", "eval_iter": "none: all", "sample_top_k": "none: all",
+              "sample_prompt": "the first words of the validation split"}  # what None means
+PRECISION_DEFAULT = "float32 on CPU, auto on CUDA"
+METAVARS = {int: "N", float: "X", str: "TEXT"}
 
 
-def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="list the model presets with parameter counts and memory")
-    p.set_defaults(func=_cmd_info)
+# ------------------------------------------------------- options from the settings dataclasses
+
+
+def _option_type(hint: Any) -> tuple[Any, bool]:
+    """``(base type, may be None)`` of a field's type hint: ``int | None`` -> ``(int, True)``."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        base = [a for a in args if a is not type(None)]
+        return (base[0] if len(base) == 1 else str), len(base) < len(args)
+    return hint, False
+
+
+def _parse(kind: Callable[[str], Any], optional: bool) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if optional and text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+def _add_settings(parser: argparse.ArgumentParser | Any, defaults: Any, flags: dict[str, str],
+                  helps: dict[str, tuple[str, str]] | None = None, skip: Sequence[str] = ()) -> None:
+    """One ``--option`` per field of the dataclass instance ``defaults``, with its help and
+    "(default: X)" read from there. Left out, an option is absent from the parsed namespace
+    (``argparse.SUPPRESS``), so the settings keep their own value; ``flags`` collects
+    ``{field: --option}`` for messages."""
+    hints = typing.get_type_hints(type(defaults))
+    for f in dataclasses.fields(defaults):
+        value = getattr(defaults, f.name)
+        if f.name in skip or dataclasses.is_dataclass(value):
+            continue
+        flag, text = (helps or {}).get(f.name, ("--" + f.name.replace("_", "-"), f.metadata.get("help", "")))
+        kind, optional = _option_type(hints[f.name])
+        shown = _shown(f, value)
+        if optional and value is not None and f.name in TRAIN_NONE:
+            shown = f"{shown}; {TRAIN_NONE[f.name]}"
+        options: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                   "help": f"{text} (default: {shown})".replace("%", "%%")}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            items = typing.get_args(kind)
+            options.update(nargs="+" if Ellipsis in items else len(items), type=items[0],
+                           metavar=METAVARS.get(items[0]))
+        elif kind in (int, float, str):
+            options.update(type=_parse(kind, optional), metavar=METAVARS[kind])
+        else:
+            continue  # not a command-line value
+        if "choices" in f.metadata or f.name == "precision":
+            options.update(choices=f.metadata.get("choices") or _precisions(), metavar=None)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            options.update(required=True, help=text.replace("%", "%%"))
+        parser.add_argument(flag, **options)
+        flags[f.name] = flag
+
+
+def _shown(f: dataclasses.Field, value: Any) -> str:
+    """How ``--help`` shows a default: None by its meaning, tuples as lists, booleans as on/off."""
+    if f.name == "precision":
+        return PRECISION_DEFAULT
+    if value is None:
+        return f.metadata.get("none") or TRAIN_NONE.get(f.name, "none")
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _precisions() -> tuple[str, ...]:
+    from minigpt.runtime import PRECISIONS
+
+    return PRECISIONS
+
+
+def _given(args: argparse.Namespace, *classes: type) -> dict[str, Any]:
+    """The settings given on the command line: ``{field: value}``."""
+    names = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _default_precision(given: dict[str, Any], device: str | None) -> None:
+    """No --precision: float32 on a CPU (bit for bit the same on every CPU), auto on CUDA."""
+    if "precision" not in given:
+        from minigpt.runtime import default_precision, select_device
+
+        given["precision"] = default_precision(select_device(device))
+
+
+def _in_user_words(message: str, flags: dict[str, str]) -> str:
+    """A job's message with the names of its settings replaced by their options:
+    ``TrainConfig.max_steps must be ...`` -> ``--steps must be ...``."""
+    message = re.sub(r"\b[A-Z]\w*Config\.(\w+)", r"\1", message)
+    names = sorted((name for name in flags if "_" in name or name in ("lr",)), key=len, reverse=True)
+    if not names:
+        return message
+    return re.sub(r"(?<![\w-])(" + "|".join(names) + r")\b", lambda m: flags[m.group(1)], message)
+
+
+class _Stopped(Exception):
+    """A run stopped by a signal after saving its checkpoint: exit with ``code``."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+def _interruptible(job: Callable[[], Any], resume_command: str) -> Any:
+    from minigpt.training import TrainingInterrupted
+
+    try:
+        return job()
+    except TrainingInterrupted as stop:
+        print(f"stopped after step {stop.step}; the checkpoint is saved in {stop.run_dir}. "
+              f"Continue with: {resume_command}", file=sys.stderr)
+        raise _Stopped(stop.exit_code) from None
+
+
+# ------------------------------------------------------------------------ the commands
+
+
+def _add_info(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
+    pass
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
     from minigpt.model import GPTModel
 
     print(f"{'preset':<12} {'layers':>6} {'heads':>5} {'emb_dim':>7} {'context':>7} "
@@ -39,320 +197,211 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="continue a prompt")
+def _add_generate(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
+    from minigpt.jobs.generate import GenerateConfig
+
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--model", help="GPT-2 name (gpt2-small, ...) or a weights/run directory")
-    source.add_argument("--checkpoint", help="a run directory written by 'minigpt pretrain'")
-    source.add_argument("--preset", default=None, help="random weights of this preset (a demo)")
-    p.add_argument("--prompt", default="Every effort moves you")
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole context each step")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
-    p.set_defaults(func=_cmd_generate)
+    _add_settings(source, GenerateConfig(), flags, skip=[f.name for f in dataclasses.fields(GenerateConfig)
+                                                          if f.name not in ("model", "checkpoint", "preset")])
+    _add_settings(p, GenerateConfig(), flags, skip=("model", "checkpoint", "preset"))
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from minigpt.generation import stream_generate, text_to_token_ids
-    from minigpt.model import GPTModel
-    from minigpt.tokenizer import get_gpt2_tokenizer
-    from minigpt.training import select_device
+    from minigpt.jobs.generate import GenerateConfig, generate_text
 
-    torch.manual_seed(args.seed)
-    source = args.model or args.checkpoint
-    model = GPTModel.from_pretrained(source) if source else GPTModel(args.preset or "tiny")
-    device = select_device(args.device)
-    model.to(device).eval()
-    tokenizer = get_gpt2_tokenizer()
-    idx = text_to_token_ids(args.prompt, tokenizer).to(device)
-    print(args.prompt, end="", flush=True)
-    for token in stream_generate(model, idx, args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache,
-                                 eos_id=tokenizer.eot_token):
-        print(tokenizer.decode(token[0].tolist()), end="", flush=True)
+    generation = generate_text(GenerateConfig(**_given(args, GenerateConfig)))
+    print(generation.prompt, end="", flush=True)
+    for piece in generation.pieces:
+        print(piece, end="", flush=True)
     print()
     return 0
 
 
-def _add_download(sub: argparse._SubParsersAction) -> None:
-    from minigpt.weights import GPT2_REPOS, WEIGHTS_DIR_ENV
+def _add_download(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
+    from minigpt.hub import GPT2_REPOS, default_weights_dir
 
-    p = sub.add_parser("download", help="download OpenAI's GPT-2 weights, verified by SHA-256")
     p.add_argument("name", choices=list(GPT2_REPOS))
-    p.add_argument("--weights-dir", default=None,
-                   help=f"where to keep them (default: ${WEIGHTS_DIR_ENV} or ~/.cache/minigpt/weights)")
-    p.set_defaults(func=_cmd_download)
+    p.add_argument("--weights-dir", help=f"where to keep them (default: {default_weights_dir()})")
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from minigpt.weights import download_gpt2
+    from minigpt.hub import download_gpt2
 
-    directory = download_gpt2(args.name, args.weights_dir)
-    print(f"{args.name} is in {directory}")
+    print(f"{args.name} is in {download_gpt2(args.name, args.weights_dir)}")
     return 0
 
 
-def _add_pretrain(sub: argparse._SubParsersAction) -> None:
-    from minigpt.training import PRECISIONS
+def _add_pretrain(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
+    from minigpt.jobs.pretrain import PretrainConfig
 
-    p = sub.add_parser(
-        "pretrain", help="pretrain a model on a corpus (default: the tiny preset on python-docs)",
-        description="Pretrain a model into runs/<name>/: checkpoint, loss.png, lr.png, samples.txt. "
-                    "Options left out take minigpt.training.PretrainConfig's defaults, or with "
-                    "--resume the run's own settings. Under 'torchrun --nproc_per_node=N -m minigpt "
-                    "pretrain' each process trains on its share of every batch.")
-    data = p.add_argument_group("data and model")
-    data.add_argument("--corpus", help="a corpus name (the-verdict, tiny-shakespeare, python-docs) or a text file")
-    data.add_argument("--preset", choices=list(PRESETS), help="model size (default: tiny)")
-    data.add_argument("--context-length", type=int, help="tokens per window (default: the preset's)")
-    data.add_argument("--drop-rate", type=float, help="dropout (default: the preset's)")
-    data.add_argument("--batch-size", type=int, help="windows per batch and process")
-    data.add_argument("--seed", type=int, help="initial weights, data order and dropout")
-    loop = p.add_argument_group("training loop")
-    loop.add_argument("--steps", dest="max_steps", type=int, help="optimizer steps")
-    loop.add_argument("--lr", type=float, help="peak learning rate")
-    loop.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay")
-    loop.add_argument("--warmup", dest="warmup_steps", type=int, help="steps of linear warm-up")
-    loop.add_argument("--weight-decay", type=float)
-    loop.add_argument("--grad-clip", type=float, help="largest gradient norm (0: no clipping)")
-    loop.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    loop.add_argument("--eval-every", type=int, help="steps between evaluations, samples and checkpoints")
-    loop.add_argument("--eval-iter", type=int, help="batches per evaluation")
-    loop.add_argument("--precision", choices=PRECISIONS, help="auto: bfloat16 where the hardware has it")
-    loop.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    loop.add_argument("--gradient-checkpointing", action="store_true", default=None,
-                      help="recompute activations in backward: less memory, more time")
-    loop.add_argument("--prompt", dest="sample_prompt", help="prompt of the samples")
+    p.description = ("Pretrain a fresh model into runs/<name>/: checkpoint, loss.png, lr.png, samples.txt. "
+                     "With --resume, options left out keep the run's own settings. Under 'torchrun "
+                     "--nproc_per_node=N -m minigpt pretrain' each process trains on its share of every batch.")
+    defaults = PretrainConfig()
+    _add_settings(p.add_argument_group("data and model"), defaults, flags)
+    _add_settings(p.add_argument_group("training loop"), defaults.train, flags, TRAIN_HELP)
     run = p.add_argument_group("run")
-    run.add_argument("--out-dir", default="runs", help="parent of the run directory (default: runs)")
+    run.add_argument("--out-dir", default="runs", help="parent of the run directory (default: %(default)s)")
     run.add_argument("--name", help="run directory name (default: <corpus>-<preset>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its settings")
     run.add_argument("--overwrite", action="store_true", help="start afresh in an existing run directory")
     run.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
-    p.set_defaults(func=_cmd_pretrain)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    import dataclasses
     import os
-    import time
-    from pathlib import Path
 
-    from minigpt.checkpoint import STATE_FILE, load_settings
-    from minigpt.training import PretrainConfig, TrainConfig, perplexity, pretrain
+    from minigpt.jobs.pretrain import PretrainConfig, new_run_dir, pretrain
+    from minigpt.training import TrainConfig
 
-    fields = {f.name for cls in (PretrainConfig, TrainConfig) for f in dataclasses.fields(cls)}
-    changes = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    given = _given(args, PretrainConfig, TrainConfig)
     if args.resume:
         run_dir = Path(args.resume)
-        settings = PretrainConfig.from_dict(load_settings(run_dir)).replace(**changes)
+        settings = PretrainConfig.load(run_dir).replace(**given)
     else:
-        settings = PretrainConfig().replace(**changes)
-        run_dir = Path(args.out_dir) / (args.name or f"{Path(settings.corpus).stem}-{settings.preset}")
-        if (run_dir / STATE_FILE).exists() and not args.overwrite:
-            raise ValueError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
-                             "or pick another --name, or start it afresh with --overwrite")
-    start = time.perf_counter()
-    try:
-        history = pretrain(settings, run_dir, resume=bool(args.resume), device=args.device)
-    except FloatingPointError as err:  # diverged: the message says what to try
-        print(f"minigpt pretrain: error: {err}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", "0")) == 0 and history.val_losses:
-        val = history.val_losses[-1]
-        print(f"done in {time.perf_counter() - start:.0f} s: {history.steps[-1]} steps, "
-              f"{history.tokens_seen[-1]:,} tokens; validation loss {val:.3f}, perplexity {perplexity(val):.1f}")
+        _default_precision(given, args.device)
+        settings = PretrainConfig().replace(**given)
+        run_dir = new_run_dir(settings, args.out_dir, args.name, args.overwrite)
+    device = f" --device {args.device}" if args.device else ""
+    result = _interruptible(lambda: pretrain(settings, run_dir, resume=bool(args.resume), device=args.device),
+                            f"minigpt pretrain --resume {run_dir}{device}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        h = result.history
+        print(f"done in {result.seconds:.0f} s: {h.steps[-1]:,} steps, {h.tokens_seen[-1]:,} tokens seen")
+        for i, when in ((0, "first"), (-1, "last")):
+            print(f"{when} sample (step {h.steps[i]}, word pairs found in the corpus: {result.pair_shares[i]:.0%}): "
+                  f"{h.samples[i]}".replace("\n", " "))
+        print(f"validation loss {result.val_loss:.4f} over the whole validation split ({result.val_windows:,} "
+              f"windows, {result.val_tokens:,} tokens), perplexity {_perplexity(result.val_loss):,.1f}")
         print(f"run directory: {run_dir}  (try: minigpt generate --checkpoint {run_dir})")
     return 0
 
 
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="loss and perplexity of a model on a corpus's validation split")
-    p.add_argument("--checkpoint", required=True, help="a run directory, a weights directory or a GPT-2 name")
-    p.add_argument("--corpus", help="corpus name or text file (default: the run's corpus)")
-    p.add_argument("--whole", action="store_true", help="the whole corpus, not only its validation split")
-    p.add_argument("--context-length", type=int, help="tokens per window (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-batches", type=int, help="evaluate only the first batches")
-    p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
-    p.set_defaults(func=_cmd_eval)
+def _perplexity(loss: float) -> float:
+    from minigpt.losses import perplexity
+
+    return perplexity(loss)
+
+
+def _add_eval(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
+    from minigpt.jobs.evaluate import EvalConfig
+
+    _add_settings(p, EvalConfig(checkpoint=""), flags)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from minigpt.jobs.evaluate import EvalConfig, evaluate
 
-    from torch.utils.data import DataLoader
-
-    from minigpt.checkpoint import SETTINGS_FILE, load_settings
-    from minigpt.data import GPTDataset
-    from minigpt.datasets import load_token_ids, split_text
-    from minigpt.model import GPTModel
-    from minigpt.tokenizer import get_gpt2_tokenizer
-    from minigpt.training import PretrainConfig, calc_loss_loader, perplexity, select_device
-
-    is_run = (Path(args.checkpoint) / SETTINGS_FILE).is_file()
-    run = PretrainConfig.from_dict(load_settings(args.checkpoint)) if is_run else PretrainConfig()
-    if args.corpus is None and not is_run:
-        raise ValueError(f"--corpus is needed: {args.checkpoint} is not a run directory naming its corpus")
-    corpus = args.corpus or run.corpus
-    device = select_device(args.device)
-    model = GPTModel.from_pretrained(args.checkpoint).to(device).eval()
-    ids = load_token_ids(corpus, get_gpt2_tokenizer())
-    if not args.whole:
-        _, ids = split_text(ids, 1 - run.val_ratio)  # the part pretrain held out
-    n = args.context_length or model.cfg.context_length
-    loader = DataLoader(GPTDataset(ids, max_length=n, stride=n), batch_size=args.batch_size)
-    loss = calc_loss_loader(loader, model, device, args.max_batches)
-    part = "whole corpus" if args.whole else f"last {run.val_ratio:.0%}: the validation split"
-    print(f"{corpus} ({part}, {len(loader.dataset)} windows of {n} tokens): "
-          f"loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+    r = evaluate(EvalConfig(**_given(args, EvalConfig)))
+    scope = "whole split" if r.whole_split else f"an estimate over its first {r.windows:,} windows"
+    print(f"{r.corpus} ({r.part}, {scope}: {r.windows:,} windows of {r.context_length} tokens): "
+          f"loss {r.loss:.4f}, perplexity {r.perplexity:,.2f}")
     return 0
 
 
-def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    from minigpt.classification import DEFAULT_TRAINABLE
+def _add_finetune(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
+    from minigpt.jobs.classify import ClassifyConfig
+    from minigpt.jobs.instruct import InstructConfig
 
-    p = sub.add_parser("finetune", help="fine-tune a GPT to classify texts or to follow instructions")
     tasks = p.add_subparsers(dest="task", required=True)
-    c = tasks.add_parser("classify", help="train a text classifier (book ch. 6), e.g. a spam filter")
-    _add_finetune_options(c, model="gpt2-small", epochs=5, output="runs/classifier")
-    c.add_argument("--data", default="spam",
-                   help="'spam' (the SMS Spam Collection) or a CSV/TSV file whose first row names the columns")
-    c.add_argument("--text-column", default="text")
-    c.add_argument("--label-column", default="label")
-    c.add_argument("--no-balance", action="store_true",
-                   help="keep the classes' sizes (default: undersample each to the smallest)")
-    c.add_argument("--subset", type=int, default=None, help="use only this many (balanced) examples")
-    c.add_argument("--max-length", type=int, default=None,
-                   help="tokens kept per text (default: the model's context length)")
-    c.add_argument("--trainable", nargs="+", default=list(DEFAULT_TRAINABLE),
-                   help="modules to train (default: %(default)s), or 'all'")
-    c.set_defaults(func=_cmd_finetune_classify)
-
-    i = tasks.add_parser("instruct", help="instruction fine-tuning (book ch. 7) with answers and their scores")
-    _add_finetune_options(i, model="gpt2-medium", epochs=2, output="runs/instruct")
-    i.add_argument("--data", default=None,
-                   help="a JSON list of {instruction, input, output} (default: the book's 1,100 entries)")
-    i.add_argument("--subset", type=int, default=None, help="use only the first N entries")
-    i.add_argument("--max-length", type=int, default=1024, help="longest training sequence in tokens")
-    i.add_argument("--mask-instruction", action="store_true", help="score the loss on the responses only")
-    i.add_argument("--max-new-tokens", type=int, default=256, help="longest answer")
-    i.add_argument("--num-responses", type=int, default=None, help="answer only the first N test prompts")
-    judge = i.add_mutually_exclusive_group()
-    judge.add_argument("--judge-model", help="a model to rate the answers 0-100 (a name, directory or preset)")
-    judge.add_argument("--judge-url", help="a chat endpoint to rate the answers: Ollama's "
-                       "http://localhost:11434/api/chat or an OpenAI-compatible .../v1/chat/completions "
-                       "(sends $OPENAI_API_KEY if set)")
-    i.add_argument("--judge-name", default="llama3", help="the model name sent to --judge-url")
-    i.set_defaults(func=_cmd_finetune_instruct)
+    for name, settings, help in (
+            ("classify", ClassifyConfig(), "train a text classifier (book ch. 6), e.g. a spam filter"),
+            ("instruct", InstructConfig(), "instruction fine-tuning (book ch. 7) with answers and their scores")):
+        task = tasks.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        _add_settings(task, settings, flags)
+        task.add_argument("--resume", metavar="OUTPUT", help="continue the interrupted run in OUTPUT")
 
 
-def _add_finetune_options(p: argparse.ArgumentParser, model: str, epochs: int, output: str) -> None:
-    p.add_argument("--model", default=model,
-                   help="a GPT-2 name or a weights/run directory, or another preset (e.g. tiny) for "
-                        "random weights (default: %(default)s)")
-    p.add_argument("--output", default=output, help="directory for the results (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-5,
-                   help="constant learning rate (default: %(default)s, for pretrained weights; "
-                        "random weights want about 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank instead")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling numerator (default: the rank)")
-    p.add_argument("--eval-every", type=int, default=50, help="optimizer steps between evaluations")
-    p.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation")
-    p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+def _finetune_settings(cls: type, args: argparse.Namespace) -> Any:
+    given = _given(args, cls)
+    if args.resume:
+        return dataclasses.replace(cls.load(args.resume), **{**given, "output": args.resume})
+    _default_precision(given, given.get("device"))
+    return cls(**given)
 
 
-def _load_finetune_model(spec: str):
-    """A GPT-2 name or a directory loads weights; another preset name gives random ones."""
-    from pathlib import Path
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    if args.task == "classify":
+        from minigpt.jobs.classify import ClassifyConfig, finetune_classifier
 
-    from minigpt.model import GPTModel
-    from minigpt.weights import GPT2_REPOS
-
-    if spec in GPT2_REPOS or Path(spec).exists():
-        return GPTModel.from_pretrained(spec)
-    if spec in PRESETS:
-        return GPTModel(spec)
-    raise ValueError(f"--model {spec!r} is neither a GPT-2 name ({', '.join(GPT2_REPOS)}), "
-                     f"a directory, nor a preset ({', '.join(PRESETS)})")
-
-
-def _cmd_finetune_classify(args: argparse.Namespace) -> int:
-    from minigpt.classification import finetune_classifier
-
-    torch.manual_seed(args.seed)  # a preset's random weights too
-    metrics = finetune_classifier(
-        _load_finetune_model(args.model), args.output, args.data,
-        text_column=args.text_column, label_column=args.label_column, balance=not args.no_balance,
-        subset=args.subset, max_length=args.max_length,
-        trainable="all" if args.trainable == ["all"] else args.trainable,
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        eval_every=args.eval_every, eval_iter=args.eval_iter, seed=args.seed, device=args.device,
-    )
-    before, after = metrics["accuracy_before"], metrics["accuracy"]
-    print(f"accuracy: train {after['train']:.1%}, validation {after['val']:.1%}, test {after['test']:.1%} "
-          f"(test before fine-tuning: {before['test']:.1%})")
-    print(f"saved the classifier, loss.png, accuracy.png and metrics.json in {args.output}")
-    return 0
-
-
-def _cmd_finetune_instruct(args: argparse.Namespace) -> int:
-    import os
-
-    from minigpt.instruction import HTTPJudge, ModelJudge, finetune_instructions
-    from minigpt.tokenizer import get_gpt2_tokenizer
-    from minigpt.training import select_device
-
-    torch.manual_seed(args.seed)
-    model = _load_finetune_model(args.model)
-    judge = None
-    if args.judge_model:
-        judge_model = _load_finetune_model(args.judge_model).to(select_device(args.device))
-        judge = ModelJudge(judge_model, get_gpt2_tokenizer())
-    elif args.judge_url:
-        judge = HTTPJudge(args.judge_url, args.judge_name, api_key=os.environ.get("OPENAI_API_KEY"))
+        settings = _finetune_settings(ClassifyConfig, args)
+        job = finetune_classifier
     else:
-        print("no judge given (--judge-model or --judge-url): reporting the test loss and perplexity only")
-    metrics = finetune_instructions(
-        model, args.output, args.data, subset=args.subset, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        allowed_max_length=args.max_length, mask_instruction=args.mask_instruction,
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, max_new_tokens=args.max_new_tokens,
-        num_responses=args.num_responses, judge=judge, eval_every=args.eval_every,
-        eval_iter=args.eval_iter, seed=args.seed, device=args.device,
-    )
+        from minigpt.jobs.instruct import InstructConfig, finetune_instructions
+
+        settings = _finetune_settings(InstructConfig, args)
+        job = finetune_instructions
+        if not (settings.judge_model or settings.judge_url):
+            print("no judge given (--judge-model or --judge-url): reporting the test loss and perplexity only")
+    metrics = _interruptible(lambda: job(settings, resume=bool(args.resume)),
+                             f"minigpt finetune {args.task} --resume {settings.output}")
+    if args.task == "classify":
+        before, after = metrics["accuracy_before"], metrics["accuracy"]
+        print(f"accuracy: train {after['train']:.1%}, validation {after['val']:.1%}, test {after['test']:.1%} "
+              f"(test before fine-tuning: {before['test']:.1%})")
+        print(f"saved the classifier, loss.png, accuracy.png and metrics.json in {settings.output}")
+        return 0
     print(f"test loss {metrics['test_loss']:.3f}, perplexity {metrics['test_perplexity']:,.1f}")
     if metrics["judge_score"] is not None:
         print(f"judge score {metrics['judge_score']:.1f} / 100 over {metrics['judged']} "
               f"of {metrics['responses']} responses")
-    print(f"saved the model, loss.png, responses.json and metrics.json in {args.output}")
+    print(f"saved the model, loss.png, responses.json and metrics.json in {settings.output}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# ------------------------------------------------------------------------------ main
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command``, only that sub-command gets its options (so that
+    ``minigpt generate`` does not import the training code to list pretraining's)."""
     parser = argparse.ArgumentParser(prog="minigpt", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_info, _add_generate, _add_download, _add_finetune, _add_pretrain, _add_eval):
-        add(sub)
+    for name, help in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        flags: dict[str, str] = {}
+        if command in (None, name):
+            globals()[f"_add_{name}"](p, flags)
+        p.set_defaults(func=globals()[f"_cmd_{name}"], flags=flags)
     return parser
 
 
+class _LogHandler(logging.Handler):
+    """The jobs' log lines on stderr, written past a progress bar without breaking it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            prefix = "warning: " if record.levelno >= logging.WARNING else ""
+            tqdm.write(prefix + self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never end the run
+            self.handleError(record)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Show the log lines of minigpt's modules (once, however often it is called)."""
+    logger = logging.getLogger("minigpt")
+    logger.setLevel(level)
+    if not any(isinstance(handler, _LogHandler) for handler in logger.handlers):
+        logger.addHandler(_LogHandler())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    configure_logging()
     try:
         return args.func(args)
+    except _Stopped as stop:
+        return stop.code
+    except KeyboardInterrupt:
+        print(f"minigpt {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, ConnectionError, KeyError, ChecksumError) as err:
         # Bad input is the user's to fix: show the message, not a traceback.
-        print(f"minigpt {args.command}: error: {err}", file=sys.stderr)
+        print(f"minigpt {args.command}: error: {_in_user_words(str(err), args.flags)}", file=sys.stderr)
         return 2
 
 

@@ -8,8 +8,9 @@ with ``GPTConfig.from_dict``. The four GPT-2 sizes differ only in width and dept
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 _GPT2_BASE = dict(vocab_size=50257, context_length=1024, drop_rate=0.1, qkv_bias=False)
 
@@ -60,14 +61,14 @@ class GPTConfig:
         return self.emb_dim // self.n_heads
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "GPTConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
         """A named preset (``gpt2-small``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``, ``tiny``)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "GPTConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> GPTConfig:
         """Build from the book's dict (``{"vocab_size": 50257, "emb_dim": 768, ...}``)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
@@ -79,7 +80,7 @@ class GPTConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def coerce(cls, cfg: "GPTConfig | Mapping[str, Any] | str") -> "GPTConfig":
+    def coerce(cls, cfg: GPTConfig | Mapping[str, Any] | str) -> GPTConfig:
         """Accept a GPTConfig, a book-style dict, or a preset name."""
         if isinstance(cfg, GPTConfig):
             return cfg

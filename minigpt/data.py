@@ -41,7 +41,7 @@ class GPTDataset(Dataset):
     """Sliding windows over the token ids of one text.
 
     ``text`` may also be the text's token ids already computed (a list, 1-D tensor
-    or NumPy array of ints), e.g. from ``minigpt.datasets.load_token_ids``; the
+    or NumPy array of ints), e.g. from ``minigpt.corpora.load_token_ids``; the
     tokenizer is then unused.
 
     Windows start at ``0, stride, 2 * stride, ...`` as long as ``start + max_length``

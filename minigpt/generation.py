@@ -11,15 +11,27 @@ step feeds one token instead of the whole sequence. Once the sequence is longer
 than the context, GPT-2's absolute position embeddings shift for every token in
 the window, so cached keys go stale: from then on each step recomputes the last
 ``context_size`` tokens, which gives exactly the tokens of the no-cache path.
+
+A byte-level tokenizer may split one character over several tokens (an emoji is
+often two or three), so streamed text goes through :class:`IncrementalDecoder`,
+which holds bytes back until they form whole characters.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import codecs
+import logging
+import numbers
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 
-from minigpt.model import GPTModel
+from minigpt.model import GPTModel, evaluating
+
+logger = logging.getLogger(__name__)
+
+Ids = TypeVar("Ids", Sequence[int], torch.Tensor)
 
 
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
@@ -41,12 +53,7 @@ def sample_next_token(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """``(batch, vocab_size)`` logits of the last position -> ``(batch, 1)`` next ids."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
 
@@ -66,6 +73,83 @@ def sample_next_token(
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def check_sampling(
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    max_new_tokens: int | None = None,
+) -> None:
+    """Raise ``ValueError`` naming the first sampling option that is out of range.
+
+    Written once, used by :func:`sample_next_token` and :func:`stream_generate`, and by
+    the command line before it spends time loading a model.
+    """
+    if not temperature >= 0:  # also catches NaN
+        raise ValueError(f"temperature must be 0 (greedy decoding) or more, got {temperature}")
+    if top_k is not None and not (isinstance(top_k, numbers.Integral) and top_k >= 1):
+        raise ValueError(f"top_k must be a whole number of at least 1 (or unset, for no limit), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be more than 0 and at most 1 (1 keeps every token), got {top_p}")
+    if max_new_tokens is not None and max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
+
+
+def truncate_prompt(ids: Ids, context_length: int) -> tuple[Ids, int]:
+    """Keep the last ``context_length`` prompt ids: ``(ids, tokens dropped from the front)``.
+
+    ``ids`` is a list of ids or a ``(batch, tokens)`` / ``(tokens,)`` tensor; the model
+    only ever sees ``context_length`` positions, so the oldest tokens go.
+    """
+    if context_length < 1:
+        raise ValueError(f"context_length must be at least 1, got {context_length}")
+    length = ids.shape[-1] if isinstance(ids, torch.Tensor) else len(ids)
+    dropped = max(0, length - context_length)
+    return (ids[..., dropped:] if isinstance(ids, torch.Tensor) else ids[dropped:]), dropped
+
+
+class IncrementalDecoder:
+    """Token ids in, one at a time; text out as soon as it is whole.
+
+    ``add(ids)`` returns the text completed by these ids and holds back the bytes of a
+    character that the next token finishes; ``flush()`` returns whatever is left. The
+    pieces joined equal ``tokenizer.decode(all_ids)``, and no piece shows a character
+    broken across tokens as U+FFFD. Works with any tokenizer that has ``decode_bytes``
+    (tiktoken); for one with only ``decode`` it re-decodes the ids seen so far and holds
+    back a trailing U+FFFD.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._bytes = hasattr(tokenizer, "decode_bytes")
+        # Invalid bytes become U+FFFD, as in tokenizer.decode; an unfinished character waits.
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._ids: list[int] = []
+        self._sent = 0  # characters of decode(self._ids) already returned (decode fallback)
+
+    def add(self, ids: int | Iterable[int] | torch.Tensor) -> str:
+        """Feed one id or several (a tensor is flattened); return the text now complete."""
+        new = ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else ids
+        new = [new] if isinstance(new, int) else list(new)
+        if self._bytes:
+            return self._utf8.decode(self.tokenizer.decode_bytes(new))
+        self._ids += new
+        text = self.tokenizer.decode(self._ids)
+        ready = len(text.rstrip("\ufffd"))  # a trailing U+FFFD may be half a character
+        piece = text[self._sent:ready]
+        self._sent = max(self._sent, ready)
+        return piece
+
+    def flush(self) -> str:
+        """The held-back rest (a character still unfinished shows as U+FFFD); start afresh."""
+        if self._bytes:
+            rest = self._utf8.decode(b"", final=True)
+        else:
+            rest = self.tokenizer.decode(self._ids)[self._sent:]
+        self._ids, self._sent = [], 0
+        self._utf8.reset()
+        return rest
+
+
 @torch.no_grad()
 def stream_generate(
     model: GPTModel,
@@ -82,12 +166,13 @@ def stream_generate(
     """Yield each new ``(batch, 1)`` token as soon as it is chosen.
 
     Stops after ``max_new_tokens`` or once every sequence has produced ``eos_id``
-    (a sequence that is done keeps receiving ``eos_id`` while others finish).
+    (a sequence that is done keeps receiving ``eos_id`` while others finish). A prompt
+    longer than ``context_size`` is read from its last ``context_size`` tokens, with a
+    logged warning saying how many were dropped.
     """
     if idx.dim() != 2:
         raise ValueError(f"idx must have shape (batch, tokens), got {tuple(idx.shape)}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     if max_new_tokens == 0:
         return
     if idx.shape[1] == 0:
@@ -96,33 +181,34 @@ def stream_generate(
     context_size = limit if context_size is None else context_size
     if not 1 <= context_size <= limit:
         raise ValueError(f"context_size must be in [1, {limit}] (the model's context_length), got {context_size}")
+    window, dropped = truncate_prompt(idx, context_size)
+    if dropped:
+        logger.warning("the prompt has %d tokens, more than the context of %d: its first %d tokens are dropped",
+                       idx.shape[1], context_size, dropped)
 
-    was_training = model.training
-    model.eval()
     finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
-    try:
-        model.reset_kv_cache()
-        seq = idx
-        # The first step always processes the (last context_size tokens of the) prompt.
-        logits = model(seq[:, -context_size:], use_cache=use_cache)[:, -1]
-        for step in range(max_new_tokens):
-            next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                next_id = next_id.masked_fill(finished, eos_id)
-                finished |= next_id == eos_id
-            yield next_id
-            if (eos_id is not None and bool(finished.all())) or step == max_new_tokens - 1:
-                return
-            seq = torch.cat([seq, next_id], dim=1)
-            if use_cache and model.cache_pos < context_size:
-                logits = model(next_id, use_cache=True)[:, -1]
-            else:
-                # No cache, or the window slid: recompute the whole window.
-                model.reset_kv_cache()
-                logits = model(seq[:, -context_size:], use_cache=use_cache)[:, -1]
-    finally:
-        model.reset_kv_cache()  # frees the cache memory
-        model.train(was_training)
+    with evaluating(model):
+        try:
+            model.reset_kv_cache()
+            seq = window  # the sequence seen so far; only its last context_size tokens matter
+            logits = model(seq, use_cache=use_cache)[:, -1]
+            for step in range(max_new_tokens):
+                next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
+                if eos_id is not None:
+                    next_id = next_id.masked_fill(finished, eos_id)
+                    finished |= next_id == eos_id
+                yield next_id
+                if (eos_id is not None and bool(finished.all())) or step == max_new_tokens - 1:
+                    return
+                seq = torch.cat([seq, next_id], dim=1)[:, -context_size:]
+                if use_cache and model.cache_pos < context_size:
+                    logits = model(next_id, use_cache=True)[:, -1]
+                else:
+                    # No cache, or the window slid: recompute the whole window.
+                    model.reset_kv_cache()
+                    logits = model(seq, use_cache=use_cache)[:, -1]
+        finally:
+            model.reset_kv_cache()  # frees the cache memory
 
 
 def generate(

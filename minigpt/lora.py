@@ -29,17 +29,18 @@ import logging
 import math
 import os
 import re
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from minigpt.download import atomic_write
-from minigpt.weights import tensor_mismatches
+from minigpt.files import atomic_write
+from minigpt.state_dict import tensor_mismatches
 
 logger = logging.getLogger(__name__)
 
@@ -59,20 +60,11 @@ class LoRALayer(nn.Module):
     so a good learning rate for one rank works for another.
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int,
-        rank: int,
-        alpha: float,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         _check_settings(rank, alpha)
-        self.rank = rank
-        self.alpha = alpha
-        self.scaling = alpha / rank
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.A = nn.Parameter(torch.empty(in_dim, rank, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(rank, out_dim, device=device, dtype=dtype))
         # Initialise the transposed view, shape (rank, in_dim) like nn.Linear(in_dim, rank).weight,
@@ -104,10 +96,8 @@ class LinearWithLoRA(nn.Module):
         super().__init__()
         _check_settings(rank, alpha, dropout)
         self.linear = linear
-        self.lora = LoRALayer(
-            linear.in_features, linear.out_features, rank, alpha,
-            device=linear.weight.device, dtype=linear.weight.dtype,
-        )
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha,
+                              device=linear.weight.device, dtype=linear.weight.dtype)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,10 +128,8 @@ class LoRAReport:
         return self.trainable / self.total
 
     def __str__(self) -> str:
-        return (
-            f"LoRA rank={self.rank} alpha={self.alpha:g} on {len(self.modules)} linear layers: "
-            f"{self.trainable:,} trainable of {self.total:,} parameters ({100 * self.fraction:.2f}%)"
-        )
+        return (f"LoRA rank={self.rank} alpha={self.alpha:g} on {len(self.modules)} linear layers: "
+                f"{self.trainable:,} trainable of {self.total:,} parameters ({100 * self.fraction:.2f}%)")
 
 
 def apply_lora(
@@ -168,16 +156,11 @@ def apply_lora(
     """
     _check_settings(rank, alpha, dropout)
     if isinstance(target_modules, str):
-        raise TypeError(
-            f"target_modules must be a list of patterns, e.g. [{target_modules!r}], not a string"
-        )
+        raise TypeError(f"target_modules must be a list of patterns, e.g. [{target_modules!r}], not a string")
     if _lora_layers(model):
-        raise ValueError(
-            "model already has LoRA layers; call merge_lora(model) first, or build a fresh model"
-        )
+        raise ValueError("model already has LoRA layers; call merge_lora(model) first, or build a fresh model")
     patterns = DEFAULT_TARGETS if target_modules is None else tuple(target_modules)
-    names = _match_targets(model, patterns)
-    return _wrap(model, names, rank, alpha, dropout)
+    return _wrap(model, _match_targets(model, patterns), rank, alpha, dropout)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -242,23 +225,14 @@ def save_lora(model: nn.Module, path: str | os.PathLike, include: Sequence[str] 
         )
     state = {}
     for name, wrapper in layers.items():
-        state[f"{name}.lora.A"] = wrapper.lora.A
-        state[f"{name}.lora.B"] = wrapper.lora.B
+        state[f"{name}.lora.A"], state[f"{name}.lora.B"] = wrapper.lora.A, wrapper.lora.B
     for name in include:
-        module = modules[name]
-        # The frozen base tensors of a wrapped layer live under its ".linear" child.
-        base = module.linear if isinstance(module, LinearWithLoRA) else module
-        for key, tensor in base.state_dict().items():
+        for key, tensor in _base(modules[name]).state_dict().items():
             state[f"{name}.{key}"] = tensor
     # safetensors refuses tensors that share memory (a tied head); copies never do.
     state = {key: tensor.detach().to("cpu", copy=True).contiguous() for key, tensor in state.items()}
-    settings = {
-        "rank": some.lora.rank,
-        "alpha": some.lora.alpha,
-        "dropout": some.dropout.p,
-        "target_modules": list(layers),
-        "include": list(include),
-    }
+    settings = {"rank": some.lora.rank, "alpha": some.lora.alpha, "dropout": some.dropout.p,
+                "target_modules": list(layers), "include": list(include)}
     metadata = {"format": "pt", _METADATA_KEY: json.dumps(settings)}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
@@ -315,6 +289,11 @@ def _lora_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
 
 
+def _base(module: nn.Module | None) -> nn.Module | None:
+    """The frozen layer itself: a wrapped layer's base tensors live under its ``.linear``."""
+    return module.linear if isinstance(module, LinearWithLoRA) else module
+
+
 def _pattern_matches(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 
@@ -349,10 +328,7 @@ def _wrap(model: nn.Module, names: Sequence[str], rank: int, alpha: float, dropo
 def _report(model: nn.Module, layers: dict[str, LinearWithLoRA]) -> LoRAReport:
     some = next(iter(layers.values()))
     return LoRAReport(
-        rank=some.lora.rank,
-        alpha=some.lora.alpha,
-        dropout=some.dropout.p,
-        modules=tuple(layers),
+        rank=some.lora.rank, alpha=some.lora.alpha, dropout=some.dropout.p, modules=tuple(layers),
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total=sum(p.numel() for p in model.parameters()),  # parameters() lists a shared one once
     )
@@ -366,15 +342,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _shared_parameter_ids(model: nn.Module) -> set[int]:
     """ids of parameters registered under more than one name (tied weights)."""
-    seen: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        seen[id(param)] = seen.get(id(param), 0) + 1
-    return {key for key, count in seen.items() if count > 1}
+    counts = Counter(id(param) for _, param in model.named_parameters(remove_duplicate=False))
+    return {key for key, count in counts.items() if count > 1}
 
 
-def _check_same_lora(
-    existing: dict[str, LinearWithLoRA], names: Sequence[str], rank: int, alpha: float, path: Path
-) -> None:
+def _check_same_lora(existing: dict[str, LinearWithLoRA], names: Sequence[str], rank: int, alpha: float,
+                     path: Path) -> None:
     some = next(iter(existing.values()))
     if sorted(existing) != sorted(names) or some.lora.rank != rank or some.lora.alpha != alpha:
         raise ValueError(
@@ -393,32 +366,24 @@ def _stored_to_model_key(key: str, names: Sequence[str], include: Sequence[str])
     return key
 
 
-def _check_adapter_tensors(
-    model: nn.Module,
-    state: dict[str, torch.Tensor],
-    names: Sequence[str],
-    include: Sequence[str],
-    rank: int,
-    path: Path,
-) -> None:
+def _check_adapter_tensors(model: nn.Module, state: dict[str, torch.Tensor], names: Sequence[str],
+                           include: Sequence[str], rank: int, path: Path) -> None:
     """Compare the file's tensors with what ``model`` (with or without LoRA) would expect."""
     modules = dict(model.named_modules())
     expected: dict[str, tuple[int, ...]] = {}
     problems = []
     for name in names:
-        module = modules.get(name)
-        base = module.linear if isinstance(module, LinearWithLoRA) else module
+        base = _base(modules.get(name))
         if not isinstance(base, nn.Linear):
             problems.append(f"the model has no nn.Linear named {name!r}")
             continue
         expected[f"{name}.lora.A"] = (base.in_features, rank)
         expected[f"{name}.lora.B"] = (rank, base.out_features)
     for name in include:
-        module = modules.get(name)
-        if module is None:
+        base = _base(modules.get(name))
+        if base is None:
             problems.append(f"the model has no module named {name!r}")
             continue
-        base = module.linear if isinstance(module, LinearWithLoRA) else module
         for key, tensor in base.state_dict().items():
             expected[f"{name}.{key}"] = tuple(tensor.shape)
     problems += tensor_mismatches(expected, state)

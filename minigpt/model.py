@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +24,22 @@ from torch.utils.checkpoint import checkpoint
 from minigpt.attention import MultiHeadAttention
 from minigpt.config import GPTConfig
 from minigpt.layers import LayerNorm, TransformerBlock
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """Run the ``with`` body in eval mode (no dropout), then restore the mode the module had.
+
+    Evaluation and generation in the middle of training must not leave the model in eval
+    mode, and must not switch a model that was already in eval mode to training; the
+    previous mode comes back also when the body raises.
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 class GPTModel(nn.Module):
@@ -136,6 +154,8 @@ class GPTModel(nn.Module):
     def device(self) -> torch.device:
         return self.tok_emb.weight.device
 
+    # The one declared upward import of the package: minigpt.weights builds on this module,
+    # so these two methods import it when called, not when minigpt.model is imported.
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` (see :mod:`minigpt.weights`)."""
         from minigpt.weights import save_pretrained
@@ -143,7 +163,7 @@ class GPTModel(nn.Module):
         save_pretrained(self, directory)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> "GPTModel":
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> GPTModel:
         """Load a minigpt directory, a Hugging Face GPT-2 directory, or a GPT-2 name
         (``gpt2-small`` ... ``gpt2-xl``; see :mod:`minigpt.weights`)."""
         from minigpt.weights import load_pretrained

@@ -1,24 +1,33 @@
-"""Plots of a training run: the loss curves and the learning-rate schedule.
+"""Plots of a training run: the loss curves, the learning-rate schedule, and accuracy.
 
 The one idea: read the two loss curves together. Both falling means the model is
 learning; training loss falling while validation loss rises means it is memorising
 the training text (overfitting).
 
-The figures are built with matplotlib's object-oriented API on its Agg (PNG) canvas,
-without pyplot: nothing depends on a display or on global plotting state, so this
-works the same in a script, a test or a server; a notebook shows the returned figure.
+Every figure has one style (:func:`_new_figure`: the same width, grid and PNG
+resolution) and is saved one way (:func:`_save`: atomically, so a crash never leaves
+half a PNG). The figures are built with matplotlib's object-oriented API on its Agg
+(PNG) canvas, without pyplot: nothing depends on a display or on global plotting
+state, so this works the same in a script, a test or a server; a notebook shows the
+returned figure.
 """
 
 from __future__ import annotations
 
 import io
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from minigpt.download import atomic_write
+from minigpt.files import atomic_write
+
+WIDTH = 7.0  # inches; every figure has this width, so figures line up in a report
+DPI = 120  # saved PNGs are WIDTH * DPI = 840 pixels wide
+TRAIN_COLOR, VAL_COLOR, LR_COLOR, BEFORE_COLOR = "tab:blue", "tab:orange", "tab:green", "tab:gray"
 
 
 class PlotFigure(Figure):
@@ -31,34 +40,42 @@ class PlotFigure(Figure):
         return buffer.getvalue()
 
 
-def _as_dict(history: Any) -> Mapping[str, list]:
-    """A :class:`minigpt.training.History` or its ``to_dict()``."""
-    return history.to_dict() if hasattr(history, "to_dict") else history
+def _new_figure(height: float) -> tuple[PlotFigure, Axes]:
+    """The one figure style: a :class:`PlotFigure` of width ``WIDTH`` on a PNG canvas,
+    with one set of axes and a light grid."""
+    fig = PlotFigure(figsize=(WIDTH, height), layout="constrained")
+    FigureCanvasAgg(fig)  # gives the figure a PNG canvas
+    ax = fig.add_subplot()
+    ax.grid(alpha=0.3)
+    return fig, ax
 
 
 def _save(fig: Figure, path: str | os.PathLike | None) -> Figure:
-    FigureCanvasAgg(fig)  # gives the figure a PNG canvas
+    """Write ``fig`` as a PNG at ``path`` (atomically) if a path is given; return it."""
     if path is not None:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     return fig
+
+
+def _as_dict(history: Any) -> Mapping[str, list]:
+    """A :class:`minigpt.training.History` or its ``to_dict()``."""
+    return history.to_dict() if hasattr(history, "to_dict") else history
 
 
 def plot_losses(history: Any, path: str | os.PathLike | None = None) -> Figure:
     """Training and validation loss against optimizer steps, with the number of training
     tokens seen on a second x-axis at the top; saved as a PNG at ``path`` if given."""
     h = _as_dict(history)
-    fig = PlotFigure(figsize=(7, 4), layout="constrained")
-    ax = fig.add_subplot()
+    fig, ax = _new_figure(height=4)
     if h.get("step_losses"):
         steps = range(1, len(h["step_losses"]) + 1)
-        ax.plot(steps, h["step_losses"], color="tab:blue", alpha=0.25, linewidth=0.8,
+        ax.plot(steps, h["step_losses"], color=TRAIN_COLOR, alpha=0.25, linewidth=0.8,
                 label="training loss (each step)")
-    ax.plot(h["steps"], h["train_losses"], "o-", color="tab:blue", markersize=3, label="training loss")
-    ax.plot(h["steps"], h["val_losses"], "o--", color="tab:orange", markersize=3, label="validation loss")
+    ax.plot(h["steps"], h["train_losses"], "o-", color=TRAIN_COLOR, markersize=3, label="training loss")
+    ax.plot(h["steps"], h["val_losses"], "o--", color=VAL_COLOR, markersize=3, label="validation loss")
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel("loss (cross-entropy)")
     ax.legend(loc="upper right")
-    ax.grid(alpha=0.3)
     if h["steps"] and h["steps"][-1] > 0 and h["tokens_seen"][-1] > 0:
         # Every step sees the same number of tokens, so tokens = steps * tokens_per_step.
         tokens_per_step = h["tokens_seen"][-1] / h["steps"][-1]
@@ -71,11 +88,31 @@ def plot_losses(history: Any, path: str | os.PathLike | None = None) -> Figure:
 def plot_lr(history: Any, path: str | os.PathLike | None = None) -> Figure:
     """The learning rate of every optimizer step; saved as a PNG at ``path`` if given."""
     lrs = _as_dict(history)["lrs"]
-    fig = PlotFigure(figsize=(7, 3), layout="constrained")
-    ax = fig.add_subplot()
-    ax.plot(range(1, len(lrs) + 1), lrs, color="tab:green")
+    fig, ax = _new_figure(height=3)
+    ax.plot(range(1, len(lrs) + 1), lrs, color=LR_COLOR)
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel("learning rate")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_accuracy(
+    before: Mapping[str, float], after: Mapping[str, float], path: str | os.PathLike | None = None
+) -> Figure:
+    """Accuracy of each split (``{"train": 0.93, ...}``) before and after fine-tuning, as
+    pairs of bars, the value after written above its bar; a PNG at ``path`` if given.
+    A split missing from ``before`` shows as 0."""
+    splits = list(after)
+    x = range(len(splits))
+    fig, ax = _new_figure(height=3.5)
+    ax.bar([i - 0.2 for i in x], [before.get(s, 0.0) for s in splits], width=0.4, label="before",
+           color=BEFORE_COLOR)
+    ax.bar([i + 0.2 for i in x], [after[s] for s in splits], width=0.4, label="after", color=TRAIN_COLOR)
+    for i, split in enumerate(splits):
+        ax.annotate(f"{after[split]:.1%}", (i + 0.2, after[split]), ha="center", va="bottom")
+    ax.set_xticks(list(x), splits)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("accuracy")
+    # Bars reach the top of the axes, so the legend sits above them, outside the axes.
+    fig.legend(loc="outside upper center", ncols=2, title="fine-tuning")
     return _save(fig, path)

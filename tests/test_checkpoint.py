@@ -23,8 +23,9 @@ from minigpt.checkpoint import (
     save_settings,
 )
 from minigpt.config import GPTConfig
+from minigpt.lora import apply_lora
 from minigpt.model import GPTModel
-from minigpt.training import create_optimizer
+from minigpt.optim import create_optimizer
 
 CFG = GPTConfig(vocab_size=64, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0)
 
@@ -55,7 +56,7 @@ def _fresh():
 
 
 def _assert_same_weights(a, b):
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
 
 
@@ -71,7 +72,7 @@ def test_round_trip_restores_weights_optimizer_position_and_random_state(tmp_pat
     assert (state.step, state.epoch, state.batch_in_epoch, state.tokens_seen) == (2, 1, 3, 200)
     assert state.history == {"step_losses": [2.0]}
     _assert_same_weights(model, restored)
-    for p, q in zip(model.parameters(), restored.parameters()):
+    for p, q in zip(model.parameters(), restored.parameters(), strict=True):
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(optimizer.state[p][key], restored_opt.state[q][key])
     assert (torch.rand(3), random.random(), np.random.rand())[1:] == after_save[1:]
@@ -135,7 +136,7 @@ _SAVE_FOREVER = textwrap.dedent("""
     from minigpt.checkpoint import save_checkpoint
     from minigpt.config import GPTConfig
     from minigpt.model import GPTModel
-    from minigpt.training import create_optimizer
+    from minigpt.optim import create_optimizer
     model = GPTModel(GPTConfig(vocab_size=4096, context_length=64, emb_dim=128, n_heads=2, n_layers=2))
     optimizer = create_optimizer(model, lr=1e-3)
     model(torch.zeros(1, 1, dtype=torch.long)).sum().backward()
@@ -216,3 +217,39 @@ def test_missing_checkpoint_and_settings_are_clear_errors(tmp_path):
         load_settings(tmp_path)
     save_settings(tmp_path, {"corpus": "python-docs", "train": {"lr": 0.001}})
     assert load_settings(tmp_path) == {"corpus": "python-docs", "train": {"lr": 0.001}}
+
+
+def _classifier_with_lora(tied: bool):
+    """A language model turned into a 2-class classifier (a smaller, untied head), with
+    LoRA adapters on every linear layer: tensors a plain GPT checkpoint does not have."""
+    model = GPTModel(GPTConfig.from_dict({**CFG.to_dict(), "tie_weights": tied}))
+    if not tied:
+        model.out_head = torch.nn.Linear(CFG.emb_dim, 2)
+    apply_lora(model, rank=2, alpha=4)
+    return model
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_classifier_or_lora_model_round_trips_exactly(tmp_path, tied):
+    torch.manual_seed(0)
+    model = _classifier_with_lora(tied)
+    optimizer = create_optimizer(model, lr=1e-2)
+    for _ in range(2):
+        model(torch.randint(0, 64, (2, 8))).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    _save(tmp_path, model, optimizer, step=2)
+
+    torch.manual_seed(1)
+    restored = _classifier_with_lora(tied)
+    restored_opt = create_optimizer(restored, lr=1e-2)
+    assert load_checkpoint(tmp_path, restored, restored_opt).step == 2
+    _assert_same_weights(model, restored)
+    assert any("lora" in name for name in restored.state_dict())
+    if tied:  # still one shared matrix, not two copies
+        assert restored.out_head.linear.weight is restored.tok_emb.weight
+    x = torch.randint(0, 64, (1, 8))
+    assert torch.equal(model.eval()(x), restored.eval()(x))
+    with pytest.raises(ValueError, match="does not fit the model to resume: missing tensors"):
+        plain = GPTModel(GPTConfig.from_dict({**CFG.to_dict(), "tie_weights": tied}))
+        load_checkpoint(tmp_path, plain, create_optimizer(plain, 1e-2))

@@ -7,12 +7,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minigpt.data import GPTDataset, create_dataloader, tokenize
+from minigpt.files import PACKAGE_DATA_DIR
+from minigpt.tokenizer import get_gpt2_tokenizer
 
 
 @pytest.fixture(scope="module")
-def verdict(data_path) -> str:
-    with open(data_path / "the-verdict.txt", encoding="utf-8") as f:
-        return f.read()
+def verdict() -> str:
+    """The book's text, as shipped with minigpt."""
+    return (PACKAGE_DATA_DIR / "the-verdict.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    """GPT-2's encoding as shipped (test_tokenizer.py checks it against tiktoken's own files);
+    the ids below are the book's."""
+    return get_gpt2_tokenizer()
 
 
 def book_windows(ids, max_length, stride):
@@ -139,8 +148,7 @@ def test_shuffled_epoch_visits_every_window_once(gpt2, verdict):
     assert sorted(map(tuple, seen.tolist())) == sorted(map(tuple, ordered.tolist()))
 
 
-def test_default_tokenizer_is_gpt2(gpt2, verdict):
-    pytest.importorskip("minigpt.tokenizer")
+def test_default_tokenizer_is_gpt2(verdict):
     loader = create_dataloader(verdict, batch_size=1, max_length=4, stride=1, shuffle=False)
     inputs, _ = next(iter(loader))
     assert inputs.tolist() == [[40, 367, 2885, 1464]]

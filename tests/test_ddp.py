@@ -15,8 +15,9 @@ import torch.multiprocessing as mp
 from minigpt.checkpoint import STATE_FILE
 from minigpt.config import GPTConfig
 from minigpt.data import GPTDataset
+from minigpt.distributed import sharded_loader
 from minigpt.model import GPTModel
-from minigpt.training import TrainConfig, sharded_loader, train_model
+from minigpt.training import TrainConfig, train_model
 
 CFG = GPTConfig(vocab_size=96, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)
 TIMEOUT_S = 180

@@ -1,22 +1,14 @@
 """Instruction fine-tuning: the exact Alpaca prompt text, the collate function's ids and
-masks on hand-made batches, data loading errors, response extraction, and the judges
-(one behind a fake HTTP server started here)."""
+masks on hand-made batches (an end-of-text inside a text included), data loading errors,
+response extraction, and a tiny model that learns to answer and to stop."""
 
-import http.server
 import json
-import math
-import threading
 
 import pytest
-import torch
-from torch import nn
 
-from minigpt.cli import main
 from minigpt.config import GPTConfig
 from minigpt.instruction import (
-    HTTPJudge,
     InstructionDataset,
-    ModelJudge,
     TokenizedExample,
     collate_instructions,
     extract_response,
@@ -24,9 +16,7 @@ from minigpt.instruction import (
     format_response,
     generate_response,
     instruction_dataloader,
-    judge_prompt,
     load_instruction_data,
-    parse_score,
     save_responses,
     split_instruction_data,
 )
@@ -37,18 +27,7 @@ from minigpt.training import TrainConfig, train_model
 PAD = 50256
 INTRO = ("Below is an instruction that describes a task. "
          "Write a response that appropriately completes the request.")
-
-
-class CharTokenizer:
-    """One id per character (its code point): token ids a reader can compute by hand."""
-
-    def encode(self, text, allowed_special=()):
-        return [ord(c) for c in text]
-
-    def decode(self, ids):
-        return "".join(map(chr, ids))
-
-
+ENTRY = {"instruction": "Name a color.", "input": "", "output": "Blue."}
 SMALL = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=2,
                   drop_rate=0.0, tie_weights=True)
 
@@ -97,9 +76,26 @@ def test_collate_can_mask_the_prompt_out_of_the_loss():
         collate_instructions([[0, 1, 2]], mask_instruction=True)
 
 
-def test_dataset_tokenizes_prompt_and_response_once():
+def test_collate_keeps_an_end_of_text_inside_a_text_in_the_loss():
+    # Only the targets after the appended end-of-text are padding; one inside a text is a
+    # target like any other, and the appended one still teaches the model to stop.
+    inputs, targets = collate_instructions([[0, 1, 2, 3, 4], [5, PAD, 6]])
+    assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, PAD, 6, PAD, PAD]]
+    assert targets.tolist() == [[1, 2, 3, 4, PAD], [PAD, 6, PAD, -100, -100]]
+
+
+def test_an_end_of_text_in_an_entry_is_one_token_and_stays_graded(char_tokenizer):
+    entry = {"instruction": "Hi", "input": "", "output": "a<|endoftext|>b"}
+    (example,) = InstructionDataset([entry], char_tokenizer)
+    assert example.ids[-3:] == [ord("a"), PAD, ord("b")]
+    _, targets = collate_instructions([example], mask_instruction=True)
+    graded = targets[0][targets[0] != -100].tolist()
+    assert graded[-4:] == [ord("a"), PAD, ord("b"), PAD]
+
+
+def test_dataset_tokenizes_prompt_and_response_once(char_tokenizer):
     entry = {"instruction": "Hi", "input": "", "output": "Yo"}
-    (example,) = InstructionDataset([entry], CharTokenizer())
+    (example,) = InstructionDataset([entry], char_tokenizer)
     prompt = f"{INTRO}\n\n### Instruction:\nHi"
     assert example.ids == [ord(c) for c in prompt + "\n\n### Response:\nYo"]
     assert example.prompt_length == len(prompt)
@@ -108,7 +104,7 @@ def test_dataset_tokenizes_prompt_and_response_once():
 # --- data ----------------------------------------------------------------------------------
 
 
-def test_book_data_splits_935_55_110(data_path):
+def test_book_data_splits_935_55_110(data_dir):
     data = load_instruction_data()
     train, val, test = split_instruction_data(data)
     assert (len(data), len(train), len(val), len(test)) == (1100, 935, 55, 110)
@@ -130,151 +126,39 @@ def test_entry_without_output_is_named_by_its_index(tmp_path):
         load_instruction_data(path)
 
 
-# --- judges --------------------------------------------------------------------------------
-
-ENTRY = {"instruction": "Name a color.", "input": "", "output": "Blue."}
-
-
-@pytest.mark.parametrize(("reply", "score"), [("85", 85), ("Score: 100.", 100), ("0", 0),
-                                              ("I'd say 250", None), ("good", None)])
-def test_parse_score(reply, score):
-    assert parse_score(reply) == score
+def test_twenty_entries_split_17_1_2(data_dir):
+    entries = load_instruction_data()[:20]
+    train, val, test = split_instruction_data(entries)
+    assert (len(train), len(val), len(test)) == (17, 1, 2)
+    assert test == load_instruction_data()[17:19]
 
 
-class FakeChatServer:
-    """A chat endpoint on 127.0.0.1 that records each request and answers ``reply``."""
-
-    def __init__(self, reply: dict):
-        requests = self.requests = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                requests.append((self.path, json.loads(body)))
-                data = json.dumps(reply).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):  # keep the test output clean
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+def test_save_responses_needs_one_score_per_response(tmp_path):
+    responses = [{**ENTRY, "model_response": "Blue"}]
+    with pytest.raises(ValueError, match="2 scores for 1 responses"):
+        save_responses(responses, tmp_path / "r.json", [1, 2])
+    save_responses(responses, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == [{**ENTRY, "model_response": "Blue"}]
 
 
-def test_openai_compatible_judge_sends_the_rating_prompt_and_parses_the_score():
-    reply = {"choices": [{"message": {"role": "assistant", "content": "92"}}]}
-    with FakeChatServer(reply) as server:
-        judge = HTTPJudge(f"{server.url}/v1/chat/completions", model="judge-model", timeout=5)
-        assert judge(ENTRY, "Blue") == 92
-    ((path, body),) = server.requests
-    assert path == "/v1/chat/completions"
-    assert body == {"model": "judge-model", "temperature": 0,
-                    "messages": [{"role": "user", "content": judge_prompt(ENTRY, "Blue")}]}
-    assert "score the model response `Blue` on a scale from 0 to 100" in body["messages"][0]["content"]
+# --- training and answering ----------------------------------------------------------------
 
 
-def test_ollama_judge_uses_the_native_chat_format():
-    with FakeChatServer({"message": {"role": "assistant", "content": "Score: 40"}}) as server:
-        assert HTTPJudge(f"{server.url}/api/chat", model="llama3", timeout=5)(ENTRY, "Red") == 40
-    ((path, body),) = server.requests
-    assert path == "/api/chat" and body["stream"] is False and body["options"]["temperature"] == 0
-
-
-def test_unreachable_judge_is_a_connection_error():
-    with FakeChatServer({}) as server:
-        url = server.url
-    with pytest.raises(ConnectionError, match="did not answer"):
-        HTTPJudge(f"{url}/api/chat", timeout=2)(ENTRY, "Red")
-
-
-class FixedLogits(nn.Module):
-    """Stands in for a GPTModel: the next-token logits are ``logits`` whatever the prompt."""
-
-    def __init__(self, logits):
-        super().__init__()
-        self.cfg = GPTConfig(context_length=64, emb_dim=8, n_heads=1, n_layers=1)
-        self.logits = logits
-        self.device = torch.device("cpu")
-
-    def forward(self, ids):
-        return self.logits.expand(ids.shape[0], ids.shape[1], -1)
-
-
-def test_model_judge_scores_the_probability_weighted_number(data_path):
-    tokenizer = get_gpt2_tokenizer()
-    logits = torch.full((50257,), -1e4)
-    logits[tokenizer.encode("80")] = 5.0  # equally likely: 80 and 90, and nothing else
-    logits[tokenizer.encode("90")] = 5.0
-    logits[tokenizer.encode("The")] = 50.0  # not a number: ignored
-    assert ModelJudge(FixedLogits(logits), tokenizer)(ENTRY, "Blue") == pytest.approx(85.0)
-
-
-# --- training, answering, the command line -------------------------------------------------
-
-
-def test_trained_model_answers_its_instructions_and_stops(data_path, tmp_path, one_thread):
+def test_trained_model_answers_its_instructions_and_stops(tmp_path, one_thread):
     entries = [{"instruction": "Name a primary color.", "input": "", "output": "Red is a primary color."},
                {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour."}]
     tokenizer = get_gpt2_tokenizer()
     loader = instruction_dataloader(entries, tokenizer, batch_size=2, shuffle=True)
     model = GPTModel(SMALL)
-    config = TrainConfig(max_steps=50, lr=1e-2, min_lr=1e-2, warmup_steps=0, eval_every=50)
+    # float32 pinned: bfloat16 (what "auto" picks on CPUs with fast bfloat16) learns another answer.
+    config = TrainConfig(max_steps=50, lr=1e-2, min_lr=1e-2, warmup_steps=0, eval_every=50, precision="float32")
     history = train_model(model, loader, loader, config, device="cpu", progress=False)
     assert history.train_losses[-1] < 0.2
     # The answer ends where the model emits <|endoftext|>, which it learned from the one kept pad.
     answers = [generate_response(model, entry, tokenizer, max_new_tokens=20) for entry in entries]
     assert answers == ["Red is a primary color.", "Bonjour."]
-    save_responses([{**e, "model_response": a} for e, a in zip(entries, answers)], tmp_path / "r.json", [90, None])
+    save_responses([{**e, "model_response": a} for e, a in zip(entries, answers, strict=True)],
+                   tmp_path / "r.json", [90, None])
     assert json.loads((tmp_path / "r.json").read_text())[1] == {
         "instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour.",
         "model_response": "Bonjour.", "score": None}
-
-
-def cli_run(model_dir, out, *extra):
-    return main(["finetune", "instruct", "--model", str(model_dir), "--subset", "20", "--epochs", "1",
-                 "--lr", "1e-3", "--max-new-tokens", "3", "--output", str(out), "--device", "cpu", *extra])
-
-
-def test_cli_without_a_judge_says_so_and_reports_loss_and_perplexity(data_path, tmp_path, capsys, one_thread):
-    GPTModel(SMALL).save_pretrained(tmp_path / "base")
-    assert cli_run(tmp_path / "base", tmp_path / "run") == 0
-    out = capsys.readouterr().out
-    assert "no judge given (--judge-model or --judge-url)" in out
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["examples"] == {"train": 17, "val": 1, "test": 2}
-    assert metrics["judge_score"] is None
-    assert metrics["test_perplexity"] == pytest.approx(math.exp(metrics["test_loss"]))
-    assert f"perplexity {metrics['test_perplexity']:,.1f}" in out
-    responses = json.loads((tmp_path / "run" / "responses.json").read_text())
-    assert [r["output"] for r in responses] == [e["output"] for e in load_instruction_data()[17:19]]
-    assert GPTModel.from_pretrained(tmp_path / "run").cfg == SMALL
-
-
-def test_cli_scores_the_answers_with_an_http_judge(data_path, tmp_path, capsys, one_thread):
-    GPTModel(SMALL).save_pretrained(tmp_path / "base")
-    with FakeChatServer({"message": {"role": "assistant", "content": "75"}}) as server:
-        code = cli_run(tmp_path / "base", tmp_path / "run", "--judge-url", f"{server.url}/api/chat")
-    assert code == 0 and len(server.requests) == 2
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["judge_score"] == 75
-    assert "judge score 75.0 / 100 over 2 of 2 responses" in capsys.readouterr().out
-
-
-def test_cli_names_the_malformed_entry(tmp_path, capsys):
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c"}]))
-    assert main(["finetune", "instruct", "--model", "tiny", "--data", str(data), "--output", str(tmp_path)]) == 2
-    assert "entry 1 has no 'output' field" in capsys.readouterr().err

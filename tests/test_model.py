@@ -7,7 +7,7 @@ import torch
 
 from minigpt.config import PRESETS, GPTConfig
 from minigpt.layers import GELU, FeedForward, LayerNorm, TransformerBlock
-from minigpt.model import GPTModel
+from minigpt.model import GPTModel, evaluating
 
 SMALL = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 
@@ -138,7 +138,13 @@ def test_tied_weights_share_one_tensor():
     model = GPTModel(GPTConfig(**{**SMALL.to_dict(), "tie_weights": True}))
     assert model.out_head.weight is model.tok_emb.weight
     assert model.out_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
-    assert not GPTModel(SMALL).out_head.weight is GPTModel(SMALL).tok_emb.weight
+    with torch.no_grad():  # one tensor: writing the embedding writes the output head
+        model.tok_emb.weight[3].fill_(1.0)
+    assert torch.equal(model.out_head.weight[3], torch.ones(32))
+    untied = GPTModel(SMALL)
+    assert untied.out_head.weight is not untied.tok_emb.weight
+    assert untied.out_head.weight.data_ptr() != untied.tok_emb.weight.data_ptr()
+    assert model.num_parameters() == untied.num_parameters() - 97 * 32
 
 
 def test_fast_and_explicit_attention_give_the_same_logits():
@@ -182,3 +188,23 @@ def test_float_input_is_a_clear_type_error():
 def test_one_dimensional_input_suggests_a_batch_dimension():
     with pytest.raises(ValueError, match="unsqueeze"):
         GPTModel(SMALL)(torch.zeros(4, dtype=torch.long))
+
+
+# --- evaluating ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluating_switches_off_dropout_and_restores_the_mode(training):
+    model = GPTModel(GPTConfig(**{**SMALL.to_dict(), "drop_rate": 0.5})).train(training)
+    ids = torch.randint(0, 97, (2, 8))
+    with evaluating(model) as inside:
+        assert inside is model
+        assert not any(m.training for m in model.modules())
+        assert torch.equal(model(ids), model(ids))  # no dropout: the same logits twice
+    assert all(m.training is training for m in model.modules())
+
+
+def test_evaluating_restores_the_mode_after_an_error():
+    model = GPTModel(SMALL).train()
+    with pytest.raises(ValueError, match="exceed context_length"), evaluating(model):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    assert model.training

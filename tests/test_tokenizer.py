@@ -1,77 +1,63 @@
-"""Tokenizers: the book's word-level examples, and our BPE checked against tiktoken."""
+"""Word-level tokenizers (the book's examples) and GPT-2's tiktoken encoding, offline."""
 
-import json
-import unicodedata
-from collections import Counter
+import shutil
+import socket
+import urllib.error
+import urllib.request
 
 import pytest
-import regex
 import tiktoken
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+import tiktoken.load
 
+from minigpt import files
+from minigpt.files import PACKAGE_DATA_DIR, ChecksumError, cache_dir
 from minigpt.tokenizer import (
     ENDOFTEXT,
-    GPT2_SPLIT_PATTERN,
+    ENDOFTEXT_ID,
+    PAD_TOKEN_ID,
     UNK,
-    BPETokenizer,
     SimpleTokenizerV1,
     SimpleTokenizerV2,
     UnknownTokenError,
-    _merge,
     build_vocab,
     get_gpt2_tokenizer,
 )
 
-# The autouse fixtures of conftest.py only set environment variables, which need no reset
-# between the examples of one test.
-PROPERTY = settings(max_examples=300, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-BOOK_TEXT = """"It's the last he painted, you know," 
-           Mrs. Gisburn said with pardonable pride."""
+BOOK_TEXT = '"It\'s the last he painted, you know," \n           Mrs. Gisburn said with pardonable pride.'
 EXPECTED_IDS = [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262, 4252, 18250,
                 8812, 2114, 286, 617, 34680, 27271, 13]
 EXPECTED_TEXT = "Hello, do you like tea? <|endoftext|> In the sunlit terraces of someunknownPlace."
 
-# Every character the running Python's Unicode database knows (no unassigned code points,
-# no surrogates, which are not valid text).
-ASSIGNED = st.characters(exclude_categories=("Cn", "Cs"))
-# Pieces where GPT-2's pre-tokenizer has special cases or tends to go wrong.
-FRAGMENTS = [
-    " ", "  ", "   ", "\n", "\n\n", "\t", "\r\n", " \n ", "\u00a0", "\u3000", "\u2028", "\x0b",
-    "\x1c", "'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", "\u2019s", "'",
-    "0", "7", "123", "3.14", "1,000", "\u0663", "\u00bd", "\u00b2", "\u216b",
-    "a", "the", " the", "Hello", "HELLO", "don", "caf\u00e9", "cafe\u0301", "na\u00efve",
-    "\U0001f600", "\U0001f44d\U0001f3fd", "\U0001f468\u200d\U0001f469\u200d\U0001f467",
-    "\U0001f1eb\U0001f1f7", "中文", "日本語", "한국어", "Привет", "مرحبا", "שלום", "हिन्दी",
-    "ไทย", ".", ",", "!?", "...", "--", "\u2014", "<|", "|>", ENDOFTEXT, "\\", "$", "@", "_",
-    "\x00", "\x7f", "\ufffd", "\ufeff",
-]
-TRICKY_TEXT = st.lists(
-    st.one_of(st.sampled_from(FRAGMENTS), st.text(ASSIGNED, max_size=4)), max_size=30
-).map("".join)
-
 
 @pytest.fixture(scope="module")
-def verdict(data_path):
-    return (data_path / "the-verdict.txt").read_text(encoding="utf-8")
+def verdict():
+    return (PACKAGE_DATA_DIR / "the-verdict.txt").read_text(encoding="utf-8")
 
 
-@pytest.fixture(scope="module")
-def gpt2(data_path):
-    return BPETokenizer.from_gpt2_files(data_path / "gpt2" / "encoder.json",
-                                        data_path / "gpt2" / "vocab.bpe")
+@pytest.fixture
+def shipped_copy(tmp_path, monkeypatch):
+    """A copy of the package's data folder that the test may damage."""
+    copy = tmp_path / "package_data"
+    shutil.copytree(PACKAGE_DATA_DIR / "gpt2", copy / "gpt2")
+    monkeypatch.setattr(files, "PACKAGE_DATA_DIR", copy)
+    return copy
 
 
-@pytest.fixture(scope="module")
-def reference():
-    return get_gpt2_tokenizer()
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every way out is closed: sockets, urllib and tiktoken's own download."""
+    def refuse(*args, **kwargs):
+        raise OSError("network is unreachable (blocked by the test)")
 
+    def refuse_url(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable (blocked by the test)")
 
-@pytest.fixture(scope="module")
-def trained(verdict):
-    return BPETokenizer().train(verdict, vocab_size=500)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse_url)
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: pytest.fail("went to tiktoken's download"))
+    monkeypatch.setattr(tiktoken.load, "read_file", lambda path: pytest.fail(f"tiktoken read {path}"))
+
 
 
 # -- word-level tokenizers: the book's numbers ----------------------------------------------
@@ -134,232 +120,67 @@ def test_word_level_decode_of_an_unknown_id_names_it(verdict, cls):
         tokenizer.decode([1, 5000])
 
 
-# -- GPT-2's BPE: our encoder against tiktoken ----------------------------------------------
+# -- GPT-2's encoding: shipped, offline, verified -------------------------------------------
 
 
-def test_get_gpt2_tokenizer_gives_gpt2_ids(reference):
+def test_endoftext_is_the_padding_id():
+    assert ENDOFTEXT == "<|endoftext|>"
+    assert PAD_TOKEN_ID == ENDOFTEXT_ID == 50256 == get_gpt2_tokenizer().eot_token
+
+
+def test_get_gpt2_tokenizer_gives_gpt2_ids():
+    reference = get_gpt2_tokenizer()
     assert reference.encode(EXPECTED_TEXT, allowed_special={ENDOFTEXT}) == EXPECTED_IDS
     assert reference.n_vocab == 50257
 
 
-def test_get_gpt2_tokenizer_works_from_the_download_cache(data_path, tmp_path, monkeypatch):
-    # Without a data folder the files come from minigpt's cache, not from tiktoken's download
-    monkeypatch.delenv("MINIGPT_DATA_DIR")
-    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path))
-    (tmp_path / "gpt2").mkdir()
-    for name in ("encoder.json", "vocab.bpe"):
-        (tmp_path / "gpt2" / name).write_bytes((data_path / "gpt2" / name).read_bytes())
-    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: pytest.fail("went to tiktoken"))
+def test_get_gpt2_tokenizer_works_offline_with_no_data_dir(no_network, tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
     encoding = get_gpt2_tokenizer.__wrapped__()  # bypass the cached result
     assert encoding.encode(EXPECTED_TEXT, allowed_special={ENDOFTEXT}) == EXPECTED_IDS
+    assert not (tmp_path / "tiktoken-cache").exists()  # tiktoken kept no copy of the files
+    assert not cache_dir().exists()  # and nothing was downloaded
 
 
-def test_from_gpt2_files_gives_gpt2_ids(gpt2):
-    assert gpt2.encode(EXPECTED_TEXT, allowed_special={ENDOFTEXT}) == EXPECTED_IDS
-    assert gpt2.vocab_size == 50257
+def test_get_gpt2_tokenizer_equals_tiktoken_s_own_file(gpt2, verdict):
+    # The reference comes from tiktoken's r50k_base file in the data folder: another file format.
+    ours = get_gpt2_tokenizer()
+    assert [ours.decode_single_token_bytes(i) for i in range(50257)] == \
+        [gpt2.decode_single_token_bytes(i) for i in range(50257)]
+    sample = verdict + ENDOFTEXT + EXPECTED_TEXT + " Zürich, 東京 😀 \u2028  \t\n"
+    assert ours.encode(sample, allowed_special="all") == gpt2.encode(sample, allowed_special="all")
 
 
-def test_the_verdict_encodes_exactly_like_tiktoken(gpt2, reference, verdict):
-    ids = gpt2.encode(verdict)
-    assert len(ids) == 5145
-    assert ids == reference.encode_ordinary(verdict)
-
-
-@pytest.mark.parametrize("unicode_class", [r"\p{L}", r"\p{N}", r"\s"])
-def test_pre_tokenizer_classes_agree_with_tiktoken_on_every_assigned_character(unicode_class):
-    """Letters, digits and spaces decide where pre-tokens end, so all three must agree.
-
-    A probe encoding knows one merge, "ZZ", and its pattern keeps "ZZ" together only when
-    the next character is in the class: tiktoken's answer for a character is whether
-    "ZZ" followed by it starts with the merged id.
-    """
-    probe = tiktoken.Encoding(
-        name="probe", pat_str=rf"ZZ(?={unicode_class})|[\s\S]",
-        mergeable_ranks={**{bytes([b]): b for b in range(256)}, b"ZZ": 256}, special_tokens={},
+def test_get_gpt2_tokenizer_has_the_ranks_of_tiktoken_s_loader(tmp_path, monkeypatch):
+    # tiktoken's own reading of encoder.json + vocab.bpe (which also checks the merges).
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(PACKAGE_DATA_DIR / "gpt2" / "vocab.bpe"),
+        encoder_json_file=str(PACKAGE_DATA_DIR / "gpt2" / "encoder.json"),
     )
-    ours = regex.compile(unicode_class)
-    disagree = [
-        hex(cp) for cp in range(0x110000)
-        if unicodedata.category(char := chr(cp)) not in ("Cn", "Cs")
-        and (probe.encode_ordinary("ZZ" + char)[0] == 256) != bool(ours.fullmatch(char))
-    ]
-    assert disagree == []
+    ours = get_gpt2_tokenizer()
+    assert {ours.decode_single_token_bytes(i): i for i in range(50256)} == ranks
 
 
-@PROPERTY
-@given(text=st.text(ASSIGNED))
-def test_any_text_encodes_exactly_like_tiktoken(gpt2, reference, text):
-    assert gpt2.encode(text) == reference.encode(text, disallowed_special=())
+def test_a_tampered_shipped_file_is_refused(shipped_copy):
+    encoder = shipped_copy / "gpt2" / "encoder.json"
+    encoder.write_text(encoder.read_text(encoding="utf-8").replace('"Hello": 15496', '"Hello": 15497'),
+                       encoding="utf-8")
+    with pytest.raises(ChecksumError, match=r"gpt2/encoder\.json.*reinstall minigpt"):
+        get_gpt2_tokenizer.__wrapped__()
 
 
-@PROPERTY
-@given(text=TRICKY_TEXT)
-def test_tricky_text_encodes_exactly_like_tiktoken(gpt2, reference, text):
-    assert gpt2.encode(text) == reference.encode(text, disallowed_special=())
-    assert gpt2.encode(text, allowed_special="all") == reference.encode(text, allowed_special="all")
+def test_the_data_dir_is_searched_first(tmp_path, monkeypatch):
+    # A wrong copy there is refused, which shows that it was looked at before the shipped one.
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "encoder.json").write_text("{}", encoding="utf-8")
+    monkeypatch.setenv("MINIGPT_DATA_DIR", str(tmp_path))
+    with pytest.raises(ChecksumError, match=r"encoder\.json in the data folder"):
+        get_gpt2_tokenizer.__wrapped__()
 
 
-@PROPERTY
-@given(text=TRICKY_TEXT | st.text(ASSIGNED))
-def test_decode_inverts_encode(gpt2, text):
-    assert gpt2.decode(gpt2.encode(text)) == text
-    assert gpt2.decode(gpt2.encode(text, allowed_special="all")) == text
-
-
-@PROPERTY
-@given(ids=st.lists(st.integers(0, 50256), max_size=40))
-def test_decode_of_any_ids_matches_tiktoken(gpt2, reference, ids):
-    assert gpt2.decode(ids) == reference.decode(ids)
-
-
-def test_decode_replaces_a_partial_character(gpt2):
-    ids = gpt2.encode("😀")  # four UTF-8 bytes in two tokens
-    assert len(ids) == 2
-    assert gpt2.decode(ids[:1]) == "\ufffd"
-    assert gpt2.decode(ids) == "😀"
-
-
-@pytest.mark.parametrize("bad_id", [50257, -1])
-def test_decode_of_an_id_outside_the_vocabulary_names_it(gpt2, bad_id):
-    with pytest.raises(ValueError, match=f"token id {bad_id} .* 50257 ids"):
-        gpt2.decode([464, bad_id])
-
-
-def test_endoftext_is_special_only_when_allowed(gpt2, reference):
-    assert gpt2.encode(ENDOFTEXT, allowed_special={ENDOFTEXT}) == [50256]
-    assert gpt2.encode(ENDOFTEXT, allowed_special="all") == [50256]
-    # Not allowed: plain text, as tiktoken's disallowed_special=() (tiktoken itself would raise)
-    plain = gpt2.encode(ENDOFTEXT)
-    assert plain == reference.encode(ENDOFTEXT, disallowed_special=()) == [27, 91, 437, 1659, 5239, 91, 29]
-    with pytest.raises(ValueError):
-        reference.encode(ENDOFTEXT)
-
-
-def test_allowing_an_unknown_special_token_is_an_error(gpt2):
-    with pytest.raises(ValueError, match="<\\|fim_prefix\\|>"):
-        gpt2.encode("x", allowed_special={"<|fim_prefix|>"})
-
-
-def test_gpt2_tokenizer_survives_save_and_load(gpt2, verdict, tmp_path):
-    path = tmp_path / "gpt2.json"
-    gpt2.save(path)
-    loaded = BPETokenizer.load(path)
-    assert (loaded.vocab, loaded.merges, loaded.special_tokens) == \
-        (gpt2.vocab, gpt2.merges, gpt2.special_tokens)
-    assert loaded.encode(verdict) == gpt2.encode(verdict)
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    assert saved["vocab"]["\u0120the"] == 262  # readable: " the" is written "Ġthe"
-    assert saved["merges"][0] == "\u0120 t"
-
-
-# -- training our own BPE -------------------------------------------------------------------
-
-
-def test_training_merges_the_most_frequent_pair_first():
-    # Wikipedia's example: "aa" occurs 4 times and becomes Z; then "Za" and "ab" tie at 2
-    # and the pair of smaller ids, "ab", becomes Y; then "ZY" occurs twice.
-    tokenizer = BPETokenizer().train("aaabdaaabac", vocab_size=259, allowed_special=set())
-    a, b = ord("a"), ord("b")
-    assert list(tokenizer.merges.items()) == [((a, a), 256), ((a, b), 257), ((256, 257), 258)]
-    assert tokenizer.vocab[258] == b"aaab"
-    assert tokenizer.encode("aaabdaaabac") == [258, ord("d"), 258, a, ord("c")]
-
-
-def naive_merges(text, n_merges):
-    """Training the slow, obvious way: recount every pair of every pre-token at each step."""
-    words = [list(piece.encode("utf-8")) for piece in regex.findall(GPT2_SPLIT_PATTERN, text)]
-    merges = []
-    for new_id in range(256, 256 + n_merges):
-        counts = Counter(pair for ids in words for pair in zip(ids, ids[1:]))
-        best = max(counts.values())
-        pair = min(pair for pair, n in counts.items() if n == best)
-        merges.append(pair)
-        words = [_merge(ids, pair, new_id) for ids in words]
-    return merges
-
-
-def test_training_learns_the_same_merges_as_recounting_everything(verdict):
-    tokenizer = BPETokenizer().train(verdict, vocab_size=256 + 200, allowed_special=set())
-    assert list(tokenizer.merges) == naive_merges(verdict, 200)
-
-
-def test_every_token_is_built_by_its_merges(gpt2, trained):
-    # Encoding takes a shortcut (a piece that is a token is that token); merging alone
-    # must reach the same answer, or the shortcut would change the ids.
-    for tokenizer in (gpt2, trained):
-        assert [i for i, token in tokenizer.vocab.items() if tokenizer._bpe(token) != [i]] == []
-
-
-def test_training_never_merges_across_pre_tokens():
-    # 267 = 256 bytes + all 10 possible merges + <|endoftext|>
-    tokenizer = BPETokenizer().train("hello, world. " * 50, vocab_size=267)
-    learned = [token for token in tokenizer.vocab.values() if len(token) > 1]
-    assert b" world" in learned and b"hello" in learned
-    assert not [token for token in learned if b"," in token or b"." in token or token.endswith(b" ")]
-
-
-def test_trained_tokenizer_has_the_requested_size_and_round_trips(trained, verdict):
-    assert trained.vocab_size == 500
-    assert trained.special_tokens == {ENDOFTEXT: 499}
-    ids = trained.encode(verdict)
-    assert trained.decode(ids) == verdict
-    assert len(ids) < len(verdict.encode("utf-8")) / 2  # the merges compress the text it saw
-
-
-@settings(PROPERTY, max_examples=100)
-@given(text=TRICKY_TEXT | st.text(ASSIGNED))
-def test_trained_tokenizer_round_trips_any_text(trained, text):
-    assert trained.decode(trained.encode(text, allowed_special="all")) == text
-
-
-def test_special_tokens_in_the_training_text_stay_whole():
-    documents = [f"story number {i} ends here." for i in range(100)]
-    text = ENDOFTEXT.join(documents)
-    tokenizer = BPETokenizer().train(text, vocab_size=320)
-    assert not [token for token in tokenizer.vocab.values() if b"endoftext" in token]
-    ids = tokenizer.encode(text, allowed_special={ENDOFTEXT})
-    assert ids.count(tokenizer.special_tokens[ENDOFTEXT]) == 99
-    assert tokenizer.decode(ids) == text
-
-
-def test_vocab_size_must_leave_room_for_bytes_and_specials():
-    with pytest.raises(ValueError, match="at least 257"):
-        BPETokenizer().train("some text", vocab_size=256)
-    assert BPETokenizer().train("some text", vocab_size=256, allowed_special=set()).merges == {}
-
-
-def test_training_warns_when_the_text_runs_out_of_pairs():
-    with pytest.warns(UserWarning, match="no more pairs"):
-        tokenizer = BPETokenizer().train("ab", vocab_size=300)
-    assert tokenizer.vocab_size == 258  # 256 bytes, "ab", <|endoftext|>
-
-
-def test_trained_tokenizer_survives_save_and_load(trained, verdict, tmp_path):
-    path = tmp_path / "tokenizer.json"
-    trained.save(path)
-    loaded = BPETokenizer.load(path)
-    assert (loaded.vocab, loaded.merges, loaded.special_tokens) == \
-        (trained.vocab, trained.merges, trained.special_tokens)
-    text = verdict + ENDOFTEXT + "Unseen words: Zürich, 東京 😀"
-    assert loaded.encode(text, allowed_special="all") == trained.encode(text, allowed_special="all")
-
-
-def test_load_rejects_files_in_another_format(data_path):
-    with pytest.raises(ValueError, match="not a minigpt BPE tokenizer"):
-        BPETokenizer.load(data_path / "gpt2" / "encoder.json")
-
-
-def test_without_local_files_or_network_the_error_says_how_to_fix_it(monkeypatch):
-    import minigpt.tokenizer as tok
-
-    def offline(*args, **kwargs):
-        raise ConnectionError("no network")
-
-    monkeypatch.setattr(tok, "gpt2_bpe_files", offline)
-    monkeypatch.setattr(tok.tiktoken, "get_encoding", offline)
-    tok.get_gpt2_tokenizer.cache_clear()
-    try:
-        with pytest.raises(ConnectionError, match="set MINIGPT_DATA_DIR"):
-            tok.get_gpt2_tokenizer()
-    finally:
-        tok.get_gpt2_tokenizer.cache_clear()  # later tests get the real encoding again
+def test_without_shipped_files_or_network_the_error_says_how_to_fix_it(shipped_copy, no_network):
+    shutil.rmtree(shipped_copy / "gpt2")  # a damaged installation
+    with pytest.raises(ConnectionError, match="place a copy of .*encoder.json at FOLDER/gpt2/encoder.json "
+                                              "and set MINIGPT_DATA_DIR=FOLDER"):
+        get_gpt2_tokenizer.__wrapped__()

@@ -1,36 +1,30 @@
-"""Training: the loss functions, AdamW groups, the schedule, and the loop's promises
-(bit-exact repetition, exact resume, NaN stop), plus `minigpt pretrain`/`eval` end to end."""
+"""Training: AdamW groups, the schedule, and the loop's promises (bit-exact repetition,
+exact resume, also after Ctrl-C, NaN stop, evaluation over every window, float32 by default
+on every CPU), plus `minigpt pretrain`/`eval` end to end."""
 
 import json
 import math
+import os
 import random
+import signal
 import warnings
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
+import minigpt.training as training
 from minigpt.checkpoint import load_checkpoint
 from minigpt.cli import main
 from minigpt.config import GPTConfig
 from minigpt.data import GPTDataset
-from minigpt.model import GPTModel
+from minigpt.distributed import sharded_loader
+from minigpt.losses import calc_loss_loader, next_token_loss
+from minigpt.model import GPTModel, evaluating
+from minigpt.optim import create_optimizer, lr_at_step, param_groups
 from minigpt.plots import plot_losses, plot_lr
-from minigpt.training import (
-    TrainConfig,
-    calc_loss_batch,
-    calc_loss_loader,
-    create_optimizer,
-    lr_at_step,
-    next_token_loss,
-    param_groups,
-    perplexity,
-    resolve_precision,
-    select_device,
-    sharded_loader,
-    train_model,
-)
+from minigpt.runtime import default_precision, resolve_precision
+from minigpt.training import History, TrainConfig, TrainingInterrupted, train_model
 
 CFG = GPTConfig(vocab_size=96, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)
 
@@ -68,42 +62,6 @@ def _train(config: TrainConfig | None = None, model_seed: int = 0, batch_size: i
     return model, history
 
 
-# ----------------------------------------------------------------------- loss functions
-
-
-def test_calc_loss_batch_is_cross_entropy_over_every_position():
-    model = GPTModel(CFG).eval()
-    inputs, targets = torch.randint(0, 96, (2, 16)), torch.randint(0, 96, (2, 16))
-    logits = model(inputs)
-    expected = F.cross_entropy(logits.reshape(-1, 96), targets.reshape(-1))
-    assert torch.allclose(calc_loss_batch(inputs, targets, model, "cpu"), expected)
-
-
-def test_calc_loss_batch_ignores_targets_of_minus_100():
-    model = GPTModel(CFG).eval()
-    inputs, targets = torch.randint(0, 96, (1, 16)), torch.randint(0, 96, (1, 16))
-    masked = targets.clone()
-    masked[0, 5:] = -100
-    logits = model(inputs)
-    expected = F.cross_entropy(logits[0, :5], targets[0, :5])
-    assert torch.allclose(calc_loss_batch(inputs, masked, model, "cpu"), expected)
-
-
-def test_calc_loss_loader_averages_the_first_batches_and_is_nan_when_empty():
-    model = GPTModel(CFG).eval()
-    _, val = _loaders(batch_size=2)
-    batches = list(val)[:3]
-    expected = sum(calc_loss_batch(x, y, model, "cpu").item() for x, y in batches) / 3
-    assert calc_loss_loader(val, model, "cpu", num_batches=3) == pytest.approx(expected)
-    assert math.isnan(calc_loss_loader([], model, "cpu"))
-
-
-def test_perplexity():
-    assert perplexity(0.0) == 1.0
-    assert perplexity(math.log(50257)) == pytest.approx(50257)
-    assert perplexity(1e6) == math.inf
-
-
 # -------------------------------------------------------------- optimizer and schedule
 
 
@@ -134,7 +92,9 @@ def test_frozen_parameters_are_left_out_of_the_optimizer():
 
 
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_floor():
-    lr = lambda step: lr_at_step(step, max_lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    def lr(step):
+        return lr_at_step(step, max_lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+
     assert lr(0) == pytest.approx(1e-4)     # 1/10 of the peak
     assert lr(4) == pytest.approx(5e-4)     # 5/10
     assert lr(9) == pytest.approx(1e-3)     # warm-up done
@@ -151,6 +111,8 @@ def test_history_records_the_schedule_and_evaluations():
     assert history.lrs == [lr_at_step(s, 1e-2, 1e-3, 2, 8) for s in range(8)]
     assert len(history.step_losses) == len(history.grad_norms) == 8
     assert history.val_losses[-1] < history.val_losses[0]
+    assert history.precision == "float32"
+    assert History.from_dict(json.loads(json.dumps(history.to_dict()))) == history
 
 
 # ------------------------------------------------------------------ the loop's promises
@@ -172,12 +134,12 @@ def test_resumed_run_repeats_the_uninterrupted_one_exactly(tmp_path):
 
     calls = 0
 
-    def crash_in_step_6(batch, model, device):
+    def crash_in_step_6(model, batch):
         nonlocal calls
         calls += model.training
         if calls == 11:
             raise KeyboardInterrupt  # the process dies mid-step
-        return next_token_loss(batch, model, device)
+        return next_token_loss(model, batch)
 
     with pytest.raises(KeyboardInterrupt):
         _train(run_dir=tmp_path / "cut", loss_fn=crash_in_step_6)
@@ -188,17 +150,76 @@ def test_resumed_run_repeats_the_uninterrupted_one_exactly(tmp_path):
     assert resumed.step_losses == full.step_losses
     assert resumed.val_losses == full.val_losses
     assert resumed.tokens_seen == full.tokens_seen
-    for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values()):
+    for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def _press_ctrl_c_in_step(step: int, grad_accum: int = 2, signum: int = signal.SIGINT):
+    """A loss function that sends ``signum`` to this very process during the first
+    micro-batch of optimizer step ``step``, as a Ctrl-C in the terminal would."""
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += model.training
+        if calls["n"] == (step - 1) * grad_accum + 1:
+            os.kill(os.getpid(), signum)
+        return next_token_loss(model, batch)
+
+    return loss_fn, calls
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_finishes_the_step_saves_and_the_resumed_run_repeats_the_uninterrupted_one(tmp_path, signum, code):
+    full_model, full = _train(run_dir=tmp_path / "full")
+    handler = signal.getsignal(signum)
+    loss_fn, calls = _press_ctrl_c_in_step(3, signum=signum)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _train(run_dir=tmp_path / "cut", loss_fn=loss_fn)
+    assert (stopped.value.step, stopped.value.run_dir, stopped.value.exit_code) == (3, tmp_path / "cut", code)
+    assert calls["n"] == 6  # both micro-batches of step 3, and nothing after it
+    assert signal.getsignal(signum) is handler  # the usual Ctrl-C is back
+    restored = GPTModel(CFG)
+    assert load_checkpoint(tmp_path / "cut", restored, create_optimizer(restored, 1e-3)).step == 3
+
+    torch.manual_seed(999), random.seed(999), np.random.seed(999)  # a new process
+    resumed_model, resumed = _train(run_dir=tmp_path / "cut", resume=True, model_seed=5)
+    assert resumed == full  # every loss, learning rate, gradient norm and evaluation, bit for bit
+    for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_second_ctrl_c_during_the_save_is_ignored_until_the_save_is_complete(tmp_path, monkeypatch):
+    real_save = training.save_checkpoint
+
+    def save_while_pressed_again(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the impatient second Ctrl-C
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(training, "save_checkpoint", save_while_pressed_again)
+    loss_fn, _ = _press_ctrl_c_in_step(1)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        _train(run_dir=tmp_path, loss_fn=loss_fn)
+    assert stopped.value.step == 1
+    restored = GPTModel(CFG)
+    state = load_checkpoint(tmp_path, restored, create_optimizer(restored, 1e-3))
+    assert state.step == 1 and len(state.history["step_losses"]) == 1
+
+
+def test_ctrl_c_without_a_run_dir_stops_after_the_step_and_says_nothing_was_saved():
+    loss_fn, calls = _press_ctrl_c_in_step(2)
+    with pytest.raises(TrainingInterrupted, match="after step 2; nothing was saved") as stopped:
+        _train(loss_fn=loss_fn)
+    assert stopped.value.run_dir is None and calls["n"] == 4
+    assert isinstance(stopped.value, KeyboardInterrupt)  # code that knows only Ctrl-C still stops
 
 
 def test_nan_loss_stops_naming_the_step_after_saving_the_last_good_weights(tmp_path):
     calls = 0
 
-    def nan_in_step_5(batch, model, device):
+    def nan_in_step_5(model, batch):
         nonlocal calls
         calls += model.training
-        loss = next_token_loss(batch, model, device)
+        loss = next_token_loss(model, batch)
         return loss * float("nan") if calls == 5 else loss
 
     model = GPTModel(CFG)
@@ -208,7 +229,7 @@ def test_nan_loss_stops_naming_the_step_after_saving_the_last_good_weights(tmp_p
     restored = GPTModel(CFG)
     state = load_checkpoint(tmp_path, restored, create_optimizer(restored, 1e-3))
     assert state.step == 4 and len(state.history["step_losses"]) == 4
-    for a, b in zip(model.state_dict().values(), restored.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), restored.state_dict().values(), strict=True):
         assert torch.equal(a, b) and torch.isfinite(b).all()  # the update of step 5 was not applied
 
 
@@ -237,25 +258,62 @@ def test_bfloat16_autocast_trains_close_to_float32():
     assert bf16.step_losses == pytest.approx(fp32.step_losses, rel=0.02)
 
 
-# ------------------------------------------------------------------- devices, precision
+def test_evaluation_never_drops_a_short_last_batch():
+    n = CFG.context_length
+    train, _ = _loaders()
+    val = sharded_loader(GPTDataset(_ids(3, seed=2), max_length=n, stride=n), 4, shuffle=False)
+    assert len(val) == 1  # 3 windows: fewer than the batch size of 4
+    torch.manual_seed(0)
+    model = GPTModel(CFG)
+    history = train_model(model, train, val, _config(max_steps=2, eval_iter=None), device="cpu", progress=False)
+    assert all(math.isfinite(v) for v in history.val_losses)
+    with evaluating(model):  # the loop's final number is the whole split's, as `minigpt eval` measures it
+        assert history.val_losses[-1] == calc_loss_loader(val, model, "cpu")
 
 
-def test_select_device():
-    assert select_device("cpu") == torch.device("cpu")
-    if not torch.cuda.is_available():
-        assert select_device() in (torch.device("cpu"), torch.device("mps"))
-        with pytest.raises(ValueError, match="no CUDA"):
-            select_device("cuda")
+def test_an_empty_validation_split_is_an_error_before_training_that_says_what_to_change():
+    n = CFG.context_length
+    train, _ = _loaders()
+    # 3 windows, batches of 4, incomplete batches dropped: no batch at all
+    val = sharded_loader(GPTDataset(_ids(3, seed=2), max_length=n, stride=n), 4, shuffle=False, drop_last=True)
+    assert len(val) == 0
+    model = GPTModel(CFG)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="validation split is shorter than one window; use a shorter context"):
+        train_model(model, train, val, _config(), device="cpu", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # not one step taken
 
 
-def test_precision_choices():
-    cpu = torch.device("cpu")
-    assert resolve_precision("float32", cpu) == "float32"
-    assert resolve_precision("auto", cpu) in ("float32", "bfloat16")
-    with pytest.raises(ValueError, match="CUDA"):
-        resolve_precision("float16", cpu)
-    with pytest.raises(ValueError, match="unknown precision"):
-        resolve_precision("float8", cpu)
+def test_every_default_stays_float32_on_a_cpu_with_fast_bfloat16(monkeypatch):
+    base = {k: v for k, v in _config(max_steps=2).__dict__.items() if k != "precision"}
+    _, plain = _train(TrainConfig(**base))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_precision("auto", torch.device("cpu")) == "bfloat16"  # the pretence works
+    assert TrainConfig().precision == default_precision("cpu") == "float32"
+    _, patched = _train(TrainConfig(**base))
+    assert patched.precision == "float32" and patched.step_losses == plain.step_losses
+
+
+def test_samples_are_drawn_with_their_own_seed_and_leave_training_unchanged(char_tokenizer):
+    sampled = _config(max_steps=4, sample_prompt="A1", sample_tokens=6)
+    assert (sampled.sample_temperature, sampled.sample_top_k) == (0.8, 40)
+    _, first = _train(sampled, tokenizer=char_tokenizer)
+    _, second = _train(sampled, tokenizer=char_tokenizer)
+    _, silent = _train(_config(max_steps=4))
+    assert first.samples == second.samples and all(s.startswith("A1") and len(s) == 8 for s in first.samples)
+    assert first.step_losses == silent.step_losses and first.val_losses == silent.val_losses
+
+
+def test_settings_errors_name_the_setting():
+    with pytest.raises(ValueError, match="^max_steps must be at least 1, got 0"):
+        TrainConfig(max_steps=0)
+    with pytest.raises(ValueError, match="^eval_iter must be at least 1"):
+        TrainConfig(eval_iter=0)
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match="^sample_temperature must be 0"):
+        TrainConfig(sample_temperature=-1)
 
 
 def test_plots_are_pngs_with_tokens_seen_on_a_second_axis(tmp_path):

@@ -1,16 +1,18 @@
 """Named text corpora for pretraining, their train/validation split, and cached token ids.
 
 The one idea: a pretraining corpus is nothing but one long text. Everything else here is
-bookkeeping that makes it reproducible: every corpus is a pinned file (URL + SHA-256) or
-built deterministically, and its token ids are computed once and cached on disk.
+bookkeeping that makes it reproducible: every corpus is a pinned file (see
+``minigpt.sources``) or built deterministically, and its token ids are computed once and
+cached on disk.
 
-Known corpora:
+Known corpora, all available offline:
 
-* ``the-verdict``: Edith Wharton's short story used throughout the book (20,479 characters).
-* ``tiny-shakespeare``: Karpathy's 1.1 MB Shakespeare collection.
+* ``tiny-shakespeare``: Karpathy's 1.1 MB Shakespeare collection (ships with minigpt).
+* ``the-verdict``: Edith Wharton's short story used throughout the book (20,479 characters,
+  ships with minigpt).
 * ``python-docs``: the language reference documentation that ships inside every CPython
-  (``pydoc_data.topics``, the text behind ``help("if")``). It needs no download, so it
-  works offline on a fresh machine; its text follows the running Python's version.
+  (``pydoc_data.topics``, the text behind ``help("if")``); its text follows the running
+  Python's version.
 
 Any path to a UTF-8 text file is accepted wherever a corpus name is.
 """
@@ -28,28 +30,43 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from minigpt import sources
 from minigpt.data import tokenize
+from minigpt.download import PinnedFile, fetch
+from minigpt.files import atomic_write, cache_dir
 from minigpt.tokenizer import ENDOFTEXT, get_gpt2_tokenizer
-from minigpt.download import atomic_write, cache_dir, fetch
 
 
 @dataclass(frozen=True)
 class Corpus:
-    """A named text: either a pinned file (``relpath`` in the data dir or cache, ``url``,
-    ``sha256``) or a ``build`` function that makes the text locally."""
+    """A named text: either a pinned file (``source``, fetched and verified by SHA-256)
+    or a ``build`` function that makes the text locally."""
 
     name: str
     description: str
-    relpath: str = ""
-    url: str = ""
-    sha256: str = ""
+    source: PinnedFile | None = None
     build: Callable[[], str] | None = None
 
     def load(self) -> str:
+        """The corpus's text."""
         if self.build is not None:
             return self.build()
-        path = fetch(self.relpath, self.url, self.sha256)
-        return path.read_text(encoding="utf-8")
+        if self.source is None:
+            raise ValueError(f"corpus {self.name!r} has neither a source file nor a build function")
+        return read_text_file(fetch(self.source))
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """The text of a UTF-8 file (any line endings read as ``\\n``); another encoding is an error
+    that names the file and the first byte that is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path} is not UTF-8 text: byte {err.start} (line {line}) is {err.object[err.start:err.end]!r}. "
+            "Convert the file to UTF-8 (for example `iconv -f latin1 -t utf-8`) and try again."
+        ) from None
 
 
 def _python_docs_text() -> str:
@@ -70,16 +87,12 @@ CORPORA: dict[str, Corpus] = {
         Corpus(
             name="the-verdict",
             description='Edith Wharton, "The Verdict" (1908): 20,479 characters, the book\'s corpus',
-            relpath="the-verdict.txt",
-            url="https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt",
-            sha256="b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f",
+            source=sources.THE_VERDICT,
         ),
         Corpus(
             name="tiny-shakespeare",
             description="Shakespeare plays concatenated (Karpathy's char-rnn): 1,115,394 characters",
-            relpath="tinyshakespeare.txt",
-            url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-            sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+            source=sources.TINY_SHAKESPEARE,
         ),
         Corpus(
             name="python-docs",
@@ -98,14 +111,14 @@ def list_corpora() -> list[str]:
 def load_corpus(name_or_path: str | os.PathLike) -> str:
     """The text of a known corpus (see ``list_corpora()``) or of a UTF-8 text file.
 
-    Known corpora are downloaded on first use unless ``MINIGPT_DATA_DIR`` holds them.
-    A name is looked up among the known corpora before it is tried as a path.
+    Known corpora need no network (see the module docstring). A name is looked up among
+    the known corpora before it is tried as a path.
     """
     if isinstance(name_or_path, str) and name_or_path in CORPORA:
         return CORPORA[name_or_path].load()
     path = Path(name_or_path).expanduser()
     if path.is_file():
-        return path.read_text(encoding="utf-8")
+        return read_text_file(path)
     raise ValueError(
         f"unknown corpus {str(name_or_path)!r}: known corpora are {', '.join(list_corpora())}; "
         "a path to an existing text file is accepted too"

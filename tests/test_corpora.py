@@ -1,12 +1,18 @@
 """Corpus registry, train/validation split and the token-id cache."""
 
-import numpy as np
+import hashlib
 import pydoc_data.topics
+import urllib.request
+
+import numpy as np
 import pytest
 import torch
 
-from minigpt.datasets import CORPORA, list_corpora, load_corpus, load_token_ids, split_text
-from minigpt.download import cache_dir
+from minigpt import sources
+from minigpt.corpora import CORPORA, Corpus, list_corpora, load_corpus, load_token_ids, split_text
+from minigpt.download import PinnedFile
+from minigpt.files import cache_dir
+from minigpt.tokenizer import get_gpt2_tokenizer
 
 
 class OneShotTokenizer:
@@ -24,37 +30,47 @@ class OneShotTokenizer:
         return self.tokenizer.encode(text, **kwargs)
 
 
-def test_registry_pins_the_files_of_the_data_folder(data_path):
+@pytest.fixture(scope="module")
+def gpt2():
+    """GPT-2's encoding as shipped (test_tokenizer.py checks it against tiktoken's own files);
+    the ids below are the book's."""
+    return get_gpt2_tokenizer()
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: pytest.fail("went to the network"))
+
+
+def test_registry_pins_the_shared_source_files():
     assert list_corpora() == ["python-docs", "the-verdict", "tiny-shakespeare"]
-    sums = dict(
-        (path.removeprefix("./"), digest)
-        for digest, path in (line.split() for line in (data_path / "SHA256SUMS").read_text().splitlines())
-    )
-    for name in ("the-verdict", "tiny-shakespeare"):
-        corpus = CORPORA[name]
-        assert corpus.url.startswith("https://")
-        assert corpus.sha256 == sums[corpus.relpath]
+    assert CORPORA["the-verdict"].source is sources.THE_VERDICT
+    assert CORPORA["tiny-shakespeare"].source is sources.TINY_SHAKESPEARE
+    assert CORPORA["python-docs"].source is None and CORPORA["python-docs"].build is not None
 
 
-def test_the_verdict_comes_from_the_data_dir(data_path):
+def test_the_verdict_ships_with_minigpt(no_network):
     text = load_corpus("the-verdict")
     assert len(text) == 20479
     assert text.startswith("I HAD always thought Jack Gisburn rather a cheap genius")
 
 
-def test_tiny_shakespeare_comes_from_the_data_dir(data_path):
+def test_tiny_shakespeare_ships_with_minigpt(no_network):
     text = load_corpus("tiny-shakespeare")
     assert len(text) == 1115394
     assert text.startswith("First Citizen:\nBefore we proceed any further, hear me speak.")
 
 
-def test_python_docs_needs_no_download_and_is_one_document_per_topic(monkeypatch, gpt2):
-    monkeypatch.delenv("MINIGPT_DATA_DIR")
+def test_a_corpus_in_the_data_dir_is_preferred(data_dir):
+    # The same bytes, read from the data folder (fetch checks which copy it returns).
+    assert load_corpus("tiny-shakespeare") == (data_dir / "tinyshakespeare.txt").read_text(encoding="utf-8")
 
+
+def test_python_docs_needs_no_download_and_is_one_document_per_topic(monkeypatch, gpt2):
     def no_download(*args, **kwargs):
         raise AssertionError("python-docs must not need a download")
 
-    monkeypatch.setattr("minigpt.datasets.fetch", no_download)
+    monkeypatch.setattr("minigpt.corpora.fetch", no_download)
     text = load_corpus("python-docs")
     topics = pydoc_data.topics.topics
     assert len(text) > 300_000
@@ -76,6 +92,26 @@ def test_any_text_file_is_a_corpus(tmp_path):
     path = tmp_path / "poem.txt"
     path.write_text("Ein Gedicht über Bäume.\n", encoding="utf-8")
     assert load_corpus(path) == load_corpus(str(path)) == "Ein Gedicht über Bäume.\n"
+
+
+def test_a_file_that_is_not_utf8_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("Zeile eins\nEin Gedicht über Bäume.\n".encode("latin-1"))
+    with pytest.raises(ValueError) as err:
+        load_corpus(path)
+    message = str(err.value)
+    assert str(path) in message and "not UTF-8" in message and "line 2" in message and "b'\\xfc'" in message
+
+
+def test_a_registered_corpus_that_is_not_utf8_names_its_file(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "odd.txt").write_bytes(b"caf\xe9")
+    monkeypatch.setenv("MINIGPT_DATA_DIR", str(data))
+    source = PinnedFile("odd.txt", "https://example.invalid/odd.txt", hashlib.sha256(b"caf\xe9").hexdigest())
+    monkeypatch.setitem(CORPORA, "odd", Corpus("odd", "a Latin-1 file", source))
+    with pytest.raises(ValueError, match=f"{data / 'odd.txt'} is not UTF-8"):
+        load_corpus("odd")
 
 
 def test_unknown_corpus_lists_the_known_ones_and_mentions_paths(tmp_path):
@@ -142,5 +178,4 @@ def test_token_cache_is_keyed_by_text_and_tokenizer(tmp_path, gpt2):
 
 
 def test_default_tokenizer_is_gpt2():
-    pytest.importorskip("minigpt.tokenizer")
     assert len(load_token_ids("the-verdict")) == 5145

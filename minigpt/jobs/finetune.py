@@ -1,0 +1,184 @@
+"""What the two fine-tuning jobs share: their common settings, one setup and one finish.
+
+The one idea: classification (book ch. 6) and instruction tuning (ch. 7) are the same
+job around a different dataset and a different use of the model::
+
+    setup     seed, device, tokenizer, the model (a GPT-2 name, a directory or a preset)
+    (the job) its data and loaders, its surgery (a classifier head), LoRA if asked
+    train     the training loop at a constant learning rate, checkpointing into the output
+    finish    test loss, LoRA merged into the weights, the model saved, loss.png, metrics.json
+
+The output directory is also the run directory of the loop: on Ctrl-C or SIGTERM the loop
+saves a checkpoint there and raises ``TrainingInterrupted``, and ``resume=True`` (with the
+settings kept in ``settings.json``) continues it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from minigpt.checkpoint import load_settings, save_settings
+from minigpt.config import PRESETS
+from minigpt.distributed import ShardSampler, rank_and_world_size
+from minigpt.files import write_json
+from minigpt.hub import GPT2_REPOS
+from minigpt.lora import apply_lora, merge_lora
+from minigpt.losses import calc_loss_loader, perplexity
+from minigpt.model import GPTModel, evaluating
+from minigpt.plots import plot_losses
+from minigpt.runtime import PRECISIONS, resolve_precision, select_device
+from minigpt.tokenizer import get_gpt2_tokenizer
+from minigpt.training import History, TrainConfig, train_model
+
+logger = logging.getLogger(__name__)
+
+Settings = TypeVar("Settings", bound="FinetuneConfig")
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    """Settings both fine-tuning jobs have; ``model``, ``output`` and ``epochs`` get their
+    defaults in each job's own dataclass."""
+
+    model: str = field(metadata={
+        "help": "a GPT-2 name or a weights/run directory, or a preset (e.g. tiny) for random weights"})
+    output: str = field(metadata={"help": "directory for the results (and the checkpoint of an interrupted run)"})
+    epochs: int = field(metadata={"help": "passes over the training examples"})
+    batch_size: int = field(default=8, metadata={"help": "examples per batch"})
+    lr: float = field(default=5e-5, metadata={
+        "help": "constant learning rate (suits pretrained weights; random weights want about 1e-3)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
+    lora_rank: int | None = field(default=None, metadata={
+        "help": "train LoRA adapters of this rank instead of the weights", "none": "no LoRA"})
+    lora_alpha: float | None = field(default=None, metadata={
+        "help": "LoRA scaling numerator", "none": "the rank"})
+    eval_every: int = field(default=50, metadata={"help": "optimizer steps between evaluations"})
+    eval_iter: int | None = field(default=5, metadata={"help": "batches per evaluation", "none": "all"})
+    seed: int = field(default=123, metadata={"help": "data order, new weights and dropout"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, mps", "none": "the best available"})
+    precision: str = field(default="float32", metadata={
+        "help": "float32, or mixed precision: auto (bfloat16 where the hardware has it), bfloat16, float16",
+        "choices": PRECISIONS})
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_every", "eval_iter", "lora_rank"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be more than 0, got {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def load(cls: type[Settings], output: str | os.PathLike) -> Settings:
+        """The settings an (interrupted) run in ``output`` was started with."""
+        values = load_settings(output)
+        try:
+            return cls(**values)
+        except TypeError as err:
+            raise ValueError(f"{output}'s settings do not fit {cls.__name__}: {err}") from err
+
+
+def job_default(name: str, value: Any) -> Any:
+    """A field of :class:`FinetuneConfig` with a job's own default (and the shared help)."""
+    return field(default=value, metadata=FinetuneConfig.__dataclass_fields__[name].metadata)
+
+
+def load_model(spec: str) -> GPTModel:
+    """A GPT-2 name or a directory loads weights; a preset name gives random ones."""
+    if spec in GPT2_REPOS or Path(spec).exists():
+        return GPTModel.from_pretrained(spec)
+    if spec in PRESETS:
+        return GPTModel(spec)
+    raise ValueError(f"model {spec!r} is neither a GPT-2 name ({', '.join(GPT2_REPOS)}), "
+                     f"a directory, nor a preset ({', '.join(PRESETS)})")
+
+
+@dataclass
+class Run:
+    """What :func:`setup` prepares and the rest of a fine-tuning job works with."""
+
+    settings: FinetuneConfig
+    output: Path
+    device: torch.device
+    tokenizer: Any
+    model: GPTModel
+    resume: bool
+    progress: bool
+
+
+def setup(settings: FinetuneConfig, model: GPTModel | None = None, *, resume: bool = False,
+          progress: bool = True) -> Run:
+    """Seed, device, tokenizer and the model (``settings.model`` unless one is given)."""
+    torch.manual_seed(settings.seed)  # a preset's random weights and a new head come from it
+    device = select_device(settings.device)
+    model = load_model(settings.model) if model is None else model
+    return Run(settings, Path(settings.output), device, get_gpt2_tokenizer(), model, resume, progress)
+
+
+def add_lora(run: Run) -> None:
+    """Wrap the model's linear layers in LoRA adapters when ``lora_rank`` is set (they
+    alone then train); :func:`finish` merges them back into the weights."""
+    s = run.settings
+    if s.lora_rank:
+        apply_lora(run.model, s.lora_rank, s.lora_alpha if s.lora_alpha is not None else s.lora_rank)
+
+
+def shuffled_loader(dataset: Dataset, batch_size: int, seed: int, *, drop_last: bool,
+                    collate_fn: Callable | None = None) -> DataLoader:
+    """The training loader: an order that is a function of ``(seed, epoch)`` (so a resumed
+    run finds its place again), without a last short batch when ``drop_last``."""
+    rank, world_size = rank_and_world_size()
+    sampler = ShardSampler(len(dataset), rank, world_size, shuffle=True, seed=seed, drop_last=drop_last)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def train(run: Run, train_loader: DataLoader, val_loader: DataLoader, *, data: str, **loop: Any) -> History:
+    """The loop at the constant learning rate ``settings.lr`` for ``epochs`` passes, with one
+    banner line first; ``loop`` sets further :class:`TrainConfig` fields (samples)."""
+    s = run.settings
+    if len(train_loader) == 0:
+        raise ValueError(f"{len(train_loader.dataset)} training examples make no batch of {s.batch_size}: "
+                         "use a smaller batch_size or more examples")
+    config = TrainConfig(max_steps=s.epochs * len(train_loader), lr=s.lr, min_lr=s.lr, warmup_steps=0,
+                         weight_decay=s.weight_decay, eval_every=s.eval_every, eval_iter=s.eval_iter,
+                         precision=s.precision, **loop)
+    logger.info("data %s | model %s: %s parameters, %s trainable | device %s | precision %s | "
+                "%s steps (%d epochs of %d batches)%s", data, s.model, f"{run.model.num_parameters():,}",
+                f"{run.model.num_parameters(trainable_only=True):,}", run.device,
+                resolve_precision(s.precision, run.device), f"{config.max_steps:,}", s.epochs, len(train_loader),
+                f" | resuming {run.output}" if run.resume else "")
+    save_settings(run.output, s.to_dict())
+    return train_model(run.model, train_loader, val_loader, config, device=run.device,
+                       tokenizer=run.tokenizer if loop.get("sample_prompt") else None,
+                       run_dir=run.output, resume=run.resume, progress=run.progress)
+
+
+def finish(run: Run, history: History, test_loader: DataLoader, metrics: dict[str, Any],
+           save: Callable[[GPTModel, Path], None]) -> dict[str, Any]:
+    """Test loss, LoRA merged, ``save(model, output)``, ``loss.png`` and ``metrics.json``
+    (written last and atomically: its presence means the job completed). Returns the metrics:
+    ``metrics`` plus ``test_loss`` and ``test_perplexity``."""
+    with evaluating(run.model):  # no dropout
+        test_loss = calc_loss_loader(test_loader, run.model, run.device)
+    metrics = {**metrics, "test_loss": test_loss, "test_perplexity": perplexity(test_loss)}
+    if run.settings.lora_rank:
+        merge_lora(run.model)
+    save(run.model, run.output)
+    plot_losses(history, run.output / "loss.png")
+    write_json(run.output / "metrics.json", metrics)
+    return metrics
