@@ -2,18 +2,20 @@
 
 Three loaders, each in a fresh subprocess so none inherits another's memory:
 
-- ``minigpt``: ``GPTModel.from_pretrained(dir)``, parameters are views into the
-  memory-mapped ``model.safetensors``;
+- ``minigpt``: ``GPTModel.from_pretrained(dir)``; parameters are views of the
+  ``model.safetensors`` that ``safetensors`` memory-maps;
 - ``transformers``: ``GPT2LMHeadModel.from_pretrained(dir)``;
 - ``book``: the book's load-then-copy, ``model.load_state_dict(torch.load(pth))`` into
   an allocated ``GPTModel`` (its ``.pth`` holds the untied head and the causal masks, as
   the book's does).
 
-Peak RSS is ``ru_maxrss`` after the forward pass minus ``ru_maxrss`` after the imports
-(``torch._dynamo`` included, see :func:`measure`);
-ratios are to the size of ``model.safetensors``. The checkpoint (gpt2-small shape, random
-weights, saved by transformers' ``save_pretrained``) is made in its own subprocess too.
-Prints one JSON line::
+The measure: peak resident memory (``VmHWM``) after the forward pass, minus the resident
+memory (``VmRSS``) of the same fresh process right after ``import torch``, divided by the size
+of ``model.safetensors``. Everything a loader imports therefore counts against it
+(``torch._dynamo`` included, about 70 MB, if anything pulls it in); ``import_mb`` is that
+share, and ``imports`` lists which of the heavy modules each loader brought in.
+The checkpoint (gpt2-small shape, random weights, saved by transformers' ``save_pretrained``)
+is made in its own subprocess too. Prints one JSON line::
 
     python bench/bench_load_memory.py [--checkpoint-dir DIR]
 """
@@ -31,6 +33,7 @@ from pathlib import Path
 
 LOADERS = ("minigpt", "transformers", "book")
 FORWARD_TOKENS = 64
+HEAVY_MODULES = ("torch._dynamo", "torch._inductor", "transformers", "huggingface_hub", "safetensors", "tqdm")
 
 
 def make_checkpoint(directory: Path) -> None:
@@ -58,23 +61,32 @@ def make_checkpoint(directory: Path) -> None:
     torch.save(state, directory / "book.pth")
 
 
-def measure(loader: str, directory: Path) -> dict[str, float]:
-    """Load with ``loader``, run one forward pass; peak RSS growth over the post-import baseline."""
-    import torch
-    # transformers imports PyTorch's compiler at import time and minigpt on its first
-    # meta-device model (~70 MB, once per process): import it first in every process, so
-    # all three baselines hold the same modules and only the loading itself is measured.
-    import torch._dynamo  # noqa: F401
+def memory_kib() -> tuple[int, int]:
+    """``(resident now, peak resident)`` of this process in KiB."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+    except (OSError, KeyError):  # not Linux: the peak is all there is (ru_maxrss, KiB on Linux/BSD)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak, peak
 
-    if loader == "minigpt":
-        from minigpt.model import GPTModel
-    elif loader == "transformers":
+
+def measure(loader: str, directory: Path) -> dict[str, object]:
+    """Import ``loader``, load, run one forward pass: peak growth over the process after ``import torch``."""
+    import torch
+
+    baseline, _ = memory_kib()
+    before = set(sys.modules)
+    start = time.perf_counter()
+    if loader == "transformers":
         from transformers import GPT2LMHeadModel
+    elif loader == "minigpt":
+        import minigpt.weights  # noqa: F401  (what from_pretrained imports, counted as imports)
+        from minigpt.model import GPTModel
     else:
         from minigpt.config import GPTConfig
         from minigpt.model import GPTModel
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    start = time.perf_counter()
+    after_imports, _ = memory_kib()
     if loader == "minigpt":
         model = GPTModel.from_pretrained(directory)
     elif loader == "transformers":
@@ -87,8 +99,11 @@ def measure(loader: str, directory: Path) -> dict[str, float]:
     with torch.no_grad():
         model.eval()(torch.randint(0, 50257, (1, FORWARD_TOKENS)))
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_mb": (peak - baseline) / 1024, "seconds": seconds}
+    _, peak = memory_kib()
+    imported = set(sys.modules) - before
+    return {"peak_mb": (peak - baseline) / 1024, "import_mb": (after_imports - baseline) / 1024,
+            "seconds": seconds, "modules": len(imported),
+            "imports": [m for m in HEAVY_MODULES if m in imported]}
 
 
 def run_in_subprocess(*args: str) -> str:
@@ -119,11 +134,15 @@ def main() -> None:
         print(json.dumps({
             "bench": "load_memory",
             "checkpoint": "gpt2-small shape (124M parameters), random weights, transformers save_pretrained",
+            "measure": "peak RSS after load + forward minus RSS right after `import torch`, fresh process each",
             "file_mb": round(file_mb, 1),
             "book_pth_mb": round((directory / "book.pth").stat().st_size / 2**20, 1),
             "forward_tokens": FORWARD_TOKENS,
             "peak_rss_mb": {k: round(v["peak_mb"], 1) for k, v in results.items()},
             "ratio_to_file": {k: round(v["peak_mb"] / file_mb, 3) for k, v in results.items()},
+            "import_mb": {k: round(v["import_mb"], 1) for k, v in results.items()},
+            "imports": {k: v["imports"] for k, v in results.items()},
+            "modules_imported": {k: v["modules"] for k, v in results.items()},
             "seconds": {k: round(v["seconds"], 2) for k, v in results.items()},
         }))
 

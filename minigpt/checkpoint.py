@@ -163,10 +163,11 @@ def _load_model(run_dir: Path, model: nn.Module) -> None:
         raise ValueError(f"{run_dir} holds a model with {saved_cfg}, but the model to resume is {model.cfg}")
     state = dict(load_state(run_dir))
     expected = model.state_dict()
-    # A tied head is saved once, as the embedding: fill in every name of a shared tensor.
-    names_of: dict[int, list[str]] = {}
+    # A tensor under several names (a tied head is the embedding) is saved once: fill in the others.
+    names_of: dict[tuple, list[str]] = {}
     for name, tensor in expected.items():
-        names_of.setdefault(tensor.data_ptr(), []).append(name)
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride())) if tensor.numel() else name
+        names_of.setdefault(key, []).append(name)
     for names in names_of.values():
         present = [n for n in names if n in state]
         for name in names:

@@ -21,6 +21,7 @@ from typing import Any
 
 from minigpt.config import PRESETS, GPTConfig
 from minigpt.files import ChecksumError
+from minigpt.runtime import PRECISIONS, default_precision, select_device
 
 COMMANDS = {  # name -> one-line help; each has _add_<name> (its options) and _cmd_<name> (its run)
     "info": "list the model presets with parameter counts and memory",
@@ -105,7 +106,7 @@ def _add_settings(parser: argparse.ArgumentParser | Any, defaults: Any, flags: d
         else:
             continue  # not a command-line value
         if "choices" in f.metadata or f.name == "precision":
-            options.update(choices=f.metadata.get("choices") or _precisions(), metavar=None)
+            options.update(choices=f.metadata.get("choices") or PRECISIONS, metavar=None)
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             options.update(required=True, help=text.replace("%", "%%"))
         parser.add_argument(flag, **options)
@@ -123,12 +124,6 @@ def _shown(f: dataclasses.Field, value: Any) -> str:
     return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
-def _precisions() -> tuple[str, ...]:
-    from minigpt.runtime import PRECISIONS
-
-    return PRECISIONS
-
-
 def _given(args: argparse.Namespace, *classes: type) -> dict[str, Any]:
     """The settings given on the command line: ``{field: value}``."""
     names = {f.name for cls in classes for f in dataclasses.fields(cls)}
@@ -138,8 +133,6 @@ def _given(args: argparse.Namespace, *classes: type) -> dict[str, Any]:
 def _default_precision(given: dict[str, Any], device: str | None) -> None:
     """No --precision: float32 on a CPU (bit for bit the same on every CPU), auto on CUDA."""
     if "precision" not in given:
-        from minigpt.runtime import default_precision, select_device
-
         given["precision"] = default_precision(select_device(device))
 
 
@@ -272,15 +265,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
             print(f"{when} sample (step {h.steps[i]}, word pairs found in the corpus: {result.pair_shares[i]:.0%}): "
                   f"{h.samples[i]}".replace("\n", " "))
         print(f"validation loss {result.val_loss:.4f} over the whole validation split ({result.val_windows:,} "
-              f"windows, {result.val_tokens:,} tokens), perplexity {_perplexity(result.val_loss):,.1f}")
+              f"windows, {result.val_tokens:,} tokens), perplexity {result.val_perplexity:,.1f}")
         print(f"run directory: {run_dir}  (try: minigpt generate --checkpoint {run_dir})")
     return 0
-
-
-def _perplexity(loss: float) -> float:
-    from minigpt.losses import perplexity
-
-    return perplexity(loss)
 
 
 def _add_eval(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:

@@ -157,15 +157,16 @@ class GPTModel(nn.Module):
     # The one declared upward import of the package: minigpt.weights builds on this module,
     # so these two methods import it when called, not when minigpt.model is imported.
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (see :mod:`minigpt.weights`)."""
+        """Write ``config.json`` and ``model.safetensors``, each atomically (see :mod:`minigpt.weights`)."""
         from minigpt.weights import save_pretrained
 
         save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> GPTModel:
-        """Load a minigpt directory, a Hugging Face GPT-2 directory, or a GPT-2 name
-        (``gpt2-small`` ... ``gpt2-xl``; see :mod:`minigpt.weights`)."""
+        """Load a minigpt directory, a Hugging Face GPT-2 directory, a book ``.pth`` (with
+        ``cfg=``), or a GPT-2 name (``gpt2-small`` ... ``gpt2-xl``, found or downloaded by
+        :mod:`minigpt.hub`); parameters are views of the memory-mapped file (see :mod:`minigpt.weights`)."""
         from minigpt.weights import load_pretrained
 
         return load_pretrained(name_or_path, **kwargs)

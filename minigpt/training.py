@@ -8,11 +8,10 @@ The one idea: training is this loop, repeated::
     optimizer.step()               # move it a little (minigpt.optim)
 
 :func:`train_model` is that loop in small pieces (one optimizer step, one evaluation, one
-checkpoint) with what makes it work well and reproducibly: warm-up and cosine schedule,
-clipping, accumulation, mixed precision (:mod:`minigpt.runtime`), several processes
-(:mod:`minigpt.distributed`), exact resume (:mod:`minigpt.checkpoint`), a clean stop on
-Ctrl-C (:mod:`minigpt.interrupt`). The loss is pluggable, ``loss_fn(model, batch) -> loss``,
-so classification and instruction tuning train with this same loop.
+checkpoint) with what makes it work well and reproducibly: schedule, clipping, accumulation,
+mixed precision (:mod:`minigpt.runtime`), several processes (:mod:`minigpt.distributed`),
+exact resume (:mod:`minigpt.checkpoint`), a clean stop on Ctrl-C (:mod:`minigpt.interrupt`).
+The loss is pluggable, ``loss_fn(model, batch) -> loss``: fine-tuning shares this loop.
 """
 
 from __future__ import annotations
@@ -21,9 +20,10 @@ import dataclasses
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 class TrainConfig:
     """Settings of :func:`train_model` (the loop); the data and the model are arguments."""
 
-    # The defaults suit `minigpt pretrain`'s tiny model: a few minutes on a laptop CPU.
+    # General defaults; each job sets its own (minigpt.jobs).
     max_steps: int = 120
     lr: float = 3e-3               # peak learning rate, reached after the warm-up
     min_lr: float = 3e-4           # floor of the cosine decay
@@ -180,20 +180,17 @@ def train_model(
     """Train ``model`` for ``config.max_steps`` optimizer steps; returns the :class:`History`.
 
     At step 0, every ``eval_every`` steps and at the end: the train and validation loss over
-    ``eval_iter`` batches (logged), a sample continuing ``sample_prompt`` (needs
-    ``tokenizer``), and, with ``run_dir``, a checkpoint there. ``resume=True`` continues
-    from that checkpoint with the same losses the uninterrupted run would have had, when
-    the training loader's sampler has ``set_epoch`` (see :func:`minigpt.distributed.sharded_loader`).
+    ``eval_iter`` batches (logged), a sample of ``sample_prompt`` (needs ``tokenizer``),
+    and, with ``run_dir``, a checkpoint. ``resume=True`` continues from it with the losses
+    the uninterrupted run would have had (see :func:`minigpt.distributed.sharded_loader`).
 
-    ``loss_fn(model, batch)`` scores one batch of whatever the loaders yield, already
-    moved to the device (:func:`minigpt.losses.to_device`). Inside ``torch.distributed``
-    (``torchrun``) the model is wrapped in ``DistributedDataParallel``; only rank 0 writes
-    and shows progress.
+    ``loss_fn(model, batch)`` scores one batch of whatever the loaders yield, already on
+    the device. Under ``torchrun`` the model is wrapped in ``DistributedDataParallel``;
+    only rank 0 writes and shows progress.
 
-    On SIGINT (Ctrl-C) or SIGTERM the current optimizer step is finished, a checkpoint is
-    saved (with ``run_dir``) and :class:`TrainingInterrupted` is raised. A NaN or infinite
-    loss or gradient stops training with ``FloatingPointError``, after saving the weights
-    of the last good step to ``run_dir``.
+    On SIGINT (Ctrl-C) or SIGTERM the current step is finished, a checkpoint saved (with
+    ``run_dir``) and :class:`TrainingInterrupted` raised. A NaN or infinite loss or gradient
+    raises ``FloatingPointError``, after saving the last good step's weights to ``run_dir``.
     """
     device = select_device(device)
     _check_loaders(train_loader, val_loader, device)
@@ -202,9 +199,7 @@ def train_model(
     cfg, batches = config, _batches(train_loader, loop.epoch, loop.batch_in_epoch)
     bar = tqdm(total=cfg.max_steps, initial=loop.step, disable=not progress or loop.rank != 0,
                desc="training", unit="step", dynamic_ncols=True)
-    # While the bar is shown, log records are written above it instead of through it.
-    redirect = nullcontext() if bar.disable else logging_redirect_tqdm([logging.root, logging.getLogger("minigpt")])
-    with loop.interrupt, bar, redirect:
+    with loop.interrupt, bar, _log_above(bar):
         if loop.step == 0 and not loop.history.steps:
             _evaluate(loop)  # the starting point of the curves: an untrained model's loss
         while loop.step < cfg.max_steps:
@@ -221,6 +216,13 @@ def train_model(
                 _evaluate(loop)
                 _checkpoint(loop)
     return loop.history
+
+
+def _log_above(bar: tqdm) -> AbstractContextManager:
+    """While the bar is shown, console log lines are written above it instead of through it."""
+    loggers = [lg for lg in (logging.root, logging.getLogger("minigpt")) if any(
+        isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr) for h in lg.handlers)]
+    return logging_redirect_tqdm(loggers) if loggers and not bar.disable else nullcontext()
 
 
 def _check_loaders(train_loader: Iterable, val_loader: Iterable, device: torch.device) -> None:
@@ -255,8 +257,7 @@ def _start(model: nn.Module, config: TrainConfig, device: torch.device, loss_fn:
         loop.step, loop.epoch, loop.batch_in_epoch, loop.tokens_seen = (state.step, state.epoch,
                                                                         state.batch_in_epoch, state.tokens_seen)
     loop.history.precision = precision
-    if hasattr(model, "gradient_checkpointing"):
-        model.gradient_checkpointing = config.gradient_checkpointing
+    model.gradient_checkpointing = config.gradient_checkpointing  # read by GPTModel.forward
     model.train()
     if world_size > 1:
         loop.forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -359,7 +360,7 @@ def _eval_loss(loop: _Loop, loader: Iterable) -> float:
     """Mean loss per scored target over ``eval_iter`` batches of every process's share."""
     total, count = summed_loss(loader, loop.model, loop.device, loop.config.eval_iter, loop.loss_fn)
     total, count = sum_over_ranks([total, count], loop.device)
-    if count == 0:
+    if not count:
         raise ValueError("the evaluation batches hold no scored targets (all are -100): nothing to measure")
     return total / count
 

@@ -173,14 +173,37 @@ def _drop_tied_head(state: dict[str, torch.Tensor], head: str, embedding: str, s
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """``{name: tensor}`` of a ``.safetensors`` file, memory-mapped by ``safetensors`` itself:
     the tensors share the file's pages (read from disk when used) and writes to them never
-    reach the file. A damaged file is a ``ValueError`` naming it."""
+    reach the file. A damaged file is a ``ValueError`` naming it (and, for a file cut short,
+    the first tensor whose bytes are missing)."""
     path = Path(path)
     try:
         return load_file(path)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
         size = path.stat().st_size
-        raise ValueError(f"{path} is corrupt or truncated: it has {size} bytes, and reading it "
-                         f"failed with: {err}") from err
+        detail = _missing_bytes(path, size) or f"it has {size} bytes"
+        raise ValueError(f"{path} is corrupt or truncated: {detail}, and reading it failed with: {err}") from err
+
+
+def _missing_bytes(path: Path, size: int) -> str | None:
+    """For the error message only: which tensor of a truncated file lies past its end.
+
+    A safetensors file starts with 8 bytes (little-endian length ``n``), then ``n`` bytes of
+    JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}``, then the data.
+    """
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+        data = size - 8 - n
+        cut = sorted((tuple(info["data_offsets"]), name, tuple(info["shape"]))
+                     for name, info in (header or {}).items()
+                     if name != "__metadata__" and info["data_offsets"][1] > data)
+    except (OSError, ValueError, TypeError, KeyError, IndexError):
+        return None  # a header that does not even parse: the size says enough
+    if not cut:
+        return None
+    (begin, end), name, shape = cut[0]  # the first tensor, in the file's order, that is cut off
+    return f"tensor {name!r} {shape} needs bytes [{begin}, {end}) of the data, which has {data} bytes"
 
 
 class _ShapesOnly(TorchFunctionMode):
@@ -273,8 +296,21 @@ def _materialize_masks(model: GPTModel) -> None:
 
 def save_pretrained(model: GPTModel, directory: str | os.PathLike) -> Path:
     """Write minigpt's format: ``config.json`` and ``model.safetensors`` into ``directory``,
-    each atomically. A tied head is stored once (it is ``tok_emb.weight``)."""
-    state = model.state_dict()
-    if model.cfg.tie_weights:
-        state.pop("out_head.weight", None)
-    return write_checkpoint(directory, state, model.cfg.to_dict())
+    each atomically. A tensor that appears under several names (a tied head is
+    ``tok_emb.weight``, also when wrapped by LoRA) is stored once, under its first name."""
+    return write_checkpoint(directory, _stored_once(model.state_dict()), model.cfg.to_dict())
+
+
+def _stored_once(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # A file stores bytes, not aliases: names of the very same tensor (same memory, shape
+    # and strides) are dropped after the first; distinct views of one buffer are kept.
+    first: dict[tuple, str] = {}
+    kept = {}
+    for name, tensor in state.items():
+        key = (tensor.device, tensor.dtype, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+               tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and not tensor.is_meta and key in first:
+            continue
+        first.setdefault(key, name)
+        kept[name] = tensor
+    return kept

@@ -331,7 +331,7 @@ def test_plots_are_pngs_with_tokens_seen_on_a_second_axis(tmp_path):
 # ---------------------------------------------------------------------- the CLI job
 
 
-def test_pretrain_cli_writes_a_run_that_generate_eval_and_resume_use(tmp_path, data_path, capsys):
+def test_pretrain_cli_writes_a_run_that_generate_eval_and_resume_use(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["pretrain", "--corpus", "the-verdict", "--context-length", "32", "--batch-size", "2",
             "--steps", "2", "--eval-every", "1", "--eval-iter", "1", "--warmup", "1",

@@ -164,8 +164,12 @@ def test_corrupt_file_is_named(tiny_checkpoint, tmp_path, damage):
     path = tmp_path / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x07" * 100)
-    with pytest.raises(ValueError, match=re.escape(f"{path} is corrupt or truncated")):
+    with pytest.raises(ValueError, match=re.escape(f"{path} is corrupt or truncated")) as err:
         GPTModel.from_pretrained(tmp_path)
+    if damage == "truncated":  # the first tensor whose bytes are missing is named
+        assert re.search(r"truncated: tensor '[\w.]+' \(\d+(, \d+)*\) needs bytes \[\d+, \d+\)", str(err.value))
+    else:
+        assert "it has 100 bytes" in str(err.value)
 
 
 def test_a_tensor_of_another_dtype_is_named(tmp_path):
@@ -200,6 +204,25 @@ def test_save_pretrained_stores_a_tied_head_once_and_atomically(tmp_path):
     assert "out_head.weight" not in load_file(tmp_path / "model.safetensors")
     assert json.loads((tmp_path / "config.json").read_text()) == model.cfg.to_dict()
     assert GPTModel.from_pretrained(tmp_path).out_head.weight is not None
+
+
+def test_a_tensor_under_two_names_is_stored_once(tmp_path):
+    class Wrapped(torch.nn.Module):  # as LoRA wraps a layer: the tied head is now out_head.linear
+        def __init__(self, linear: torch.nn.Linear) -> None:
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x)
+
+    model = small_model(tie_weights=True)
+    model.out_head = Wrapped(model.out_head)
+    state = model.state_dict()
+    assert state["out_head.linear.weight"].data_ptr() == state["tok_emb.weight"].data_ptr()
+    model.save_pretrained(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+    assert "tok_emb.weight" in stored and "out_head.linear.weight" not in stored
+    assert set(stored) == set(state) - {"out_head.linear.weight"}
 
 
 def test_load_state_returns_the_saved_tensors(tmp_path):

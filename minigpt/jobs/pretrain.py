@@ -37,7 +37,7 @@ from minigpt.corpora import load_corpus, load_token_ids, split_text
 from minigpt.data import GPTDataset
 from minigpt.distributed import init_distributed, sharded_loader
 from minigpt.files import write_text
-from minigpt.losses import calc_loss_loader
+from minigpt.losses import calc_loss_loader, perplexity
 from minigpt.model import GPTModel, evaluating
 from minigpt.runtime import autocast, resolve_precision, select_device
 from minigpt.tokenizer import ENDOFTEXT, get_gpt2_tokenizer
@@ -117,6 +117,10 @@ class PretrainResult:
     val_tokens: int
     pair_shares: list[float]  # word_pair_share of each sample in history.samples
     seconds: float
+
+    @property
+    def val_perplexity(self) -> float:
+        return perplexity(self.val_loss)
 
 
 def new_run_dir(settings: PretrainConfig, out_dir: str | os.PathLike, name: str | None = None,
