@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import re
 import sys
 import types
@@ -19,7 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from minigpt.config import PRESETS, GPTConfig
 from minigpt.files import ChecksumError
 from minigpt.runtime import PRECISIONS, default_precision, select_device
 
@@ -84,11 +84,13 @@ def _add_settings(parser: argparse.ArgumentParser | Any, defaults: Any, flags: d
     (``argparse.SUPPRESS``), so the settings keep their own value; ``flags`` collects
     ``{field: --option}`` for messages."""
     hints = typing.get_type_hints(type(defaults))
+    named = {f.name: (helps or {}).get(f.name, ("--" + f.name.replace("_", "-"), f.metadata.get("help", "")))
+             for f in dataclasses.fields(defaults)}
     for f in dataclasses.fields(defaults):
         value = getattr(defaults, f.name)
         if f.name in skip or dataclasses.is_dataclass(value):
             continue
-        flag, text = (helps or {}).get(f.name, ("--" + f.name.replace("_", "-"), f.metadata.get("help", "")))
+        flag, text = named[f.name][0], _in_user_words(named[f.name][1], {k: v[0] for k, v in named.items()})
         kind, optional = _option_type(hints[f.name])
         shown = _shown(f, value)
         if optional and value is not None and f.name in TRAIN_NONE:
@@ -168,23 +170,18 @@ def _interruptible(job: Callable[[], Any], resume_command: str) -> Any:
 
 
 def _add_info(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
-    pass
+    """No options."""
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    import torch
-
-    from minigpt.model import GPTModel
+    from minigpt.jobs.info import preset_sizes
 
     print(f"{'preset':<12} {'layers':>6} {'heads':>5} {'emb_dim':>7} {'context':>7} "
           f"{'params':>15} {'tied head':>15} {'float32':>10} {'bfloat16':>10}")
-    for name in PRESETS:
-        cfg = GPTConfig.from_preset(name)
-        with torch.device("meta"):  # counts parameters without allocating them
-            n = GPTModel(cfg).num_parameters()
-            tied = GPTModel(GPTConfig.from_preset(name, tie_weights=True)).num_parameters()
-        print(f"{name:<12} {cfg.n_layers:>6} {cfg.n_heads:>5} {cfg.emb_dim:>7} {cfg.context_length:>7} "
-              f"{n:>15,} {tied:>15,} {n * 4 / 2**30:>8.2f}GB {n * 2 / 2**30:>8.2f}GB")
+    for p in preset_sizes():
+        n, cfg = p.parameters, p.cfg
+        print(f"{p.name:<12} {cfg.n_layers:>6} {cfg.n_heads:>5} {cfg.emb_dim:>7} {cfg.context_length:>7} "
+              f"{n:>15,} {p.tied_parameters:>15,} {n * 4 / 2**30:>8.2f}GB {n * 2 / 2**30:>8.2f}GB")
     print("'params' is the preset as configured; 'tied head' shares the output head with the "
           "token embedding, as OpenAI's GPT-2 checkpoints do.")
     return 0
@@ -242,8 +239,6 @@ def _add_pretrain(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    import os
-
     from minigpt.jobs.pretrain import PretrainConfig, new_run_dir, pretrain
     from minigpt.training import TrainConfig
 
@@ -342,7 +337,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``command``, only that sub-command gets its options (so that
     ``minigpt generate`` does not import the training code to list pretraining's)."""
-    parser = argparse.ArgumentParser(prog="minigpt", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="minigpt", description="minigpt: a GPT-2 from scratch, one command per job.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
@@ -383,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except _Stopped as stop:
         return stop.code
+    except BrokenPipeError:  # the reader of the output went away (`minigpt info | head`)
+        sys.stdout = open(os.devnull, "w")  # nothing more may reach the closed pipe
+        return 141
     except KeyboardInterrupt:
         print(f"minigpt {args.command}: interrupted", file=sys.stderr)
         return 130

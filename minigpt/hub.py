@@ -34,7 +34,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from minigpt.files import START_DIR, ChecksumError, data_dir, sha256_of
 from minigpt.hf_gpt2 import CONFIG_FILE, WEIGHTS_FILE

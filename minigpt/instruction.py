@@ -37,15 +37,16 @@ from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from minigpt import sources
 from minigpt.data import tokenize
 from minigpt.download import fetch
 from minigpt.files import write_json
 from minigpt.generation import generate
-from minigpt.losses import IGNORE_INDEX
+from minigpt.losses import IGNORE_INDEX, next_token_loss
 from minigpt.model import GPTModel
+from minigpt.neftune import neftune_lengths
 from minigpt.tokenizer import PAD_TOKEN_ID
 
 PROMPT_INTRO = (
@@ -222,6 +223,29 @@ def instruction_dataloader(
     )
     return DataLoader(InstructionDataset(data, tokenizer), batch_size=batch_size, shuffle=shuffle,
                       drop_last=drop_last, collate_fn=collate, num_workers=num_workers)
+
+
+def example_lengths(targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Each example's length without padding, ``(batch,)``, from the ``(batch, tokens)`` targets
+    of :func:`collate_instructions`: the position of its last scored target, plus 1.
+
+    The ids cannot tell (the padding id is end-of-text, which a text may hold too), the
+    targets can: the appended end-of-text is the last target kept, and the inputs after
+    its position are padding. A row whose targets are all ignored (a masked prompt cut by
+    ``allowed_max_length``) is real tokens only, so it counts as the full width.
+    """
+    scored = targets != ignore_index
+    positions = torch.arange(1, targets.shape[1] + 1, device=targets.device)
+    last = (scored * positions).amax(dim=1)  # 0 where nothing is scored
+    return torch.where(scored.any(dim=1), last, targets.shape[1])
+
+
+def instruction_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The loss for instruction batches ``(inputs, targets)``: the next-token loss, with each
+    example's length (:func:`example_lengths`) given to NEFTune (:mod:`minigpt.neftune`).
+    Without NEFTune it equals :func:`minigpt.losses.next_token_loss`."""
+    with neftune_lengths(model, example_lengths(batch[1])):
+        return next_token_loss(model, batch)
 
 
 # --- Answering -----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from minigpt.data import tokenize
 from minigpt.instruction import RESPONSE_HEADER, Entry, format_input

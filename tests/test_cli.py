@@ -58,7 +58,7 @@ def actions(parser: argparse.ArgumentParser, *path: str) -> list[argparse.Action
                                   ("finetune", "instruct")])
 def test_help_shows_every_default(path):
     for action in actions(build_parser(), *path):
-        if action.dest not in ("out_dir", "name", "overwrite", "device", "weights_dir") and not action.required:
+        if action.dest != "overwrite" and not action.required:  # a switch, and the one option that must be given
             assert "(default: " in action.help, f"{path} {action.option_strings}"
 
 
@@ -86,8 +86,9 @@ def test_download_help_names_the_real_default_folder(capsys):
 
 
 def test_options_left_out_are_not_in_the_namespace():
-    args = build_parser("pretrain").parse_args(["pretrain", "--steps", "7"])
-    assert args.max_steps == 7 and not hasattr(args, "lr")  # the settings keep their own lr
+    args = build_parser("pretrain").parse_args(["pretrain", "--steps", "7", "--eval-iter", "none"])
+    assert args.max_steps == 7 and args.eval_iter is None  # "none": the whole loaders
+    assert not hasattr(args, "lr")  # the settings keep their own lr
 
 
 # ---------------------------------------------------------------------------- generate
@@ -121,12 +122,13 @@ def test_streaming_never_prints_half_a_character(capsys, monkeypatch):
 
 
 def test_a_prompt_longer_than_the_context_is_shortened_with_a_warning(capsys):
-    prompt = "word" + " word" * 199  # 200 tokens; the tiny preset reads 128
+    prompt = " ".join(map(str, range(200)))  # "0 1 2 ... 199": 200 tokens; the tiny preset reads 128
+    assert len(get_gpt2_tokenizer().encode(prompt)) == 200
     assert main(["generate", "--preset", "tiny", "--prompt", prompt, "--max-new-tokens", "1", "--device", "cpu"]) == 0
     out, err = capsys.readouterr()
-    assert "warning: the prompt has 200 tokens, more than the model's context of 128: its first 72 tokens " \
-           "were dropped" in err
-    assert out.startswith(" word" * 128 + " ") and not out.startswith(" word" * 129)
+    assert err == "warning: the prompt has 200 tokens, more than the model's context of 128: its first 72 tokens " \
+                  "were dropped\n"
+    assert out.startswith(" " + " ".join(map(str, range(72, 200))))  # " 72 73 ... 199", then the new token
 
 
 def test_generate_does_not_import_the_training_code():
@@ -137,7 +139,14 @@ def test_generate_does_not_import_the_training_code():
                    capture_output=True, timeout=120)
 
 
-# ---------------------------------------------------------------------------- download
+# ---------------------------------------------------------------------------- info, download
+
+
+def test_info_lists_every_preset(capsys):
+    assert main(["info"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].split()[:7] == ["gpt2-small", "12", "12", "768", "1024", "163,009,536", "124,412,160"]
+    assert [row.split()[0] for row in rows[1:-1]] == ["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny"]
 
 
 def test_offline_download_leaves_no_folder_and_says_where_to_put_which_files(tmp_path, monkeypatch, capsys):

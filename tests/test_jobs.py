@@ -10,7 +10,6 @@ import os
 import signal
 
 import pytest
-import torch
 
 from minigpt import runtime
 from minigpt.classification import classify, load_classifier
@@ -18,6 +17,7 @@ from minigpt.config import GPTConfig
 from minigpt.jobs.classify import ClassifyConfig, finetune_classifier
 from minigpt.jobs.evaluate import EvalConfig, evaluate
 from minigpt.jobs.finetune import load_model
+from minigpt.jobs.info import preset_sizes
 from minigpt.jobs.instruct import InstructConfig, finetune_instructions
 from minigpt.jobs.pretrain import PretrainConfig, default_prompt, pretrain, windows, word_pair_share, words
 from minigpt.model import GPTModel
@@ -72,6 +72,15 @@ def test_windows_need_one_token_more_than_the_context():
     assert [windows(n, 4) for n in (4, 5, 8, 9, 13)] == [0, 1, 1, 2, 3]
 
 
+def test_preset_sizes_count_gpt2_small_as_openai_does():
+    sizes = {size.name: size for size in preset_sizes()}
+    small = sizes["gpt2-small"]
+    # OpenAI's 124,439,808 has the tied head and query/key/value biases (3 x 768 per block), which the preset omits.
+    assert small.tied_parameters + 12 * 3 * 768 == 124_439_808
+    assert small.parameters - small.tied_parameters == 50257 * 768  # an untied head is one more matrix
+    assert sizes["tiny"].parameters == sizes["tiny"].tied_parameters  # tiny is tied already
+
+
 # ----------------------------------------------------------------------- pretrain
 
 
@@ -93,7 +102,8 @@ def test_pretrain_writes_a_run_whose_final_loss_evaluate_repeats(tmp_path):
 
 def test_the_verdict_with_default_batches_gives_finite_validation_losses(tmp_path):
     # 515 validation tokens make 4 windows of 128, fewer than a batch of 8: none may be dropped.
-    settings = PretrainConfig(corpus="the-verdict", train=TrainConfig(max_steps=1, eval_every=1, precision="float32"))
+    settings = PretrainConfig(corpus="the-verdict", batch_size=8,
+                              train=TrainConfig(max_steps=1, eval_every=1, precision="float32"))
     result = pretrain(settings, tmp_path / "run", device="cpu", progress=False)
     assert result.val_windows == 4 and all(math.isfinite(v) for v in result.history.val_losses)
     assert math.isfinite(result.val_loss)
@@ -186,7 +196,7 @@ def test_classifier_job_stops_on_sigterm_and_resumes_exactly(tmp_path):
     assert stop.value.exit_code == 143
     assert not (tmp_path / "cut" / "metrics.json").exists()
     resumed = finetune_classifier(ClassifyConfig.load(tmp_path / "cut"), resume=True, progress=False)
-    assert resumed == whole | {}  # same accuracies and test loss
+    assert resumed == whole  # the same accuracies and test loss
     history = [json.loads((tmp_path / run / "history.json").read_text()) for run in ("whole", "cut")]
     assert history[0]["step_losses"] == history[1]["step_losses"]
     model, labels = load_classifier(tmp_path / "cut")  # LoRA merged, saved as a classifier
@@ -214,4 +224,5 @@ def test_instruction_job_trains_answers_and_saves_a_loadable_model(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
     assert len(json.loads((tmp_path / "run" / "responses.json").read_text())) == 2
     assert GPTModel.from_pretrained(tmp_path / "run").cfg == base
-    assert torch.load(tmp_path / "run" / "training_state.pt", weights_only=True)["step"] == 3  # 17 / 8: 3 batches
+    assert json.loads((tmp_path / "run" / "history.json").read_text())["steps"] == [0, 3]  # 17 / 8: 3 batches
+    assert not (tmp_path / "run" / "training_state.pt").exists()  # complete: no optimizer state left behind

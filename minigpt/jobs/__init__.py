@@ -3,6 +3,7 @@
 * :mod:`minigpt.jobs.pretrain`: ``PretrainConfig`` + ``pretrain`` (a fresh model learns a corpus);
 * :mod:`minigpt.jobs.evaluate`: ``EvalConfig`` + ``evaluate`` (loss and perplexity on a corpus);
 * :mod:`minigpt.jobs.generate`: ``GenerateConfig`` + ``generate_text`` (continue a prompt);
+* :mod:`minigpt.jobs.info`: ``preset_sizes`` (parameters and memory of every preset);
 * :mod:`minigpt.jobs.finetune`: ``FinetuneConfig``, the settings both fine-tuning jobs share,
   with their one setup and one finish;
 * :mod:`minigpt.jobs.classify`: ``ClassifyConfig`` + ``finetune_classifier`` (book ch. 6);

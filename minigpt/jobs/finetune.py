@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from minigpt.checkpoint import load_settings, save_settings
+from minigpt.checkpoint import SETTINGS_FILE, STATE_FILE, load_settings, save_settings
 from minigpt.config import PRESETS
 from minigpt.distributed import ShardSampler, rank_and_world_size
 from minigpt.files import write_json
@@ -85,6 +85,8 @@ class FinetuneConfig:
     @classmethod
     def load(cls: type[Settings], output: str | os.PathLike) -> Settings:
         """The settings an (interrupted) run in ``output`` was started with."""
+        if not (Path(output) / SETTINGS_FILE).is_file():
+            raise FileNotFoundError(f"{output} has no {SETTINGS_FILE}: it is not the output of a fine-tuning run")
         values = load_settings(output)
         try:
             return cls(**values)
@@ -171,7 +173,8 @@ def train(run: Run, train_loader: DataLoader, val_loader: DataLoader, *, data: s
 def finish(run: Run, history: History, test_loader: DataLoader, metrics: dict[str, Any],
            save: Callable[[GPTModel, Path], None]) -> dict[str, Any]:
     """Test loss, LoRA merged, ``save(model, output)``, ``loss.png`` and ``metrics.json``
-    (written last and atomically: its presence means the job completed). Returns the metrics:
+    (written last and atomically: its presence means the job completed; the checkpoint's
+    optimizer state is deleted before). Returns the metrics:
     ``metrics`` plus ``test_loss`` and ``test_perplexity``."""
     with evaluating(run.model):  # no dropout
         test_loss = calc_loss_loader(test_loader, run.model, run.device)
@@ -179,6 +182,7 @@ def finish(run: Run, history: History, test_loader: DataLoader, metrics: dict[st
     if run.settings.lora_rank:
         merge_lora(run.model)
     save(run.model, run.output)
+    (run.output / STATE_FILE).unlink(missing_ok=True)  # the run is complete: its optimizer state is not needed
     plot_losses(history, run.output / "loss.png")
     write_json(run.output / "metrics.json", metrics)
     return metrics
