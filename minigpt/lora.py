@@ -15,6 +15,7 @@ Workflow::
     report = apply_lora(model, rank=16, alpha=16)   # wrap linears, freeze the rest
     print(report)                                    # trainable vs total parameters
     ...train as usual (only the LoRA tensors get gradients)...
+    with lora_disabled(model): ...                   # the base model again, no copy (DPO's reference)
     save_lora(model, "adapter.safetensors")          # a few MB: only A and B
     load_lora(fresh_base_model, "adapter.safetensors")
     merge_lora(model)                                # fold into W: plain nn.Linear again
@@ -30,7 +31,8 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +91,8 @@ class LinearWithLoRA(nn.Module):
 
     ``(..., in_features) -> (..., out_features)``. The wrapped layer stays available as
     ``.linear`` (its weight may be shared, e.g. a head tied to the token embedding);
-    LoRA dropout zeroes inputs of the update only, never of the frozen path.
+    LoRA dropout zeroes inputs of the update only, never of the frozen path. With
+    ``enabled`` False (see :func:`lora_disabled`) the layer is its frozen base alone.
     """
 
     def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
@@ -99,17 +102,15 @@ class LinearWithLoRA(nn.Module):
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha,
                               device=linear.weight.device, dtype=linear.weight.dtype)
         self.dropout = nn.Dropout(dropout)
+        self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + self.lora(self.dropout(x))
+        out = self.linear(x)
+        return out + self.lora(self.dropout(x)) if self.enabled else out
 
-    @property
-    def in_features(self) -> int:
-        return self.linear.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.linear.out_features
+    # Read like an nn.Linear's, so code that asks a layer for its sizes works on either.
+    in_features = property(lambda self: self.linear.in_features)
+    out_features = property(lambda self: self.linear.out_features)
 
 
 @dataclass(frozen=True)
@@ -123,9 +124,7 @@ class LoRAReport:
     trainable: int            # the LoRA A and B tensors
     total: int                # every parameter of the model, LoRA included, shared ones once
 
-    @property
-    def fraction(self) -> float:
-        return self.trainable / self.total
+    fraction = property(lambda self: self.trainable / self.total)  # the share that trains
 
     def __str__(self) -> str:
         return (f"LoRA rank={self.rank} alpha={self.alpha:g} on {len(self.modules)} linear layers: "
@@ -200,6 +199,25 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the ``with`` body with every LoRA update switched off: the model computes exactly
+    what its frozen base computes, with no second copy in memory (DPO's reference model).
+    The previous state comes back afterwards, also when the body raises; nesting is fine."""
+    layers = list(_lora_layers(model).values())
+    if not layers:
+        raise ValueError("model has no LoRA layers to switch off; call apply_lora or load_lora first, "
+                         "or use a separate, frozen copy of the model")
+    before = [layer.enabled for layer in layers]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, before, strict=True):
+            layer.enabled = enabled
+
+
 def save_lora(model: nn.Module, path: str | os.PathLike, include: Sequence[str] = ()) -> None:
     """Write only the adapter: each LoRA layer's ``A`` and ``B`` and the settings used
     (rank, alpha, dropout, wrapped module names) as one safetensors file, atomically.
@@ -219,16 +237,10 @@ def save_lora(model: nn.Module, path: str | os.PathLike, include: Sequence[str] 
         raise ValueError(f"include names {unknown} are not modules of the model")
     containing = [name for name in include for layer in layers if layer.startswith(name + ".")]
     if containing:
-        raise ValueError(
-            f"include names {sorted(set(containing))} contain LoRA layers; include is for parts "
-            "outside them, such as a new head (a LoRA layer itself may be named)"
-        )
-    state = {}
-    for name, wrapper in layers.items():
-        state[f"{name}.lora.A"], state[f"{name}.lora.B"] = wrapper.lora.A, wrapper.lora.B
-    for name in include:
-        for key, tensor in _base(modules[name]).state_dict().items():
-            state[f"{name}.{key}"] = tensor
+        raise ValueError(f"include names {sorted(set(containing))} contain LoRA layers; include is for parts "
+                         "outside them, such as a new head (a LoRA layer itself may be named)")
+    state = {f"{name}.lora.{key}": t for name, w in layers.items() for key, t in w.lora.state_dict().items()}
+    state |= {f"{name}.{key}": t for name in include for key, t in _base(modules[name]).state_dict().items()}
     # safetensors refuses tensors that share memory (a tied head); copies never do.
     state = {key: tensor.detach().to("cpu", copy=True).contiguous() for key, tensor in state.items()}
     settings = {"rank": some.lora.rank, "alpha": some.lora.alpha, "dropout": some.dropout.p,
@@ -259,7 +271,6 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> LoRAReport:
     settings = json.loads(metadata[_METADATA_KEY])
     rank, alpha, dropout = settings["rank"], settings["alpha"], settings["dropout"]
     names, include = settings["target_modules"], settings["include"]
-
     existing = _lora_layers(model)
     if existing:
         _check_same_lora(existing, names, rank, alpha, path)
@@ -350,11 +361,9 @@ def _check_same_lora(existing: dict[str, LinearWithLoRA], names: Sequence[str], 
                      path: Path) -> None:
     some = next(iter(existing.values()))
     if sorted(existing) != sorted(names) or some.lora.rank != rank or some.lora.alpha != alpha:
-        raise ValueError(
-            f"{path} holds a rank-{rank} alpha-{alpha} adapter for {len(names)} layers, but the model "
-            f"already has rank-{some.lora.rank} alpha-{some.lora.alpha} LoRA on {len(existing)} layers; "
-            "load it onto a base model without LoRA"
-        )
+        raise ValueError(f"{path} holds a rank-{rank} alpha-{alpha} adapter for {len(names)} layers, but the model "
+                         f"already has rank-{some.lora.rank} alpha-{some.lora.alpha} LoRA on {len(existing)} "
+                         "layers; load it onto a base model without LoRA")
 
 
 def _stored_to_model_key(key: str, names: Sequence[str], include: Sequence[str]) -> str:

@@ -6,8 +6,9 @@ cross-entropy; a model's loss on a text is the mean over all of its predictions.
 * :func:`calc_loss_batch`: the book's function, one batch of ``(inputs, targets)``;
 * :data:`LossFn`: the shape of every loss the training loop can use,
   ``loss_fn(model, batch) -> scalar``, with the batch already on the model's device
-  (:func:`to_device`). :func:`next_token_loss` is pretraining's; classification and
-  instruction tuning bring their own and share the loop;
+  (:func:`to_device`). :func:`next_token_loss` is pretraining's; classification,
+  instruction and preference tuning bring their own and share the loop. A loss may
+  also return ``(scalar, metrics)``, figures to log beside it (:func:`loss_and_metrics`);
 * :func:`calc_loss_loader`, :func:`evaluate_model`: the mean over a whole loader (or its
   first batches): every batch counts by its number of scored targets, so the result is
   the true mean over the split, a last short batch included;
@@ -28,8 +29,21 @@ from minigpt.model import evaluating
 
 IGNORE_INDEX = -100  # targets with this id add nothing to the loss (padding, prompts)
 
-# A loss function maps (the model, one batch from the loader, on the device) to a scalar loss.
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
+# A loss function maps (the model, one batch from the loader, on the device) to a scalar loss,
+# or to (scalar loss, {name: figure}) with figures to record beside the loss (each a mean over the batch).
+Metrics = Mapping[str, torch.Tensor | float]
+LossFn = Callable[[nn.Module, Any], torch.Tensor | tuple[torch.Tensor, Metrics]]
+
+# Keys by which a dict batch states its own counts (see scored_targets and input_tokens).
+NUM_SCORED, NUM_TOKENS = "num_scored", "num_tokens"
+
+
+def loss_and_metrics(output: torch.Tensor | tuple[torch.Tensor, Metrics]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """What a :data:`LossFn` returned as ``(loss, metrics)``: a bare loss has no metrics."""
+    if isinstance(output, (tuple, list)):
+        loss, metrics = output
+        return loss, dict(metrics)
+    return output, {}
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:
@@ -68,7 +82,11 @@ def next_token_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) 
 def scored_targets(batch: Any) -> int:
     """How many predictions the mean loss of ``batch`` averages over: its targets (the
     second item of an ``(inputs, targets, ...)`` batch, or ``batch["targets"]``) that are
-    not ``-100``. A batch of another shape counts its rows (the first tensor's length)."""
+    not ``-100``. A batch of another shape counts its rows (the first tensor's length),
+    unless it is a dict that states the count itself as ``batch["num_scored"]`` (e.g. the
+    pairs of a preference batch)."""
+    if isinstance(batch, Mapping) and NUM_SCORED in batch:
+        return int(batch[NUM_SCORED])
     if isinstance(batch, Mapping) and "targets" in batch:
         targets = batch["targets"]
     elif isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
@@ -80,7 +98,10 @@ def scored_targets(batch: Any) -> int:
 
 
 def input_tokens(batch: Any) -> int:
-    """How many tokens ``batch`` feeds the model: the size of its first tensor (the input ids)."""
+    """How many tokens ``batch`` feeds the model: the size of its first tensor (the input ids),
+    or what a dict batch states as ``batch["num_tokens"]`` (a preference batch feeds two)."""
+    if isinstance(batch, Mapping) and NUM_TOKENS in batch:
+        return int(batch[NUM_TOKENS])
     while not isinstance(batch, torch.Tensor):
         batch = next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]
     return batch.numel()
@@ -101,15 +122,33 @@ def summed_loss(
     exactly: ``sum(totals) / sum(counts)``. Batches whose targets are all ``-100`` score
     nothing and are skipped (their mean loss would be NaN).
     """
-    total, count = 0.0, 0
+    total, count, _ = summed_loss_and_metrics(data_loader, model, device, num_batches, loss_fn)
+    return total, count
+
+
+@torch.no_grad()
+def summed_loss_and_metrics(
+    data_loader: Iterable,
+    model: nn.Module,
+    device: torch.device | str,
+    num_batches: int | None = None,
+    loss_fn: LossFn = next_token_loss,
+) -> tuple[float, int, dict[str, float]]:
+    """:func:`summed_loss` plus the sums of the metrics the loss function returns beside
+    the loss, each weighted like the loss by its batch's count: ``sums[name] / count`` is
+    the metric's mean over every scored item. Empty for a loss without metrics."""
+    total, count, sums = 0.0, 0, {}
     for i, batch in enumerate(data_loader):
         if num_batches is not None and i >= num_batches:
             break
         n = scored_targets(batch)
         if n:
-            total += loss_fn(model, to_device(batch, device)).item() * n
+            loss, metrics = loss_and_metrics(loss_fn(model, to_device(batch, device)))
+            total += loss.item() * n
             count += n
-    return total, count
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * n
+    return total, count, sums
 
 
 def calc_loss_loader(

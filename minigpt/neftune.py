@@ -65,7 +65,7 @@ def neftune_noise(embeddings: torch.Tensor, lengths: torch.Tensor, alpha: float)
     real = torch.arange(tokens, device=embeddings.device) < lengths[:, None]  # (batch, tokens)
     # clamp(min=1): an empty row has no real position, and its scale must not be infinite.
     scale = alpha / torch.sqrt(lengths.clamp(min=1).float() * dim)  # (batch,)
-    scale = (scale[:, None] * torch.ones_like(real)).to(embeddings.dtype)  # (batch, tokens)
+    scale = (scale[:, None] * real).to(embeddings.dtype)  # (batch, tokens)
     return torch.empty_like(embeddings).uniform_(-1, 1) * scale[:, :, None]
 
 

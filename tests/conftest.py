@@ -17,14 +17,26 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 
-@pytest.fixture(scope="session")
-def data_path() -> Path:
-    """The folder of real data that is not shipped with the package (``../shared/data``, or
-    ``$MINIGPT_TEST_DATA``); tests that need it are skipped, naming the folder, where it is absent."""
-    path = Path(os.environ.get("MINIGPT_TEST_DATA", DEFAULT_DATA))
-    if not path.is_dir():
-        pytest.skip(f"needs the data folder {path} (files that minigpt does not ship)")
-    return path
+def _data_root() -> Path:
+    return Path(os.environ.get("MINIGPT_TEST_DATA", DEFAULT_DATA))
+
+
+def _need_data(*relpaths: str) -> Path:
+    """The data folder, or a skip that names the files a test needs from it."""
+    root = _data_root()
+    missing = [relpath for relpath in relpaths if not (root / relpath).is_file()]
+    if not root.is_dir() or missing:
+        names = ", ".join(missing or relpaths) or "its files"
+        pytest.skip(f"needs {names} from the data folder {root} (not shipped with minigpt)")
+    return root
+
+
+@pytest.fixture
+def data_path(request) -> Path:
+    """The folder of real data that minigpt does not ship (``../shared/data``, or
+    ``$MINIGPT_TEST_DATA``). A test module lists the files it reads from it in ``DATA_FILES``;
+    where the folder or one of them is absent, the test is skipped with their names."""
+    return _need_data(*getattr(request.module, "DATA_FILES", ()))
 
 
 @pytest.fixture
@@ -35,10 +47,11 @@ def data_dir(data_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="session")
-def gpt2(data_path) -> tiktoken.Encoding:
+def gpt2() -> tiktoken.Encoding:
     """Reference GPT-2 BPE, built straight from tiktoken's own file in the data folder
     (independent of minigpt's tokenizer code)."""
-    lines = (data_path / "gpt2" / "r50k_base.tiktoken").read_bytes().splitlines()
+    path = _need_data("gpt2/r50k_base.tiktoken") / "gpt2" / "r50k_base.tiktoken"
+    lines = path.read_bytes().splitlines()
     ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
     return tiktoken.Encoding(
         name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,

@@ -27,6 +27,9 @@ from minigpt.lora import apply_lora, merge_lora
 from minigpt.model import GPTModel
 from minigpt.tokenizer import PAD_TOKEN_ID, get_gpt2_tokenizer
 
+# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+DATA_FILES = ["sms_spam/SMSSpamCollection.tsv"]
+
 PAD = 50256
 SMALL = GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=2,
                   drop_rate=0.0, tie_weights=True)

@@ -30,6 +30,9 @@ from minigpt.jobs.pretrain import PretrainConfig
 from minigpt.model import GPTModel
 from minigpt.tokenizer import get_gpt2_tokenizer
 
+# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+DATA_FILES = ["sms_spam/SMSSpamCollection.tsv", "instruct/instruction-data.json"]
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=2,
                   drop_rate=0.0, tie_weights=True)

@@ -14,6 +14,9 @@ from minigpt.download import PinnedFile
 from minigpt.files import cache_dir
 from minigpt.tokenizer import get_gpt2_tokenizer
 
+# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+DATA_FILES = ["tinyshakespeare.txt"]
+
 
 class OneShotTokenizer:
     """Delegates to a real tokenizer once; a second encode means the cache was missed."""

@@ -27,6 +27,9 @@ from minigpt import corpora, files, sources
 from minigpt.download import PinnedFile, download, fetch
 from minigpt.files import ChecksumError, cache_dir, data_dir, sha256_of, write_bytes, write_json, write_text
 
+# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+DATA_FILES = ["SHA256SUMS", "sms_spam/SMSSpamCollection.tsv"]
+
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("only_localhost")]
 TIMEOUT = 5.0  # seconds; every request below is to 127.0.0.1 and answers at once
 CONTENT = random.Random(0).randbytes(300_000)

@@ -24,6 +24,9 @@ from minigpt.model import GPTModel
 from minigpt.tokenizer import get_gpt2_tokenizer
 from minigpt.training import TrainConfig, train_model
 
+# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+DATA_FILES = ["instruct/instruction-data.json"]
+
 PAD = 50256
 INTRO = ("Below is an instruction that describes a task. "
          "Write a response that appropriately completes the request.")

@@ -15,6 +15,9 @@ from minigpt.labelled_data import (
     split_examples,
 )
 
+# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+DATA_FILES = ["sms_spam/SMSSpamCollection.tsv"]
+
 
 @pytest.fixture
 def sms(data_dir):

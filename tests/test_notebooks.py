@@ -9,11 +9,15 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+DATA_FILES = ["sms_spam/SMSSpamCollection.tsv", "instruct/instruction-data.json",
+              "instruct/instruction-data-with-preference.json"]
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
-# Notebooks that read data minigpt does not ship (the SMS spam and instruction sets): they run
+# Notebooks that read data minigpt does not ship (the SMS spam, instruction and preference sets): they run
 # with the data folder, and are skipped, naming it, where it is absent.
-NEEDS_DATA = {"appendix_e_lora", "ch06_classification", "ch07_instruction_finetuning"}
+NEEDS_DATA = {"appendix_e_lora", "ch06_classification", "ch07_instruction_finetuning", "ch07_preference_tuning"}
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
