@@ -11,19 +11,20 @@ The one idea: training is this loop, repeated::
 checkpoint) with what makes it work well and reproducibly: schedule, clipping, accumulation,
 mixed precision (:mod:`minigpt.runtime`), several processes (:mod:`minigpt.distributed`),
 exact resume (:mod:`minigpt.checkpoint`), a clean stop on Ctrl-C (:mod:`minigpt.interrupt`).
-The loss is pluggable, ``loss_fn(model, batch) -> loss``: fine-tuning shares this loop.
+The loss is pluggable, ``loss_fn(model, batch) -> loss`` (or ``(loss, metrics)``, figures
+recorded beside it): fine-tuning shares this loop. What a run records is a
+:class:`~minigpt.history.History` (:mod:`minigpt.history`, also importable from here).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,24 +33,27 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm  # plain text: no widget library needed in notebooks
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from minigpt.checkpoint import load_checkpoint, save_checkpoint
 from minigpt.distributed import mean_over_ranks, rank_and_world_size, rng_state_of_all_ranks, sum_over_ranks
 from minigpt.generation import check_sampling, generate, text_to_token_ids, token_ids_to_text
+from minigpt.history import History, TrainingInterrupted
 from minigpt.interrupt import GracefulInterrupt
 from minigpt.losses import (
     LossFn,
     evaluation_scope,
     input_tokens,
+    loss_and_metrics,
     next_token_loss,
     perplexity,
-    summed_loss,
+    summed_loss_and_metrics,
     to_device,
 )
 from minigpt.model import evaluating
 from minigpt.optim import create_optimizer, lr_at_step
 from minigpt.runtime import PRECISIONS, autocast, grad_scaler, resolve_precision, select_device
+
+__all__ = ["History", "TrainConfig", "TrainingInterrupted", "train_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,45 +100,6 @@ class TrainConfig:
             check_sampling(self.sample_temperature, self.sample_top_k)
         except ValueError as err:  # "temperature must be ...": name the field
             raise ValueError(f"sample_{err}") from None
-
-
-@dataclass
-class History:
-    """What :func:`train_model` records.
-
-    Per evaluation: ``steps`` (optimizer steps done), ``tokens_seen`` (training tokens
-    of all processes), ``train_losses``, ``val_losses``, ``samples``. Per optimizer step:
-    ``lrs``, ``step_losses`` (mean over all processes and micro-batches) and
-    ``grad_norms`` (before clipping); entry ``i`` belongs to step ``i + 1``. And the ``precision``.
-    """
-
-    steps: list[int] = field(default_factory=list)
-    tokens_seen: list[int] = field(default_factory=list)
-    train_losses: list[float] = field(default_factory=list)
-    val_losses: list[float] = field(default_factory=list)
-    samples: list[str] = field(default_factory=list)
-    lrs: list[float] = field(default_factory=list)
-    step_losses: list[float] = field(default_factory=list)
-    grad_norms: list[float] = field(default_factory=list)
-    precision: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> History:
-        return cls(**values)
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on SIGINT or SIGTERM, after finishing optimizer step ``step`` and
-    saving a checkpoint to ``run_dir`` (when given): ``train_model(..., resume=True)``
-    continues from there. ``exit_code``: 130 after SIGINT (Ctrl-C), 143 after SIGTERM."""
-
-    def __init__(self, step: int, run_dir: str | os.PathLike | None, exit_code: int, signal_name: str = "") -> None:
-        self.step, self.run_dir, self.exit_code = step, run_dir, exit_code
-        saved = f"; its checkpoint is saved in {run_dir}" if run_dir is not None else "; nothing was saved"
-        super().__init__(f"training stopped by {signal_name or 'a signal'} after step {step}{saved}")
 
 
 @dataclass
@@ -218,11 +183,32 @@ def train_model(
     return loop.history
 
 
-def _log_above(bar: tqdm) -> AbstractContextManager:
-    """While the bar is shown, console log lines are written above it instead of through it."""
-    loggers = [lg for lg in (logging.root, logging.getLogger("minigpt")) if any(
-        isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr) for h in lg.handlers)]
-    return logging_redirect_tqdm(loggers) if loggers and not bar.disable else nullcontext()
+class _AboveTheBar:
+    """A console stream that writes through ``tqdm.write``, so a log line lands above the bar."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        tqdm.write(text, file=self.stream, end="")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextmanager
+def _log_above(bar: tqdm) -> Iterator[None]:
+    """While the bar is shown, console log lines are written above it instead of through it.
+    (tqdm's own helper for this imports its notebook-widget module, which warns in Jupyter.)"""
+    handlers = [] if bar.disable else [
+        h for lg in (logging.root, logging.getLogger("minigpt")) for h in lg.handlers
+        if type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr)]
+    streams = [h.setStream(_AboveTheBar(h.stream)) for h in handlers]
+    try:
+        yield
+    finally:
+        for handler, stream in zip(handlers, streams, strict=True):
+            handler.setStream(stream)
 
 
 def _check_loaders(train_loader: Iterable, val_loader: Iterable, device: torch.device) -> None:
@@ -315,7 +301,7 @@ def _forward_backward(loop: _Loop, batch: Any, last: bool) -> torch.Tensor:
     sync = nullcontext() if last or loop.world_size == 1 else loop.forward.no_sync()
     with sync:
         with autocast(loop.device, loop.precision):
-            loss = loop.loss_fn(loop.forward, batch)
+            loss, _ = loss_and_metrics(loop.loss_fn(loop.forward, batch))
         loop.scaler.scale(loss / loop.config.grad_accum).backward()
     return loss.detach()
 
@@ -339,8 +325,8 @@ def _evaluate(loop: _Loop) -> None:
     # would change the dropout of the steps that follow.
     with torch.random.fork_rng(devices=[loop.device] if loop.device.type == "cuda" else []), \
             autocast(loop.device, loop.precision), evaluating(loop.model):
-        train_loss = _eval_loss(loop, loop.train_loader)
-        val_loss = _eval_loss(loop, loop.val_loader)
+        train_loss, train_metrics = _eval_loss(loop, loop.train_loader)
+        val_loss, val_metrics = _eval_loss(loop, loop.val_loader)
         sample = _sample(loop) if loop.rank == 0 else ""
     h = loop.history
     h.steps.append(loop.step)
@@ -348,21 +334,29 @@ def _evaluate(loop: _Loop) -> None:
     h.train_losses.append(train_loss)
     h.val_losses.append(val_loss)
     h.samples.append(sample)
+    h.record_metrics("train", train_metrics)
+    h.record_metrics("val", val_metrics)
     if loop.rank == 0:
         logger.info("step %6d | tokens %10s | train loss %.3f | val loss %.3f (perplexity %s, %s)", loop.step,
                     f"{loop.tokens_seen:,}", train_loss, val_loss, f"{perplexity(val_loss):,.1f}",
                     evaluation_scope(loop.val_loader, loop.config.eval_iter))
+        for split, metrics in (("train", train_metrics), ("val", val_metrics)):
+            if metrics:
+                logger.info("  %-5s %s", split, " | ".join(f"{name} {value:.3f}" for name, value in metrics.items()))
         if sample:
             logger.info("  %s", sample.replace("\n", " ")[:200])
 
 
-def _eval_loss(loop: _Loop, loader: Iterable) -> float:
-    """Mean loss per scored target over ``eval_iter`` batches of every process's share."""
-    total, count = summed_loss(loader, loop.model, loop.device, loop.config.eval_iter, loop.loss_fn)
-    total, count = sum_over_ranks([total, count], loop.device)
+def _eval_loss(loop: _Loop, loader: Iterable) -> tuple[float, dict[str, float]]:
+    """Mean loss per scored target over ``eval_iter`` batches of every process's share, and
+    the mean of each metric the loss function returns (weighted alike)."""
+    total, count, sums = summed_loss_and_metrics(loader, loop.model, loop.device, loop.config.eval_iter,
+                                                 loop.loss_fn)
+    names = sorted(sums)  # the same order in every process
+    total, count, *values = sum_over_ranks([total, count, *(sums[name] for name in names)], loop.device)
     if not count:
         raise ValueError("the evaluation batches hold no scored targets (all are -100): nothing to measure")
-    return total / count
+    return total / count, {name: value / count for name, value in zip(names, values, strict=True)}
 
 
 def _sample(loop: _Loop) -> str:
