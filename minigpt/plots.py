@@ -116,3 +116,36 @@ def plot_accuracy(
     # Bars reach the top of the axes, so the legend sits above them, outside the axes.
     fig.legend(loc="outside upper center", ncols=2, title="fine-tuning")
     return _save(fig, path)
+
+
+def plot_preference(history: Any, path: str | os.PathLike | None = None) -> Figure:
+    """Preference tuning (:mod:`minigpt.dpo`) at a glance, training and validation against
+    optimizer steps in three panels: the loss, the reward margin (chosen minus rejected)
+    and the reward accuracy (the share of pairs ranked right). Read them together: the
+    margin and accuracy rising on validation pairs mean the preference generalises.
+    Needs a history whose ``metrics`` hold ``rewards/margins`` and ``rewards/accuracies``;
+    saved as a PNG at ``path`` if given."""
+    h = _as_dict(history)
+    metrics = h.get("metrics") or {}
+    missing = [f"{split}/rewards/{name}" for split in ("train", "val") for name in ("margins", "accuracies")
+               if not metrics.get(f"{split}/rewards/{name}")]
+    if missing:
+        raise ValueError(f"the history has no {', '.join(missing)}: was it recorded by train_model with a "
+                         "preference loss (minigpt.dpo.DPOLoss)?")
+    fig, loss_ax = _new_figure(height=7)
+    grid = fig.add_gridspec(3, 1)
+    loss_ax.set_subplotspec(grid[0])
+    panels = [(loss_ax, h["train_losses"], h["val_losses"], "loss")]
+    for row, name, label in ((1, "margins", "reward margin"), (2, "accuracies", "reward accuracy")):
+        ax = fig.add_subplot(grid[row], sharex=loss_ax)
+        ax.grid(alpha=0.3)
+        panels.append((ax, metrics[f"train/rewards/{name}"], metrics[f"val/rewards/{name}"], label))
+    for ax, train, val, label in panels:
+        ax.plot(h["steps"], train, "o-", color=TRAIN_COLOR, markersize=3, label="training")
+        ax.plot(h["steps"], val, "o--", color=VAL_COLOR, markersize=3, label="validation")
+        ax.set_ylabel(label)
+    panels[1][0].axhline(0.0, color=BEFORE_COLOR, linewidth=0.8)  # above zero: chosen answers gain
+    panels[2][0].set_ylim(-0.05, 1.05)
+    panels[2][0].set_xlabel("optimizer steps")
+    loss_ax.legend(loc="upper right")
+    return _save(fig, path)
