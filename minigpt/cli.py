@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import os
 import re
@@ -29,7 +30,7 @@ COMMANDS = {  # name -> one-line help; each has _add_<name> (its options) and _c
     "download": "download OpenAI's GPT-2 weights, verified by SHA-256",
     "pretrain": "pretrain a fresh model on a corpus (default: a tiny model on Tiny Shakespeare, ~3 minutes)",
     "eval": "loss and perplexity of a model on a corpus's validation split",
-    "finetune": "fine-tune a GPT to classify texts or to follow instructions",
+    "finetune": "fine-tune a GPT to classify texts, to follow instructions, or to prefer the answers people do",
 }
 TRAIN_HELP = {  # the training loop's settings (minigpt.training.TrainConfig), in the command line's words
     "max_steps": ("--steps", "optimizer steps"),
@@ -142,7 +143,7 @@ def _in_user_words(message: str, flags: dict[str, str]) -> str:
     """A job's message with the names of its settings replaced by their options:
     ``TrainConfig.max_steps must be ...`` -> ``--steps must be ...``."""
     message = re.sub(r"\b[A-Z]\w*Config\.(\w+)", r"\1", message)
-    names = sorted((name for name in flags if "_" in name or name in ("lr",)), key=len, reverse=True)
+    names = sorted((name for name in flags if "_" in name or name in ("lr", "beta")), key=len, reverse=True)
     if not names:
         return message
     return re.sub(r"(?<![\w-])(" + "|".join(names) + r")\b", lambda m: flags[m.group(1)], message)
@@ -281,53 +282,57 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_finetune(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
-    from minigpt.jobs.classify import ClassifyConfig
-    from minigpt.jobs.instruct import InstructConfig
+FINETUNE = {  # task -> (its settings class and job function in minigpt.jobs.<task>, one-line help)
+    "classify": ("ClassifyConfig", "finetune_classifier", "train a text classifier (book ch. 6), e.g. a spam filter"),
+    "instruct": ("InstructConfig", "finetune_instructions",
+                 "instruction fine-tuning (book ch. 7) with answers and their scores"),
+    "dpo": ("DPOConfig", "finetune_dpo", "preference tuning with DPO: an instruction-tuned model learns which of "
+                                         "two answers people prefer"),
+}
 
+
+def _finetune_job(task: str) -> tuple[type, Callable[..., dict[str, Any]]]:
+    module = importlib.import_module(f"minigpt.jobs.{task}")
+    return getattr(module, FINETUNE[task][0]), getattr(module, FINETUNE[task][1])
+
+
+def _add_finetune(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
     tasks = p.add_subparsers(dest="task", required=True)
-    for name, settings, help in (
-            ("classify", ClassifyConfig(), "train a text classifier (book ch. 6), e.g. a spam filter"),
-            ("instruct", InstructConfig(), "instruction fine-tuning (book ch. 7) with answers and their scores")):
+    for name, (_, _, help) in FINETUNE.items():
         task = tasks.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
-        _add_settings(task, settings, flags)
+        _add_settings(task, _finetune_job(name)[0](), flags)
         task.add_argument("--resume", metavar="OUTPUT", help="continue the interrupted run in OUTPUT")
 
 
-def _finetune_settings(cls: type, args: argparse.Namespace) -> Any:
-    given = _given(args, cls)
-    if args.resume:
-        return dataclasses.replace(cls.load(args.resume), **{**given, "output": args.resume})
-    _default_precision(given, given.get("device"))
-    return cls(**given)
-
-
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    if args.task == "classify":
-        from minigpt.jobs.classify import ClassifyConfig, finetune_classifier
-
-        settings = _finetune_settings(ClassifyConfig, args)
-        job = finetune_classifier
+    cls, job = _finetune_job(args.task)
+    given = _given(args, cls)
+    if args.resume:  # options given replace the run's own settings
+        settings = dataclasses.replace(cls.load(args.resume), **{**given, "output": args.resume})
     else:
-        from minigpt.jobs.instruct import InstructConfig, finetune_instructions
-
-        settings = _finetune_settings(InstructConfig, args)
-        job = finetune_instructions
-        if not (settings.judge_model or settings.judge_url):
-            print("no judge given (--judge-model or --judge-url): reporting the test loss and perplexity only")
-    metrics = _interruptible(lambda: job(settings, resume=bool(args.resume)),
-                             f"minigpt finetune {args.task} --resume {settings.output}")
+        _default_precision(given, given.get("device"))
+        settings = cls(**given)
+    if args.task == "instruct" and not (settings.judge_model or settings.judge_url):
+        print("no judge given (--judge-model or --judge-url): reporting the test loss and perplexity only")
+    m = _interruptible(lambda: job(settings, resume=bool(args.resume)),
+                       f"minigpt finetune {args.task} --resume {settings.output}")
     if args.task == "classify":
-        before, after = metrics["accuracy_before"], metrics["accuracy"]
+        before, after = m["accuracy_before"], m["accuracy"]
         print(f"accuracy: train {after['train']:.1%}, validation {after['val']:.1%}, test {after['test']:.1%} "
               f"(test before fine-tuning: {before['test']:.1%})")
-        print(f"saved the classifier, loss.png, accuracy.png and metrics.json in {settings.output}")
-        return 0
-    print(f"test loss {metrics['test_loss']:.3f}, perplexity {metrics['test_perplexity']:,.1f}")
-    if metrics["judge_score"] is not None:
-        print(f"judge score {metrics['judge_score']:.1f} / 100 over {metrics['judged']} "
-              f"of {metrics['responses']} responses")
-    print(f"saved the model, loss.png, responses.json and metrics.json in {settings.output}")
+        saved = "the classifier, loss.png, accuracy.png"
+    elif args.task == "instruct":
+        print(f"test loss {m['test_loss']:.3f}, perplexity {m['test_perplexity']:,.1f}")
+        if m["judge_score"] is not None:
+            print(f"judge score {m['judge_score']:.1f} / 100 over {m['judged']} of {m['responses']} responses")
+        saved = "the model, loss.png, responses.json"
+    else:
+        before, val, test = m["val_before"], m["val"], m["test"]
+        print(f"validation: reward accuracy {before['rewards/accuracies']:.1%} -> {val['rewards/accuracies']:.1%}, "
+              f"reward margin {before['rewards/margins']:.3f} -> {val['rewards/margins']:.3f}; test: reward accuracy "
+              f"{test['rewards/accuracies']:.1%}, reward margin {test['rewards/margins']:.3f}")
+        saved = f"the model{', its adapter' if settings.lora_rank else ''}, loss.png, preference.png, ab_samples.json"
+    print(f"saved {saved} and metrics.json in {settings.output}")
     return 0
 
 

@@ -4,6 +4,7 @@ command that resumes, and each sub-command end to end on tiny settings."""
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -58,7 +59,7 @@ def actions(parser: argparse.ArgumentParser, *path: str) -> list[argparse.Action
 
 
 @pytest.mark.parametrize("path", [("generate",), ("pretrain",), ("eval",), ("finetune", "classify"),
-                                  ("finetune", "instruct")])
+                                  ("finetune", "instruct"), ("finetune", "dpo")])
 def test_help_shows_every_default(path):
     for action in actions(build_parser(), *path):
         if action.dest != "overwrite" and not action.required:  # a switch, and the one option that must be given
@@ -371,8 +372,10 @@ def test_cli_names_the_malformed_entry(tmp_path, capsys):
     assert "entry 1 has no 'output' field" in capsys.readouterr().err
 
 
-def test_finetune_settings_cover_every_option():
-    from minigpt.jobs.classify import ClassifyConfig
-
-    flags = {a.dest for a in actions(build_parser(), "finetune", "classify")}
-    assert flags == {f.name for f in dataclasses.fields(ClassifyConfig)}
+@pytest.mark.parametrize("task, settings", [("classify", "minigpt.jobs.classify.ClassifyConfig"),
+                                            ("instruct", "minigpt.jobs.instruct.InstructConfig"),
+                                            ("dpo", "minigpt.jobs.dpo.DPOConfig")])
+def test_finetune_settings_cover_every_option(task, settings):
+    module, name = settings.rsplit(".", 1)
+    flags = {a.dest for a in actions(build_parser(), "finetune", task)}
+    assert flags == {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))}

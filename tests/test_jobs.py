@@ -15,6 +15,7 @@ from minigpt import runtime
 from minigpt.classification import classify, load_classifier
 from minigpt.config import GPTConfig
 from minigpt.jobs.classify import ClassifyConfig, finetune_classifier
+from minigpt.jobs.dpo import DPOConfig
 from minigpt.jobs.evaluate import EvalConfig, evaluate
 from minigpt.jobs.finetune import load_model
 from minigpt.jobs.info import preset_sizes
@@ -128,6 +129,7 @@ def test_precision_defaults_stay_float32_where_the_cpu_has_fast_bfloat16(monkeyp
     assert TrainConfig().precision == "float32"
     assert PretrainConfig().train.precision == "float32"
     assert ClassifyConfig().precision == "float32" and InstructConfig().precision == "float32"
+    assert DPOConfig().precision == "float32"
 
 
 def test_pretrain_stops_on_a_signal_with_a_checkpoint_and_resumes_exactly(tmp_path):

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from torch import nn
 
 from minigpt.config import GPTConfig
-from minigpt.lora import LinearWithLoRA, LoRALayer, apply_lora, load_lora, merge_lora, save_lora
+from minigpt.lora import LinearWithLoRA, LoRALayer, apply_lora, load_lora, lora_disabled, merge_lora, save_lora
 from minigpt.model import GPTModel
 
 # Tied head and qkv biases: the cases that need care.
@@ -235,3 +235,48 @@ def test_loading_a_mismatched_adapter_names_the_tensors_and_leaves_the_model_alo
         load_lora(GPTModel(SMALL), tmp_path / "base" / "model.safetensors")
     with pytest.raises(FileNotFoundError):
         load_lora(GPTModel(SMALL), tmp_path / "missing.safetensors")
+
+
+# --- switching the adapters off ---------------------------------------------------------
+
+
+def test_with_lora_disabled_the_model_computes_exactly_the_base_model():
+    torch.manual_seed(0)
+    base = GPTModel(SMALL).eval()
+    model = lora_model(base, dropout=0.5)
+    train_steps(model)  # the adapters now change the outputs
+    model.eval()
+    x = ids()
+    with torch.no_grad():
+        adapted = model(x)
+        assert not torch.allclose(adapted, base(x))
+        with lora_disabled(model) as same:
+            assert same is model
+            assert torch.equal(model(x), base(x))  # bit for bit: no second copy, no rounding
+        assert torch.equal(model(x), adapted)  # switched on again afterwards
+
+
+def test_lora_disabled_restores_the_state_after_an_error_and_when_nested():
+    torch.manual_seed(0)
+    model = lora_model(GPTModel(SMALL))
+    layers = [m for m in model.modules() if isinstance(m, LinearWithLoRA)]
+    with pytest.raises(RuntimeError, match="boom"):
+        with lora_disabled(model):
+            raise RuntimeError("boom")
+    assert all(layer.enabled for layer in layers)
+    with lora_disabled(model):
+        with lora_disabled(model):
+            pass
+        assert not any(layer.enabled for layer in layers)  # the outer block still has them off
+    assert all(layer.enabled for layer in layers)
+    # Gradients flow only when the adapters are on: with them off, A and B get none.
+    model.pos_emb.weight.requires_grad_(True)
+    with lora_disabled(model):
+        model(ids()).sum().backward()
+    assert all(layer.lora.A.grad is None and layer.lora.B.grad is None for layer in layers)
+
+
+def test_lora_disabled_on_a_model_without_adapters_says_what_to_do():
+    with pytest.raises(ValueError, match="no LoRA layers to switch off; call apply_lora or load_lora first"):
+        with lora_disabled(GPTModel(SMALL)):
+            pass

@@ -18,10 +18,12 @@ from minigpt.losses import (
     evaluate_model,
     evaluation_scope,
     input_tokens,
+    loss_and_metrics,
     next_token_loss,
     perplexity,
     scored_targets,
     summed_loss,
+    summed_loss_and_metrics,
     to_device,
 )
 from minigpt.model import GPTModel
@@ -108,6 +110,35 @@ def test_scored_targets_and_input_tokens_read_the_usual_batch_shapes():
     assert scored_targets({"inputs": x, "targets": y}) == 28
     assert scored_targets({"chosen": x, "rejected": x}) == 2  # no targets: one per row
     assert input_tokens((x, y)) == 32 and input_tokens({"inputs": x[:1]}) == 16
+
+
+def test_a_dict_batch_may_state_its_own_counts():
+    pairs = {"chosen_ids": torch.zeros(3, 10, dtype=torch.long), "rejected_ids": torch.zeros(3, 10, dtype=torch.long),
+             "num_scored": 3, "num_tokens": 60}
+    assert scored_targets(pairs) == 3 and input_tokens(pairs) == 60
+    assert scored_targets({**pairs, "num_scored": torch.tensor(5)}) == 5
+    assert to_device(pairs, "meta")["num_scored"] == 3  # counts travel unchanged
+
+
+def test_a_loss_may_return_metrics_that_are_averaged_like_the_loss():
+    loss = torch.tensor(2.0)
+    assert loss_and_metrics(loss) == (loss, {})
+    assert loss_and_metrics((loss, {"acc": 0.5})) == (loss, {"acc": 0.5})
+
+    def loss_fn(model, batch):  # the batch's mean loss, and a figure per batch
+        return batch["value"].mean(), {"double": 2 * batch["value"].mean(), "count": float(len(batch["value"]))}
+
+    # Batches of 3 and 1 items: every item weighs the same, as for the loss.
+    loader = [{"value": torch.tensor([1.0, 2.0, 3.0])}, {"value": torch.tensor([10.0])}]
+    total, count, sums = summed_loss_and_metrics(loader, None, "cpu", loss_fn=loss_fn)
+    assert (total, count) == (16.0, 4)
+    assert sums == {"double": 32.0, "count": 10.0}  # 3 * 3 + 1 * 1
+    assert summed_loss(loader, None, "cpu", loss_fn=loss_fn) == (16.0, 4)
+    assert calc_loss_loader(loader, None, "cpu", loss_fn=loss_fn) == 4.0
+    assert summed_loss_and_metrics(loader, None, "cpu", num_batches=1, loss_fn=loss_fn)[2]["double"] == 12.0
+    # A plain loss has no metrics.
+    assert summed_loss_and_metrics([{"value": torch.ones(2)}], None, "cpu",
+                                   loss_fn=lambda m, b: b["value"].mean())[2] == {}
 
 
 def test_a_loss_function_gets_the_model_and_the_batch_on_the_device():

@@ -6,7 +6,7 @@ import pytest
 from matplotlib.colors import to_rgba
 
 from minigpt import plots
-from minigpt.plots import PlotFigure, plot_accuracy, plot_losses, plot_lr
+from minigpt.plots import PlotFigure, plot_accuracy, plot_losses, plot_lr, plot_preference
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -103,3 +103,34 @@ def test_accuracy_plot_pairs_the_bars_and_labels_the_value_after():
     assert [t.get_text() for t in ax.texts] == ["97.0%", "95.0%", "93.0%"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["train", "val", "test"]
     assert ax.get_ylim() == (0, 1.1)
+
+
+PREFERENCE_HISTORY = {
+    **HISTORY, "train_losses": [0.693, 0.61, 0.52], "val_losses": [0.693, 0.65, 0.60],
+    "metrics": {"train/rewards/margins": [0.0, 0.2, 0.5], "val/rewards/margins": [0.0, 0.1, 0.3],
+                "train/rewards/accuracies": [0.0, 0.6, 0.8], "val/rewards/accuracies": [0.0, 0.55, 0.75],
+                "train/rewards/chosen": [0.0, 0.1, 0.2]},
+}
+
+
+def test_preference_plot_shows_loss_margin_and_accuracy_for_both_splits(tmp_path):
+    fig = plot_preference(PREFERENCE_HISTORY, tmp_path / "preference.png")
+    assert png_size(tmp_path / "preference.png") == (840, 840)  # three panels, 7 inches high
+    assert isinstance(fig, PlotFigure) and fig.get_figwidth() == plots.WIDTH
+    loss_ax, margin_ax, accuracy_ax = fig.axes
+    metrics = PREFERENCE_HISTORY["metrics"]
+    for ax, train, val in ((loss_ax, PREFERENCE_HISTORY["train_losses"], PREFERENCE_HISTORY["val_losses"]),
+                           (margin_ax, metrics["train/rewards/margins"], metrics["val/rewards/margins"]),
+                           (accuracy_ax, metrics["train/rewards/accuracies"], metrics["val/rewards/accuracies"])):
+        train_line, val_line = (line for line in ax.get_lines() if line.get_label() in ("training", "validation"))
+        assert (train_line.get_label(), list(train_line.get_ydata())) == ("training", train)
+        assert (val_line.get_label(), list(val_line.get_ydata())) == ("validation", val)
+        assert list(train_line.get_xdata()) == PREFERENCE_HISTORY["steps"]
+        assert train_line.get_color() == plots.TRAIN_COLOR and val_line.get_color() == plots.VAL_COLOR
+        assert ax.xaxis.get_gridlines()[0].get_visible()
+    assert [ax.get_ylabel() for ax in fig.axes] == ["loss", "reward margin", "reward accuracy"]
+    assert accuracy_ax.get_ylim() == (-0.05, 1.05) and accuracy_ax.get_xlabel() == "optimizer steps"
+    with pytest.raises(ValueError, match="has no val/rewards/margins, val/rewards/accuracies"):
+        plot_preference({**PREFERENCE_HISTORY, "metrics": {k: v for k, v in metrics.items() if k.startswith("train")}})
+    with pytest.raises(ValueError, match="preference loss"):
+        plot_preference(HISTORY)

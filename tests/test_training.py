@@ -3,6 +3,7 @@ exact resume, also after Ctrl-C, NaN stop, evaluation over every window, float32
 on every CPU), plus `minigpt pretrain`/`eval` end to end."""
 
 import json
+import logging
 import math
 import os
 import random
@@ -113,6 +114,52 @@ def test_history_records_the_schedule_and_evaluations():
     assert history.val_losses[-1] < history.val_losses[0]
     assert history.precision == "float32"
     assert History.from_dict(json.loads(json.dumps(history.to_dict()))) == history
+
+
+def _loss_with_metrics(model, batch):
+    """next_token_loss plus two figures: the loss doubled, and the batch's share of target ids below 20."""
+    loss = next_token_loss(model, batch)
+    return loss, {"double": 2 * loss.detach(), "low": (batch[1] < 20).float().mean().item()}
+
+
+def test_metrics_a_loss_returns_are_recorded_per_evaluation_and_split(caplog):
+    with caplog.at_level(logging.INFO, logger="minigpt.training"):
+        model, history = _train(_config(eval_iter=None), loss_fn=_loss_with_metrics)
+    assert sorted(history.metrics) == ["train/double", "train/low", "val/double", "val/low"]
+    assert all(len(values) == len(history.steps) == 5 for values in history.metrics.values())
+    # Each is the mean over the evaluated batches, weighted like the loss (by scored targets).
+    for train_loss, val_loss, train_double, val_double in zip(history.train_losses, history.val_losses,
+                                                              history.metrics["train/double"],
+                                                              history.metrics["val/double"], strict=True):
+        assert train_double == pytest.approx(2 * train_loss) and val_double == pytest.approx(2 * val_loss)
+    _, val = _loaders()
+    targets = torch.cat([y for _, y in val])
+    assert history.metrics["val/low"][-1] == pytest.approx((targets < 20).float().mean().item())
+    assert "val   double" in caplog.text and "train double" in caplog.text
+    # The same run without metrics has the same losses, and records none.
+    _, plain = _train(_config(eval_iter=None))
+    assert plain.val_losses == history.val_losses and plain.metrics == {}
+    # Saved and read back with the history; a history saved before metrics existed still loads.
+    assert History.from_dict(json.loads(json.dumps(history.to_dict()))) == history
+    old = {k: v for k, v in plain.to_dict().items() if k != "metrics"}
+    assert History.from_dict(old) == plain
+
+
+def test_a_resumed_run_records_the_same_metrics(tmp_path):
+    _, full = _train(run_dir=tmp_path / "full", loss_fn=_loss_with_metrics)
+    calls = 0
+
+    def crash_in_step_6(model, batch):
+        nonlocal calls
+        calls += model.training
+        if calls == 11:
+            raise KeyboardInterrupt  # the process dies mid-step; the checkpoint of step 4 stays
+        return _loss_with_metrics(model, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(run_dir=tmp_path / "cut", loss_fn=crash_in_step_6)
+    _, resumed = _train(run_dir=tmp_path / "cut", resume=True, loss_fn=_loss_with_metrics)
+    assert resumed.metrics == full.metrics and resumed.val_losses == full.val_losses
 
 
 # ------------------------------------------------------------------ the loop's promises

@@ -1,11 +1,12 @@
-"""What the two fine-tuning jobs share: their common settings, one setup and one finish.
+"""What the fine-tuning jobs share: their common settings, one setup and one finish.
 
-The one idea: classification (book ch. 6) and instruction tuning (ch. 7) are the same
-job around a different dataset and a different use of the model::
+The one idea: classification (book ch. 6), instruction tuning (ch. 7) and preference
+tuning (DPO) are the same job around a different dataset, loss and use of the model::
 
     setup     seed, device, tokenizer, the model (a GPT-2 name, a directory or a preset)
     (the job) its data and loaders, its surgery (a classifier head), LoRA if asked
-    train     the training loop at a constant learning rate, checkpointing into the output
+    train     the training loop at a constant learning rate with the job's loss (NEFTune's
+              noisy embeddings if asked), checkpointing into the output
     finish    test loss, LoRA merged into the weights, the model saved, loss.png, metrics.json
 
 The output directory is also the run directory of the loop: on Ctrl-C or SIGTERM the loop
@@ -31,9 +32,10 @@ from minigpt.config import PRESETS
 from minigpt.distributed import ShardSampler, rank_and_world_size
 from minigpt.files import write_json
 from minigpt.hub import GPT2_REPOS
-from minigpt.lora import apply_lora, merge_lora
-from minigpt.losses import calc_loss_loader, perplexity
+from minigpt.lora import apply_lora, merge_lora, save_lora
+from minigpt.losses import LossFn, next_token_loss, perplexity, summed_loss_and_metrics
 from minigpt.model import GPTModel, evaluating
+from minigpt.neftune import disable_neftune, enable_neftune
 from minigpt.plots import plot_losses
 from minigpt.runtime import PRECISIONS, resolve_precision, select_device
 from minigpt.tokenizer import get_gpt2_tokenizer
@@ -46,7 +48,7 @@ Settings = TypeVar("Settings", bound="FinetuneConfig")
 
 @dataclass(kw_only=True)
 class FinetuneConfig:
-    """Settings both fine-tuning jobs have; ``model``, ``output`` and ``epochs`` get their
+    """Settings every fine-tuning job has; ``model``, ``output`` and ``epochs`` get their
     defaults in each job's own dataclass."""
 
     model: str = field(metadata={
@@ -99,6 +101,20 @@ def job_default(name: str, value: Any) -> Any:
     return field(default=value, metadata=FinetuneConfig.__dataclass_fields__[name].metadata)
 
 
+def neftune_field() -> Any:
+    """The ``neftune_alpha`` setting of the jobs that train on prompts and answers
+    (instruction and preference tuning), checked by :func:`check_neftune_alpha`."""
+    return field(default=None, metadata={
+        "help": "NEFTune: while training, uniform noise of size alpha/sqrt(length*width) on the token "
+                "embeddings (the paper tries 5, 10, 15)", "none": "off"})
+
+
+def check_neftune_alpha(alpha: float | None) -> None:
+    """``neftune_alpha`` is None (off) or more than 0."""
+    if alpha is not None and not alpha > 0:
+        raise ValueError(f"neftune_alpha must be more than 0 (the paper uses 5 to 15), got {alpha}")
+
+
 def load_model(spec: str) -> GPTModel:
     """A GPT-2 name or a directory loads weights; a preset name gives random ones."""
     if spec in GPT2_REPOS or Path(spec).exists():
@@ -149,9 +165,13 @@ def shuffled_loader(dataset: Dataset, batch_size: int, seed: int, *, drop_last: 
                       generator=torch.Generator().manual_seed(seed))
 
 
-def train(run: Run, train_loader: DataLoader, val_loader: DataLoader, *, data: str, **loop: Any) -> History:
-    """The loop at the constant learning rate ``settings.lr`` for ``epochs`` passes, with one
-    banner line first; ``loop`` sets further :class:`TrainConfig` fields (samples)."""
+def train(run: Run, train_loader: DataLoader, val_loader: DataLoader, *, data: str,
+          loss_fn: LossFn = next_token_loss, neftune_alpha: float | None = None, **loop: Any) -> History:
+    """The loop at the constant learning rate ``settings.lr`` for ``epochs`` passes with the
+    job's ``loss_fn``, with one banner line first; ``loop`` sets further :class:`TrainConfig`
+    fields (samples). With ``neftune_alpha``, NEFTune is on for the loop's training steps
+    (``loss_fn`` gives it each example's length) and off again afterwards; without, the
+    model is left as it is."""
     s = run.settings
     if len(train_loader) == 0:
         raise ValueError(f"{len(train_loader.dataset)} training examples make no batch of {s.batch_size}: "
@@ -160,26 +180,53 @@ def train(run: Run, train_loader: DataLoader, val_loader: DataLoader, *, data: s
                          weight_decay=s.weight_decay, eval_every=s.eval_every, eval_iter=s.eval_iter,
                          precision=s.precision, **loop)
     logger.info("data %s | model %s: %s parameters, %s trainable | device %s | precision %s | "
-                "%s steps (%d epochs of %d batches)%s", data, s.model, f"{run.model.num_parameters():,}",
+                "%s steps (%d epochs of %d batches)%s%s", data, s.model, f"{run.model.num_parameters():,}",
                 f"{run.model.num_parameters(trainable_only=True):,}", run.device,
                 resolve_precision(s.precision, run.device), f"{config.max_steps:,}", s.epochs, len(train_loader),
+                f" | NEFTune alpha {neftune_alpha:g}" if neftune_alpha else "",
                 f" | resuming {run.output}" if run.resume else "")
     save_settings(run.output, s.to_dict())
-    return train_model(run.model, train_loader, val_loader, config, device=run.device,
-                       tokenizer=run.tokenizer if loop.get("sample_prompt") else None,
-                       run_dir=run.output, resume=run.resume, progress=run.progress)
+    if neftune_alpha is not None:
+        enable_neftune(run.model, neftune_alpha)
+    try:
+        return train_model(run.model, train_loader, val_loader, config, device=run.device,
+                           tokenizer=run.tokenizer if loop.get("sample_prompt") else None, loss_fn=loss_fn,
+                           run_dir=run.output, resume=run.resume, progress=run.progress)
+    finally:
+        if neftune_alpha is not None:
+            disable_neftune(run.model)  # the model leaves the job without the job's noise hook
+
+
+def split_scores(run: Run, loader: DataLoader, loss_fn: LossFn = next_token_loss) -> dict[str, float]:
+    """The mean loss over the whole ``loader`` in eval mode, ``{"loss": x}``, plus the means
+    of the metrics ``loss_fn`` returns beside it (a preference loss's rewards)."""
+    with evaluating(run.model):  # no dropout, no noise
+        total, count, sums = summed_loss_and_metrics(loader, run.model, run.device, loss_fn=loss_fn)
+    if not count:
+        raise ValueError(f"the {len(loader.dataset)} examples of this split score nothing: they are empty, "
+                         "or their prompts fill max_length; use a larger max_length or other examples")
+    return {"loss": total / count, **{name: value / count for name, value in sums.items()}}
 
 
 def finish(run: Run, history: History, test_loader: DataLoader, metrics: dict[str, Any],
-           save: Callable[[GPTModel, Path], None]) -> dict[str, Any]:
+           save: Callable[[GPTModel, Path], None], *, loss_fn: LossFn = next_token_loss,
+           adapter: str | None = None) -> dict[str, Any]:
     """Test loss, LoRA merged, ``save(model, output)``, ``loss.png`` and ``metrics.json``
     (written last and atomically: its presence means the job completed; the checkpoint's
-    optimizer state is deleted before). Returns the metrics:
-    ``metrics`` plus ``test_loss`` and ``test_perplexity``."""
-    with evaluating(run.model):  # no dropout
-        test_loss = calc_loss_loader(test_loader, run.model, run.device)
-    metrics = {**metrics, "test_loss": test_loss, "test_perplexity": perplexity(test_loss)}
+    optimizer state is deleted before). Returns the metrics: ``metrics`` plus
+    ``test_loss``, and ``test_perplexity`` for the next-token loss, or ``test``, the
+    loss and the figures of another ``loss_fn`` that returns some (see :func:`split_scores`).
+    With LoRA and ``adapter``, the adapter alone is also saved, to that file of the
+    output, before it is merged."""
+    scores = split_scores(run, test_loader, loss_fn)
+    metrics = {**metrics, "test_loss": scores["loss"]}
+    if loss_fn is next_token_loss:
+        metrics["test_perplexity"] = perplexity(scores["loss"])
+    if len(scores) > 1:
+        metrics["test"] = scores
     if run.settings.lora_rank:
+        if adapter:
+            save_lora(run.model, run.output / adapter)
         merge_lora(run.model)
     save(run.model, run.output)
     (run.output / STATE_FILE).unlink(missing_ok=True)  # the run is complete: its optimizer state is not needed

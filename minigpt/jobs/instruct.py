@@ -2,9 +2,10 @@
 
 The one idea: a GPT learns to follow instructions by training on prompts formatted the
 same way every time, each followed by the answer and an end-of-text
-(:mod:`minigpt.instruction`). The job splits the entries 85/5/10, fine-tunes, answers the
-test prompts, and, given a judge (:mod:`minigpt.judges`), scores those answers. Setup
-and finish are shared with classification (:mod:`minigpt.jobs.finetune`).
+(:mod:`minigpt.instruction`). The job splits the entries 85/5/10, fine-tunes (with
+NEFTune's noisy embeddings if asked, :mod:`minigpt.neftune`), answers the test prompts,
+and, given a judge (:mod:`minigpt.judges`), scores those answers. Setup and finish are
+shared with the other fine-tuning jobs (:mod:`minigpt.jobs.finetune`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from minigpt.instruction import (
     format_input,
     generate_responses,
     instruction_dataloader,
+    instruction_loss,
     load_instruction_data,
     save_responses,
     split_instruction_data,
@@ -30,9 +32,11 @@ from minigpt.jobs.finetune import (
     FinetuneConfig,
     Run,
     add_lora,
+    check_neftune_alpha,
     finish,
     job_default,
     load_model,
+    neftune_field,
     setup,
     shuffled_loader,
     train,
@@ -64,6 +68,7 @@ class InstructConfig(FinetuneConfig):
         "help": "a chat endpoint to rate the answers: Ollama's http://localhost:11434/api/chat or an "
                 "OpenAI-compatible .../v1/chat/completions (sends $OPENAI_API_KEY if set)", "none": "no judge"})
     judge_name: str = field(default="llama3", metadata={"help": "the model name sent to judge_url"})
+    neftune_alpha: float | None = neftune_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,6 +78,7 @@ class InstructConfig(FinetuneConfig):
                 raise ValueError(f"{name} must be at least 1, got {value}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be 0 or more, got {self.max_new_tokens}")
+        check_neftune_alpha(self.neftune_alpha)
         if self.judge_model and self.judge_url:
             raise ValueError("give one judge: judge_model or judge_url, not both")
 
@@ -92,11 +98,11 @@ def finetune_instructions(settings: InstructConfig, model: GPTModel | None = Non
 
     The first ``subset`` entries (all when None) are split 85/5/10 (train/val/test); the
     model trains at a constant learning rate (like the book; with LoRA when ``lora_rank``
-    is set), then answers the first ``num_responses`` test prompts, rated by ``judge``
-    (default: the one the settings name, if any). ``settings.output`` receives the model
-    (``save_pretrained``; LoRA merged), ``loss.png``, ``responses.json`` and
-    ``metrics.json``, whose content is returned: test loss and perplexity, and the mean
-    judge score (None without a judge).
+    is set, with NEFTune when ``neftune_alpha`` is), then answers the first
+    ``num_responses`` test prompts, rated by ``judge`` (default: the one the settings
+    name, if any). ``settings.output`` receives the model (``save_pretrained``; LoRA
+    merged), ``loss.png``, ``responses.json`` and ``metrics.json``, whose content is
+    returned: test loss and perplexity, and the mean judge score (None without a judge).
     """
     s = settings
     run = setup(s, model, resume=resume, progress=progress)
@@ -115,8 +121,8 @@ def finetune_instructions(settings: InstructConfig, model: GPTModel | None = Non
                                mask_instruction=s.mask_instruction) for part in (val_part, test_part))
     add_lora(run)
     data = s.data or sources.INSTRUCTION_DATA.relpath
-    history = train(run, train_loader, val_loader, sample_prompt=format_input(val_part[0]), sample_tokens=35,
-                    sample_temperature=0.0,
+    history = train(run, train_loader, val_loader, loss_fn=instruction_loss, neftune_alpha=s.neftune_alpha,
+                    sample_prompt=format_input(val_part[0]), sample_tokens=35, sample_temperature=0.0,
                     data=f"{data}: {len(train_part)} train, {len(val_part)} validation, {len(test_part)} test")
     responses = generate_responses(run.model, test_part[:s.num_responses], run.tokenizer, s.max_new_tokens,
                                    progress)
