@@ -23,7 +23,11 @@ memory cannot hide another's. Reported per run:
 * ``peak_growth_mb``: the peak resident set size (``VmHWM``) during the steps, warm-up
   included, minus the resident size (``VmRSS``) right after the model was built (and, for
   ``precomputed``, its log-probabilities computed); the peak is reset at that point
-  (``/proc/self/clear_refs``), so building the model does not count.
+  (``/proc/self/clear_refs``), so building the model does not count. The runs use glibc's
+  ``MALLOC_MMAP_THRESHOLD_=131072``: every block of 128 KiB or more is given back to the
+  system when freed, so the resident size follows the tensors alive. (By default glibc
+  keeps freed blocks of up to 32 MiB for reuse; the resident size then also holds what
+  earlier steps left behind, and each step's peak grows by some of it.)
 
 and the ratios of both to the supervised step, plus the two checks: the memory that
 switching the adapters off saves against the deep copy, as a share of the model's bytes
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -47,6 +52,7 @@ import time
 from pathlib import Path
 
 STRATEGIES = ("sft", "deep_copy", "adapters_off", "precomputed")
+MMAP_THRESHOLD = "131072"  # bytes: blocks this large are returned to the system when freed
 SHAPES = {"gpt2-small": (4, 256, 64), "tiny": (4, 64, 16)}  # (batch, tokens, prompt tokens)
 
 
@@ -201,7 +207,8 @@ def run_in_subprocess(strategy: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", strategy, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--rank", str(args.rank)]
     command += (["--tiny"] if args.tiny else []) + (["--threads", str(args.threads)] if args.threads else [])
-    done = subprocess.run(command, capture_output=True, text=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}  # read by glibc at start-up
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"the {strategy} run failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -219,6 +226,7 @@ def summary(runs: dict[str, dict], preset: str, args: argparse.Namespace) -> dic
         "trainable_params": sft["trainable_params"], "model_mb": round(model_mb, 1),
         "threads": sft["threads"], "warmup": args.warmup, "steps": args.steps,
         "measure": "median step time; peak RSS growth over the RSS after the model is built, fresh process each",
+        "malloc": f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}",
         "step_s": {s: round(r["step_s"], 3) for s, r in runs.items()},
         "peak_growth_mb": {s: round(r["peak_growth_mb"], 1) for s, r in runs.items()},
         "time_vs_sft": {s: round(r["step_s"] / sft["step_s"], 3) for s, r in runs.items()},

@@ -23,6 +23,9 @@ from minigpt.neftune import neftune_enabled
 from minigpt.preference import load_preference_data
 from minigpt.training import TrainingInterrupted
 
+# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+DATA_FILES = ["instruct/instruction-data-with-preference.json"]
+
 SMALL = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0,
                   tie_weights=True)
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
