@@ -16,18 +16,21 @@ reference's log-probabilities of the same pairs, and an AdamW step. The referenc
 
 The yardstick is one supervised instruction step (``minigpt.instruction.instruction_loss``)
 of the same LoRA model on ``batch`` sequences of ``tokens`` tokens (the prompt's targets
-masked, as in the DPO batch). Each of the four runs in its own fresh process, so one's peak
-memory cannot hide another's. Reported per run:
+masked, as in the DPO batch). Reported for each of the four:
 
-* ``step_s``: the median time of ``--steps`` steps after ``--warmup`` untimed ones;
-* ``peak_growth_mb``: the peak resident set size (``VmHWM``) during the steps, warm-up
-  included, minus the resident size (``VmRSS``) right after the model was built (and, for
-  ``precomputed``, its log-probabilities computed); the peak is reset at that point
-  (``/proc/self/clear_refs``), so building the model does not count. The runs use glibc's
-  ``MALLOC_MMAP_THRESHOLD_=131072``: every block of 128 KiB or more is given back to the
-  system when freed, so the resident size follows the tensors alive. (By default glibc
-  keeps freed blocks of up to 32 MiB for reuse; the resident size then also holds what
-  earlier steps left behind, and each step's peak grows by some of it.)
+* ``step_s``: the median time of ``--steps`` timed rounds after ``--warmup`` untimed ones,
+  all four in one process taking turns, one step each per round, so that a change of the
+  machine's load hits all alike;
+* ``peak_growth_mb``: in a fresh process per strategy, so that one's peak cannot hide
+  another's, the peak resident set size (``VmHWM``) during ``--memory-steps`` steps (the
+  second one holds the optimizer's state too) minus the resident size (``VmRSS``) right
+  after the model was built (and, for ``precomputed``, its log-probabilities computed); the
+  peak is reset at that point (``/proc/self/clear_refs``), so building the model does not
+  count. These runs use glibc's ``MALLOC_MMAP_THRESHOLD_=131072``: every block of 128 KiB
+  or more is given back to the system when freed, so the resident size follows the tensors
+  alive. (By default glibc keeps freed blocks of up to 32 MiB for reuse; the resident size
+  then also holds what earlier steps left behind, and each step's peak grows by some of it,
+  enough to hide the deep copy.)
 
 and the ratios of both to the supervised step, plus the two checks: the memory that
 switching the adapters off saves against the deep copy, as a share of the model's bytes
@@ -35,7 +38,7 @@ switching the adapters off saves against the deep copy, as a share of the model'
 (expected <= 0.8). Prints one JSON line. CPU only; ``--tiny`` is a quick check (the
 ``tiny`` preset, 4 pairs of 64 tokens, seconds)::
 
-    python bench/bench_dpo.py [--tiny] [--steps 2] [--warmup 1] [--rank 16] [--threads N]
+    python bench/bench_dpo.py [--tiny] [--steps 2] [--warmup 1] [--memory-steps 2] [--rank 16] [--threads 1]
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def reset_peak() -> bool:
     return True
 
 
-# --- one worker: one strategy, in its own process ----------------------------------------------
+# --- the model, the batches, the steps --------------------------------------------------------
 
 
 def build_policy(preset: str, rank: int):
@@ -158,102 +161,134 @@ def precompute(model, pairs: dict) -> dict:
     return {**pairs, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
 
-def run_strategy(strategy: str, preset: str, rank: int, steps: int, warmup: int, threads: int | None) -> dict:
-    """Build the policy, then time ``warmup + steps`` steps of ``strategy`` and measure the
-    peak memory growth over the process after the build."""
+def loss_for(strategy: str, model, batches_: tuple[tuple, dict, dict]):
+    """``(loss function, batch)`` of one strategy; for ``deep_copy`` the copy is made here."""
+    from minigpt.dpo import AdaptersOffReference, DPOLoss, FrozenReference
+    from minigpt.instruction import instruction_loss
+
+    sft, pairs, precomputed = batches_
+    if strategy == "sft":
+        return instruction_loss, sft
+    if strategy == "deep_copy":
+        return DPOLoss(FrozenReference(model)), pairs
+    if strategy == "adapters_off":
+        return DPOLoss(AdaptersOffReference(model)), pairs
+    return DPOLoss(None), precomputed  # the batch carries the reference's log-probabilities
+
+
+def setup(preset: str, rank: int, threads: int | None, strategies: tuple[str, ...]):
+    """The policy, its optimizer, and the batches the ``strategies`` need."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    from minigpt.dpo import AdaptersOffReference, DPOLoss, FrozenReference
-    from minigpt.instruction import instruction_loss
-    from minigpt.losses import loss_and_metrics
-
     model, report = build_policy(preset, rank)
     sft, pairs = batches(preset, model.cfg.vocab_size)
-    batch = sft if strategy == "sft" else pairs
-    if strategy == "precomputed":
-        batch = precompute(model, pairs)
+    precomputed = precompute(model, pairs) if "precomputed" in strategies else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-6)
+    return model, report, optimizer, (sft, pairs, precomputed)
+
+
+def step(model, optimizer, loss_fn, batch) -> float:
+    """One optimizer step; returns its wall time in seconds."""
+    from minigpt.losses import loss_and_metrics
+
+    start = time.perf_counter()
+    loss, _ = loss_and_metrics(loss_fn(model, batch))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def measure_memory(strategy: str, preset: str, rank: int, steps: int, threads: int | None) -> dict:
+    """Peak resident growth over ``steps`` steps of ``strategy``, above the process after the build."""
+    import torch
+
+    model, report, optimizer, batches_ = setup(preset, rank, threads, (strategy,))
     gc.collect()
     baseline, was_reset = resident_kib(), reset_peak()
-
-    if strategy == "sft":
-        loss_fn = instruction_loss
-    elif strategy == "deep_copy":
-        loss_fn = DPOLoss(FrozenReference(model))  # the copy is made here, after the baseline
-    elif strategy == "adapters_off":
-        loss_fn = DPOLoss(AdaptersOffReference(model))
-    else:
-        loss_fn = DPOLoss(None)  # the batch carries the reference's log-probabilities
-    times = []
-    for _ in range(warmup + steps):
-        start = time.perf_counter()
-        loss, _ = loss_and_metrics(loss_fn(model, batch))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return {"strategy": strategy, "step_s": statistics.median(times[warmup:]), "times": times,
-            "baseline_mb": baseline / 1024, "peak_growth_mb": (peak_kib() - baseline) / 1024,
+    loss_fn, batch = loss_for(strategy, model, batches_)  # the deep copy counts: it is made after the baseline
+    for _ in range(steps):
+        step(model, optimizer, loss_fn, batch)
+    return {"strategy": strategy, "baseline_mb": baseline / 1024, "peak_growth_mb": (peak_kib() - baseline) / 1024,
             "peak_reset": was_reset, "model_mb": model_bytes(model) / 2**20,
             "trainable_params": report.trainable, "threads": torch.get_num_threads()}
+
+
+def measure_time(preset: str, rank: int, steps: int, warmup: int, threads: int | None) -> dict:
+    """Every strategy's steps, taking turns (so a change of machine load hits all alike):
+    the median of ``steps`` timed rounds after ``warmup`` untimed ones."""
+    model, _, optimizer, batches_ = setup(preset, rank, threads, STRATEGIES)
+    runs = {strategy: loss_for(strategy, model, batches_) for strategy in STRATEGIES}
+    times: dict[str, list[float]] = {strategy: [] for strategy in STRATEGIES}
+    for _ in range(warmup + steps):
+        for strategy, (loss_fn, batch) in runs.items():
+            times[strategy].append(step(model, optimizer, loss_fn, batch))
+    return {"step_s": {k: statistics.median(v[warmup:]) for k, v in times.items()}, "times": times}
 
 
 # --- the driver --------------------------------------------------------------------------------
 
 
-def run_in_subprocess(strategy: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--worker", strategy, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--rank", str(args.rank)]
-    command += (["--tiny"] if args.tiny else []) + (["--threads", str(args.threads)] if args.threads else [])
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}  # read by glibc at start-up
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+def run_in_subprocess(worker: str, args: argparse.Namespace, env: dict[str, str] | None = None) -> dict:
+    command = [sys.executable, __file__, "--worker", worker, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--memory-steps", str(args.memory_steps), "--rank", str(args.rank)]
+    command += (["--tiny"] if args.tiny else []) + ["--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if done.returncode != 0:
-        raise SystemExit(f"the {strategy} run failed:\n{done.stderr}")
+        raise SystemExit(f"the {worker} run failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def summary(runs: dict[str, dict], preset: str, args: argparse.Namespace) -> dict:
+def summary(memory: dict[str, dict], timing: dict, preset: str, args: argparse.Namespace) -> dict:
     batch, tokens, prompt = SHAPES[preset]
-    sft, deep, off, pre = (runs[s] for s in STRATEGIES)
-    model_mb = sft["model_mb"]
-    saved_fraction = (deep["peak_growth_mb"] - off["peak_growth_mb"]) / model_mb
-    time_ratio = pre["step_s"] / deep["step_s"]
+    seconds, growth = timing["step_s"], {s: r["peak_growth_mb"] for s, r in memory.items()}
+    sft = memory["sft"]
+    saved_fraction = (growth["deep_copy"] - growth["adapters_off"]) / sft["model_mb"]
+    time_ratio = seconds["precomputed"] / seconds["deep_copy"]
     return {
         "bench": "dpo_step", "shape": preset, "weights": "random",
         "batch": batch, "tokens": tokens, "prompt_tokens": prompt, "lora_rank": args.rank,
-        "trainable_params": sft["trainable_params"], "model_mb": round(model_mb, 1),
-        "threads": sft["threads"], "warmup": args.warmup, "steps": args.steps,
-        "measure": "median step time; peak RSS growth over the RSS after the model is built, fresh process each",
-        "malloc": f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}",
-        "step_s": {s: round(r["step_s"], 3) for s, r in runs.items()},
-        "peak_growth_mb": {s: round(r["peak_growth_mb"], 1) for s, r in runs.items()},
-        "time_vs_sft": {s: round(r["step_s"] / sft["step_s"], 3) for s, r in runs.items()},
-        "memory_vs_sft": {s: round(r["peak_growth_mb"] / sft["peak_growth_mb"], 3) for s, r in runs.items()},
+        "trainable_params": sft["trainable_params"], "model_mb": round(sft["model_mb"], 1),
+        "threads": sft["threads"], "warmup": args.warmup, "steps": args.steps, "memory_steps": args.memory_steps,
+        "measure": "median step time, strategies taking turns in one process; peak RSS growth over the RSS after "
+                   "the model is built, a fresh process per strategy",
+        "malloc": f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} (memory runs only)",
+        "step_s": {s: round(v, 3) for s, v in seconds.items()},
+        "peak_growth_mb": {s: round(v, 1) for s, v in growth.items()},
+        "time_vs_sft": {s: round(v / seconds["sft"], 3) for s, v in seconds.items()},
+        "memory_vs_sft": {s: round(v / growth["sft"], 3) for s, v in growth.items()},
         "adapters_off_saves_of_model": round(saved_fraction, 3),
         "precomputed_time_vs_deep_copy": round(time_ratio, 3),
         "expected": {"adapters_off_saves_of_model": ">= 0.9", "precomputed_time_vs_deep_copy": "<= 0.8"},
         "as_expected": saved_fraction >= 0.9 and time_ratio <= 0.8,
-        "peak_reset": all(r["peak_reset"] for r in runs.values()),
+        "peak_reset": all(r["peak_reset"] for r in memory.values()),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny preset, 4 pairs of 64 tokens: a quick check")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per strategy")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (their memory counts)")
+    parser.add_argument("--steps", type=int, default=2, help="timed rounds (one step of each strategy per round)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--memory-steps", type=int, default=2,
+                        help="steps of each memory run (the second has the optimizer's state)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = rank)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's)")
-    parser.add_argument("--worker", choices=STRATEGIES, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run; 0: torch's default (on a shared machine, threads waiting for "
+                             "each other make steps many times slower, and unevenly)")
+    parser.add_argument("--worker", choices=(*STRATEGIES, "time"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     preset = "tiny" if args.tiny else "gpt2-small"
-    if args.worker:
-        print(json.dumps(run_strategy(args.worker, preset, args.rank, args.steps, args.warmup, args.threads)))
-        return
-    runs = {strategy: run_in_subprocess(strategy, args) for strategy in STRATEGIES}
-    print(json.dumps(summary(runs, preset, args)))
+    if args.worker == "time":
+        print(json.dumps(measure_time(preset, args.rank, args.steps, args.warmup, args.threads)))
+    elif args.worker:
+        print(json.dumps(measure_memory(args.worker, preset, args.rank, args.memory_steps, args.threads)))
+    else:
+        memory_env = {"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}  # read by glibc at start-up
+        memory = {strategy: run_in_subprocess(strategy, args, memory_env) for strategy in STRATEGIES}
+        print(json.dumps(summary(memory, run_in_subprocess("time", args), preset, args)))
 
 
 if __name__ == "__main__":
