@@ -91,14 +91,16 @@ def load_instruction_data(path: str | os.PathLike | None = None) -> list[Entry]:
     Malformed JSON, or an entry without a string ``instruction`` or ``output``, is an
     error naming the place; ``input`` may be missing (it then counts as empty).
     """
-    if path is None:
-        path = fetch(sources.INSTRUCTION_DATA)
-    path = Path(path)
+    path = fetch(sources.INSTRUCTION_DATA) if path is None else Path(path)
+    return validate_entries(read_json(path), source=str(path))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON content of ``path``; malformed JSON is a ValueError naming the file, line and column."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from err
-    return validate_entries(data, source=str(path))
 
 
 def validate_entries(data: Any, source: str = "the data") -> list[Entry]:

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from minigpt import sources
 from minigpt.data import tokenize
 from minigpt.download import fetch
-from minigpt.instruction import RESPONSE_HEADER, format_input
+from minigpt.instruction import RESPONSE_HEADER, format_input, read_json
 from minigpt.losses import NUM_SCORED, NUM_TOKENS
 from minigpt.tokenizer import ENDOFTEXT_ID, PAD_TOKEN_ID
 
@@ -51,14 +51,8 @@ def load_preference_data(path: str | os.PathLike | None = None) -> list[Entry]:
     Without ``path``, the book's 1,100 entries (from ``MINIGPT_DATA_DIR``, the cache, or
     downloaded; checked by SHA-256); 6 of them have two identical answers and are dropped.
     """
-    if path is None:
-        path = fetch(sources.PREFERENCE_DATA)
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from err
-    return validate_preference_entries(data, source=str(path))
+    path = fetch(sources.PREFERENCE_DATA) if path is None else Path(path)
+    return validate_preference_entries(read_json(path), source=str(path))
 
 
 def validate_preference_entries(data: Any, source: str = "the data") -> list[Entry]:
