@@ -1,0 +1,67 @@
+"""``minigpt finetune classify|instruct|dpo``: the fine-tuning jobs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from minigpt.cli.options import add_settings, fill_default_precision, given_settings, interruptible
+
+HELP = "fine-tune a GPT to classify texts, to follow instructions, or to prefer the answers people do"
+
+
+FINETUNE = {  # task -> (its settings class and job function in minigpt.jobs.<task>, one-line help)
+    "classify": ("ClassifyConfig", "finetune_classifier", "train a text classifier (book ch. 6), e.g. a spam filter"),
+    "instruct": ("InstructConfig", "finetune_instructions",
+                 "instruction fine-tuning (book ch. 7) with answers and their scores"),
+    "dpo": ("DPOConfig", "finetune_dpo", "preference tuning with DPO: an instruction-tuned model learns which of "
+                                         "two answers people prefer"),
+}
+
+
+def _finetune_job(task: str) -> tuple[type, Callable[..., dict[str, Any]]]:
+    module = importlib.import_module(f"minigpt.jobs.{task}")
+    return getattr(module, FINETUNE[task][0]), getattr(module, FINETUNE[task][1])
+
+
+def add(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
+    tasks = p.add_subparsers(dest="task", required=True)
+    for name, (_, _, help) in FINETUNE.items():
+        task = tasks.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        add_settings(task, _finetune_job(name)[0](), flags)
+        task.add_argument("--resume", metavar="OUTPUT", help="continue the interrupted run in OUTPUT")
+
+
+def run(args: argparse.Namespace) -> int:
+    cls, job = _finetune_job(args.task)
+    given = given_settings(args, cls)
+    if args.resume:  # options given replace the run's own settings
+        settings = dataclasses.replace(cls.load(args.resume), **{**given, "output": args.resume})
+    else:
+        fill_default_precision(given, given.get("device"))
+        settings = cls(**given)
+    if args.task == "instruct" and not (settings.judge_model or settings.judge_url):
+        print("no judge given (--judge-model or --judge-url): reporting the test loss and perplexity only")
+    m = interruptible(lambda: job(settings, resume=bool(args.resume)),
+                       f"minigpt finetune {args.task} --resume {settings.output}")
+    if args.task == "classify":
+        before, after = m["accuracy_before"], m["accuracy"]
+        print(f"accuracy: train {after['train']:.1%}, validation {after['val']:.1%}, test {after['test']:.1%} "
+              f"(test before fine-tuning: {before['test']:.1%})")
+        saved = "the classifier, loss.png, accuracy.png"
+    elif args.task == "instruct":
+        print(f"test loss {m['test_loss']:.3f}, perplexity {m['test_perplexity']:,.1f}")
+        if m["judge_score"] is not None:
+            print(f"judge score {m['judge_score']:.1f} / 100 over {m['judged']} of {m['responses']} responses")
+        saved = "the model, loss.png, responses.json"
+    else:
+        before, val, test = m["val_before"], m["val"], m["test"]
+        print(f"validation: reward accuracy {before['rewards/accuracies']:.1%} -> {val['rewards/accuracies']:.1%}, "
+              f"reward margin {before['rewards/margins']:.3f} -> {val['rewards/margins']:.3f}; test: reward accuracy "
+              f"{test['rewards/accuracies']:.1%}, reward margin {test['rewards/margins']:.3f}")
+        saved = f"the model{', its adapter' if settings.lora_rank else ''}, loss.png, preference.png, ab_samples.json"
+    print(f"saved {saved} and metrics.json in {settings.output}")
+    return 0
