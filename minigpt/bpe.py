@@ -5,7 +5,8 @@ learn merges of frequent neighbouring pieces, so that common words still become 
 id. ``BPETokenizer.train`` learns merges from a text; ``BPETokenizer.from_gpt2_files``
 loads OpenAI's and produces exactly the ids of tiktoken's GPT-2 encoding
 (``minigpt.tokenizer.get_gpt2_tokenizer``, which the rest of minigpt uses because it is
-faster).
+faster). ``minigpt.hf_tokenizer`` feeds it the vocabulary and merges of Hugging Face
+``tokenizer.json`` files (Llama 3, Qwen, SmolLM2).
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def gpt2_bpe_files() -> tuple[Path, Path]:
 
 
 @functools.cache
-def _special_token_splitter(tokens: frozenset[str]) -> re.Pattern[str]:
+def special_token_pattern(tokens: frozenset[str]) -> re.Pattern[str]:
+    """A regex finding any of ``tokens`` (one capturing group): leftmost, and longest there."""
     # Longest first, so that a special token containing another one wins
     alternatives = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
     return re.compile(f"({alternatives})")
@@ -137,11 +139,12 @@ class BPETokenizer:
 
     A token is a byte string. ``vocab`` maps ids to those bytes and must contain all 256
     single bytes, so every text can be encoded. ``merges`` lists pairs of ids in the order
-    they were learned: merging a pair creates the token made of both byte strings, and a
-    token created by an earlier merge always has a smaller id. That id is therefore the
-    merge's *rank*: encoding a piece repeatedly applies the lowest-ranked merge available.
-    ``special_tokens`` (e.g. ``<|endoftext|>``) are whole strings with ids of their own
-    that BPE never produces from ordinary text.
+    they were learned: merging a pair creates the token made of both byte strings, and its
+    place in that list is the merge's *rank*: encoding a piece repeatedly applies the
+    lowest-ranked (earliest learned) merge available. ``special_tokens`` (e.g.
+    ``<|endoftext|>``) are whole strings with ids of their own that BPE never produces from
+    ordinary text. With ``ignore_merges`` (tiktoken's rule) a piece that is already a token
+    is that token; without it the merges alone decide, as in Hugging Face's default BPE.
 
     With no arguments the tokenizer knows only the 256 bytes (byte ``b`` has id ``b``);
     call ``train`` to learn merges, or load GPT-2's with ``from_gpt2_files``.
@@ -152,6 +155,7 @@ class BPETokenizer:
         vocab: Mapping[int, bytes] | None = None,
         merges: Sequence[tuple[int, int]] = (),
         special_tokens: Mapping[str, int] | None = None,
+        ignore_merges: bool = True,
     ) -> None:
         vocab = dict(vocab) if vocab is not None else {b: bytes([b]) for b in range(256)}
         special_tokens = dict(special_tokens or {})
@@ -168,20 +172,18 @@ class BPETokenizer:
 
         self.vocab: dict[int, bytes] = vocab
         self.special_tokens: dict[str, int] = special_tokens
-        self.merges: dict[tuple[int, int], int] = {}  # pair -> id it creates (= its rank)
-        previous_id = -1
-        for first, second in merges:
+        self.merges: dict[tuple[int, int], int] = {}  # pair -> id of the token it creates
+        self._ranks: dict[tuple[int, int], int] = {}  # pair -> rank (a repeated pair keeps its last)
+        for rank, (first, second) in enumerate(merges):
             new_id = id_of.get(vocab[first] + vocab[second])
             if new_id is None:
                 raise ValueError(f"merge {(first, second)} creates a token that is not in vocab")
-            if new_id <= previous_id:
-                raise ValueError(f"merge {(first, second)} creates id {new_id}, but merges "
-                                 "must create increasing ids: the id is the merge's rank")
-            self.merges[(first, second)] = previous_id = new_id
+            self.merges[(first, second)], self._ranks[(first, second)] = new_id, rank
+        self.ignore_merges = ignore_merges
         self._id_of = id_of
         self._byte_ids = [id_of[bytes([b])] for b in range(256)]
         self._decoder = vocab | {i: token.encode("utf-8") for token, i in special_tokens.items()}
-        self._no_merge = max(self._decoder) + 1  # ranks are ids, so this is above every rank
+        self._no_merge = len(merges)  # above every rank
         self._cache: dict[str, list[int]] = {}
 
     @property
@@ -211,7 +213,7 @@ class BPETokenizer:
                 f"vocab_size={vocab_size} is too small: it must cover the 256 byte tokens "
                 f"plus {len(specials)} special token(s), i.e. be at least {256 + len(specials)}"
             )
-        chunks = _special_token_splitter(frozenset(specials)).split(text) if specials else [text]
+        chunks = special_token_pattern(frozenset(specials)).split(text) if specials else [text]
         counts = Counter(
             piece for chunk in chunks if chunk not in allowed_special
             for piece in _PRE_TOKENIZER.findall(chunk)
@@ -267,7 +269,7 @@ class BPETokenizer:
         if not allowed_special:
             return self._encode_ordinary(text)
         ids = []
-        for chunk in _special_token_splitter(frozenset(allowed_special)).split(text):
+        for chunk in special_token_pattern(frozenset(allowed_special)).split(text):
             if chunk in allowed_special:
                 ids.append(self.special_tokens[chunk])
             else:
@@ -275,33 +277,36 @@ class BPETokenizer:
         return ids
 
     def _encode_ordinary(self, text: str) -> list[int]:
-        if len(self._cache) > _CACHE_LIMIT:
-            self._cache.clear()
-        cache, id_of = self._cache, self._id_of
         ids: list[int] = []
         for piece in _PRE_TOKENIZER.findall(text):
-            piece_ids = cache.get(piece)
-            if piece_ids is None:  # words repeat a lot, so each distinct one is merged once
-                data = piece.encode("utf-8")
-                # A piece that is already a token is its own encoding (tiktoken takes the same
-                # shortcut): the merges would build it anyway, as they built it in training.
-                token_id = id_of.get(data)
-                piece_ids = cache[piece] = [token_id] if token_id is not None else self._bpe(data)
-            ids += piece_ids
+            ids += self.encode_piece(piece)
         return ids
+
+    def encode_piece(self, piece: str) -> list[int]:
+        """Token ids of one pre-token (a piece the pre-tokenizer cut out), merges applied."""
+        piece_ids = self._cache.get(piece)
+        if piece_ids is None:  # words repeat a lot, so each distinct one is merged once
+            if len(self._cache) > _CACHE_LIMIT:
+                self._cache.clear()
+            data = piece.encode("utf-8")
+            # A piece that is already a token is its own encoding (tiktoken's shortcut): for
+            # GPT-2 the merges would build it anyway, as they built it in training.
+            token_id = self._id_of.get(data) if self.ignore_merges else None
+            piece_ids = self._cache[piece] = [token_id] if token_id is not None else self._bpe(data)
+        return piece_ids
 
     def _bpe(self, piece: bytes) -> list[int]:
         """Merge the bytes of one pre-token, lowest-ranked (earliest learned) merge first."""
-        merges, no_merge = self.merges, self._no_merge
+        rank_of, no_merge = self._ranks, self._no_merge
         ids = [self._byte_ids[b] for b in piece]
         while len(ids) > 1:
             # The rank of every neighbouring pair; pairs never merged in training rank last
-            ranks = [merges.get(pair, no_merge) for pair in pairwise(ids)]
+            ranks = [rank_of.get(pair, no_merge) for pair in pairwise(ids)]
             rank = min(ranks)
             if rank == no_merge:
                 break
             i = ranks.index(rank)  # the leftmost place, if the pair occurs more than once
-            ids[i : i + 2] = [rank]  # a merge's rank is the id of the token it creates
+            ids[i : i + 2] = [self.merges[ids[i], ids[i + 1]]]
         return ids
 
     def clear_cache(self) -> None:
@@ -314,13 +319,16 @@ class BPETokenizer:
         A single token can hold part of a multi-byte character, so decoding a slice of ids
         may show replacement characters that disappear once the neighbouring ids are added.
         """
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes of ``ids`` joined: a special token gives its text's UTF-8 bytes."""
         decoder = self._decoder
         try:
-            data = b"".join([decoder[index(i)] for i in ids])
+            return b"".join([decoder[index(i)] for i in ids])
         except KeyError as err:
             raise ValueError(f"token id {err.args[0]} is outside the vocabulary: this tokenizer "
                              f"has {self.vocab_size} ids, 0 to {self.vocab_size - 1}") from None
-        return data.decode("utf-8", errors="replace")
 
     # -- files ---------------------------------------------------------------------------
 

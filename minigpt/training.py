@@ -11,9 +11,8 @@ The one idea: training is this loop, repeated::
 checkpoint) with what makes it work well and reproducibly: schedule, clipping, accumulation,
 mixed precision (:mod:`minigpt.runtime`), several processes (:mod:`minigpt.distributed`),
 exact resume (:mod:`minigpt.checkpoint`), a clean stop on Ctrl-C (:mod:`minigpt.interrupt`).
-The loss is pluggable, ``loss_fn(model, batch) -> loss`` (or ``(loss, metrics)``, figures
-recorded beside it): fine-tuning shares this loop. What a run records is a
-:class:`~minigpt.history.History` (:mod:`minigpt.history`, also importable from here).
+The loss is pluggable, ``loss_fn(model, batch) -> loss`` (or ``(loss, metrics)``): fine-tuning
+shares this loop. A run records a :class:`~minigpt.history.History` (importable from here too).
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ from minigpt.losses import (
     summed_loss_and_metrics,
     to_device,
 )
-from minigpt.model import evaluating
+from minigpt.model import check_token_ids, evaluating
 from minigpt.optim import create_optimizer, lr_at_step
 from minigpt.runtime import PRECISIONS, autocast, grad_scaler, resolve_precision, select_device
 
@@ -159,8 +158,7 @@ def train_model(
     """
     device = select_device(device)
     _check_loaders(train_loader, val_loader, device)
-    loop = _start(model, config, device, loss_fn, train_loader, val_loader, tokenizer,
-                  None if run_dir is None else Path(run_dir), resume)
+    loop = _start(model, config, device, loss_fn, train_loader, val_loader, tokenizer, run_dir, resume)
     cfg, batches = config, _batches(train_loader, loop.epoch, loop.batch_in_epoch)
     bar = tqdm(total=cfg.max_steps, initial=loop.step, disable=not progress or loop.rank != 0,
                desc="training", unit="step", dynamic_ncols=True)
@@ -227,14 +225,14 @@ def _check_loaders(train_loader: Iterable, val_loader: Iterable, device: torch.d
 
 
 def _start(model: nn.Module, config: TrainConfig, device: torch.device, loss_fn: LossFn, train_loader: Iterable,
-           val_loader: Iterable, tokenizer: Any, run_dir: Path | None, resume: bool) -> _Loop:
+           val_loader: Iterable, tokenizer: Any, run_dir: str | os.PathLike | None, resume: bool) -> _Loop:
     """Move the model to ``device``, build the optimizer, and load the checkpoint to resume."""
     precision = resolve_precision(config.precision, device)
     rank, world_size = rank_and_world_size()
     model.to(device)
     optimizer = create_optimizer(model, config.lr, config.weight_decay, config.betas)
     loop = _Loop(config, model, model, optimizer, grad_scaler(device, precision), device, precision, loss_fn,
-                 train_loader, val_loader, tokenizer, run_dir, rank, world_size)
+                 train_loader, val_loader, tokenizer, None if run_dir is None else Path(run_dir), rank, world_size)
     if resume:
         if run_dir is None:
             raise ValueError("resume=True needs the run_dir to resume from")
@@ -267,6 +265,13 @@ def _batches(loader: Iterable, epoch: int, skip: int) -> Iterator[tuple[int, int
         epoch, skip = epoch + 1, 0
 
 
+def _check_inputs(loop: _Loop, batch: Any) -> None:
+    """On a GPU the model reads no ids (that would wait for the device): check the inputs here, on the CPU."""
+    inputs, cfg = batch[0] if isinstance(batch, (tuple, list)) else None, getattr(loop.model, "cfg", None)
+    if loop.device.type != "cpu" and cfg is not None and isinstance(inputs, torch.Tensor) and not inputs.is_cuda:
+        check_token_ids(inputs, cfg.vocab_size)
+
+
 def _optimizer_step(loop: _Loop, batches: Iterator[tuple[int, int, Any]]) -> int:
     """One optimizer step over ``grad_accum`` micro-batches, recorded in the history;
     returns the number of tokens this process trained on."""
@@ -277,6 +282,7 @@ def _optimizer_step(loop: _Loop, batches: Iterator[tuple[int, int, Any]]) -> int
     loss_sum, tokens = torch.zeros((), device=loop.device), 0
     for micro in range(cfg.grad_accum):
         loop.epoch, loop.batch_in_epoch, batch = next(batches)
+        _check_inputs(loop, batch)
         batch = to_device(batch, loop.device)
         loss_sum += _forward_backward(loop, batch, last=micro == cfg.grad_accum - 1)
         tokens += input_tokens(batch)
@@ -360,16 +366,16 @@ def _eval_loss(loop: _Loop, loader: Iterable) -> tuple[float, dict[str, float]]:
 
 
 def _sample(loop: _Loop) -> str:
-    """A continuation of ``sample_prompt``: greedy, or sampled with the same seed every time
-    (so that samples differ only because the model changed). Draws nothing from the global RNG."""
+    """A continuation of ``sample_prompt``, greedy or sampled with the same seed every time (so
+    that samples differ only because the model changed); draws nothing from the global RNG."""
     cfg, model = loop.config, loop.model
     if loop.tokenizer is None or not cfg.sample_prompt:
         return ""
     idx = text_to_token_ids(cfg.sample_prompt, loop.tokenizer).to(loop.device)
     idx = idx[:, -model.cfg.context_length:]  # only the end of a long prompt is read
-    generator = torch.Generator(loop.device).manual_seed(cfg.sample_seed) if cfg.sample_temperature else None
+    gen = torch.Generator(loop.device).manual_seed(cfg.sample_seed) if cfg.sample_temperature else None
     out = generate(model, idx, cfg.sample_tokens, temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
-                   generator=generator)
+                   generator=gen)
     return token_ids_to_text(out, loop.tokenizer)
 
 

@@ -187,6 +187,16 @@ def test_gpt2_tokenizer_survives_save_and_load(ours, verdict, tmp_path):
     assert saved["merges"][0] == "\u0120 t"
 
 
+def test_a_merge_s_rank_is_its_place_in_the_list_not_its_token_s_id():
+    a, b, c = b"abc"
+    vocab = {i: bytes([i]) for i in range(256)} | {256: b"ab", 257: b"bc", 258: b"abc"}
+    merges = [(b, c), (a, b), (256, c)]  # "bc" (id 257) is learned before "ab" (id 256)
+    assert BPETokenizer(vocab, merges).encode("abcab") == [a, 257, 256]
+    # "abc" is a token that its own merges never build: tiktoken's rule keeps it whole
+    assert BPETokenizer(vocab, merges).encode("abc") == [258]
+    assert BPETokenizer(vocab, merges, ignore_merges=False).encode("abc") == [a, 257]
+
+
 # -- training our own BPE -------------------------------------------------------------------
 
 
