@@ -81,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"minigpt {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, ConnectionError, KeyError, ChecksumError, ImportError) as err:
+    except (ValueError, FileNotFoundError, PermissionError, ConnectionError, KeyError, ChecksumError,
+            ImportError) as err:
         # Bad input (or a missing optional extra) is the user's to fix: show the message, not a traceback.
         print(f"minigpt {args.command}: error: {in_user_words(str(err), args.flags)}", file=sys.stderr)
         return 2

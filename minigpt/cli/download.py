@@ -1,21 +1,22 @@
-"""``minigpt download``: OpenAI's GPT-2 weights, verified by SHA-256."""
+"""``minigpt download``: OpenAI's GPT-2 weights, or a Llama-family checkpoint, verified by SHA-256."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "download OpenAI's GPT-2 weights, verified by SHA-256"
+HELP = "download OpenAI's GPT-2 weights or a Llama-family checkpoint (SmolLM2, Qwen3, Llama 3.2), verified by SHA-256"
 
 
 def add(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
-    from minigpt.hub import GPT2_REPOS, default_weights_dir
+    from minigpt.hub import GPT2_REPOS, LLAMA_REPOS, default_weights_dir
 
-    p.add_argument("name", choices=list(GPT2_REPOS))
+    p.add_argument("name", choices=[*GPT2_REPOS, *LLAMA_REPOS])
     p.add_argument("--weights-dir", help=f"where to keep them (default: {default_weights_dir()})")
 
 
 def run(args: argparse.Namespace) -> int:
-    from minigpt.hub import download_gpt2
+    from minigpt.hub import GPT2_REPOS, download_gpt2, download_llama
 
-    print(f"{args.name} is in {download_gpt2(args.name, args.weights_dir)}")
+    download = download_gpt2 if args.name in GPT2_REPOS else download_llama
+    print(f"{args.name} is in {download(args.name, args.weights_dir)}")
     return 0
