@@ -2,10 +2,21 @@
 
 Greedy decoding of ``--new-tokens`` tokens at batch 1 from a ``--prompt-tokens``-token
 prompt, on random weights of the chosen GPT-2 shape (OpenAI's layout: qkv bias, tied
-head), for all three in one process, taking turns. Prints one JSON line with tokens/s (median of
-``--repeats`` runs) and the ratios to transformers.
+head), for all three in one process, taking turns. Then ``--batch-prompts`` prompts of
+different lengths (``prompt-tokens / 2`` to ``2 x prompt-tokens``), ``--batch-new-tokens``
+new tokens each: :func:`generate_batch` in one padded batch against generating them one
+by one (timed on the first ``--one-by-one-sample`` prompts: its rate does not depend on
+how many there are). Prints one JSON line: tokens/s (median of ``--repeats`` runs), the
+ratios, and the weight bytes read per second by cached batch-1 decoding as a share of a
+memory-bandwidth probe run here (a sum over a buffer far larger than the caches).
 
-    python bench/bench_generate.py [--preset gpt2-small] [--new-tokens 200]
+Opt-in bfloat16 inference weights (``model.to(torch.bfloat16)``) get their own fields
+(batch 1 and batched), checked against float32: the largest logit difference on the
+prompt and the share of greedy tokens that agree. They run where the CPU computes
+bfloat16 natively (``minigpt.runtime.has_fast_bfloat16``; elsewhere it is emulated,
+slowly) or with ``--bf16``; ``--no-bf16`` skips them.
+
+    python bench/bench_generate.py [--preset gpt2-small] [--new-tokens 200] [--batch-prompts 32]
 """
 
 from __future__ import annotations
@@ -19,10 +30,12 @@ from collections.abc import Callable
 import torch
 
 from minigpt import GPTConfig, GPTModel, generate
+from minigpt.generation import generate_batch
+from minigpt.runtime import has_fast_bfloat16
 
 
-def interleaved_rates(runs: dict[str, Callable[[], object]], new_tokens: int, repeats: int) -> dict[str, float]:
-    """Median tokens/s of each run; the runs take turns, so drifting clock speeds or
+def interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each run; the runs take turns, so drifting clock speeds or
     background load hit all of them alike instead of whichever ran last."""
     for run in runs.values():
         run()  # warm-up: allocator, kernels, caches
@@ -32,7 +45,35 @@ def interleaved_rates(runs: dict[str, Callable[[], object]], new_tokens: int, re
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    return {name: new_tokens / statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Bytes per second that summing a ``megabytes`` float32 buffer reads (best of ``repeats``):
+    the rate at which this machine can stream weights from memory."""
+    buffer = torch.ones(megabytes * 2**20 // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 4 / best
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights one decoding step reads (a tied matrix counted once; the
+    position and token embeddings are looked up, one row each, so they are left out
+    unless the token embedding is the tied output head)."""
+    looked_up = {id(model.pos_emb.weight)}
+    if model.out_head.weight is not model.tok_emb.weight:
+        looked_up.add(id(model.tok_emb.weight))
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in looked_up)
+
+
+def batch_prompts(count: int, tokens: int, vocab_size: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(max(1, tokens // 2), 2 * tokens + 1, (count,), generator=gen)
+    return [torch.randint(0, vocab_size, (int(n),), generator=gen).tolist() for n in lengths]
 
 
 def main() -> None:
@@ -41,7 +82,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-prompts", type=int, default=32)
+    parser.add_argument("--batch-new-tokens", type=int, default=128)
+    parser.add_argument("--one-by-one-sample", type=int, default=4)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bfloat16 rows (default: where the CPU has native bfloat16)")
     args = parser.parse_args()
+    bf16 = has_fast_bfloat16("cpu") if args.bf16 is None else args.bf16
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -55,16 +102,33 @@ def main() -> None:
     hf = GPT2LMHeadModel(hf_cfg).eval()
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_tokens))
     n = args.new_tokens
+    prompts = batch_prompts(args.batch_prompts, args.prompt_tokens, cfg.vocab_size)
+    sample = prompts[:args.one_by_one_sample]
+    m = args.batch_new_tokens
 
+    runs = {
+        "cached": lambda: generate(ours, prompt, n, use_cache=True),
+        "uncached": lambda: generate(ours, prompt, n, use_cache=False),
+        "transformers": lambda: hf.generate(
+            prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+            max_new_tokens=n, min_new_tokens=n, pad_token_id=0),
+        "batched": lambda: generate_batch(ours, prompts, m),
+        "one_by_one": lambda: [generate(ours, torch.tensor([p]), m) for p in sample],
+    }
+    if bf16:
+        half = GPTModel(cfg).eval()
+        half.load_state_dict(ours.state_dict())
+        half.to(torch.bfloat16)
+        runs["bf16_cached"] = lambda: generate(half, prompt, n, use_cache=True)
+        runs["bf16_batched"] = lambda: generate_batch(half, prompts, m)
     with torch.inference_mode():
-        rates = interleaved_rates({
-            "cached": lambda: generate(ours, prompt, n, use_cache=True),
-            "uncached": lambda: generate(ours, prompt, n, use_cache=False),
-            "transformers": lambda: hf.generate(
-                prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                max_new_tokens=n, min_new_tokens=n, pad_token_id=0),
-        }, n, args.repeats)
-    cached, uncached, hf_rate = rates["cached"], rates["uncached"], rates["transformers"]
+        seconds = interleaved_seconds(runs, args.repeats)
+        checks = bf16_checks(ours, half, prompt, n) if bf16 else {}
+    cached, uncached, hf_rate = (n / seconds[name] for name in ("cached", "uncached", "transformers"))
+    batched = len(prompts) * m / seconds["batched"]
+    one_by_one = len(sample) * m / seconds["one_by_one"]
+    bandwidth = read_bandwidth()
+    weights_per_s = weight_bytes(ours) * cached
 
     print(json.dumps({
         "bench": "generate",
@@ -78,7 +142,31 @@ def main() -> None:
         "transformers_tok_s": round(hf_rate, 2),
         "kv_cache_vs_transformers": round(cached / hf_rate, 3),
         "kv_cache_vs_no_cache": round(cached / uncached, 3),
+        "weight_gb_s": round(weights_per_s / 1e9, 2),
+        "bandwidth_probe_gb_s": round(bandwidth / 1e9, 2),
+        "bandwidth_share": round(weights_per_s / bandwidth, 3),
+        "batched_prompts": len(prompts),
+        "batched_new_tokens": m,
+        "batched_tok_s": round(batched, 2),
+        "one_by_one_tok_s": round(one_by_one, 2),
+        "batched_vs_one_by_one": round(batched / one_by_one, 3),
+        "bf16_kv_cache_tok_s": round(n / seconds["bf16_cached"], 2) if bf16 else None,
+        "bf16_kv_cache_vs_transformers": round(n / seconds["bf16_cached"] / hf_rate, 3) if bf16 else None,
+        "bf16_batched_tok_s": round(len(prompts) * m / seconds["bf16_batched"], 2) if bf16 else None,
+        **checks,
     }))
+
+
+def bf16_checks(ours: GPTModel, half: GPTModel, prompt: torch.Tensor, n: int) -> dict[str, float]:
+    """How far bfloat16 weights move the outputs: the largest logit difference on the prompt
+    (next to the logits' spread), and the share of ``n`` greedy tokens equal to float32's."""
+    full = ours(prompt)
+    same = generate(ours, prompt, n)[0, prompt.shape[1]:] == generate(half, prompt, n)[0, prompt.shape[1]:]
+    return {
+        "bf16_max_logit_diff": round((half(prompt).float() - full).abs().max().item(), 4),
+        "float32_logit_std": round(full.std().item(), 4),
+        "bf16_same_greedy_tokens": round(same.float().mean().item(), 3),
+    }
 
 
 if __name__ == "__main__":

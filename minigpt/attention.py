@@ -9,7 +9,8 @@
 4. ``MultiHeadAttentionWrapper``: several causal heads side by side, concatenated.
 5. ``MultiHeadAttention``: the same result computed for all heads at once by
    splitting one wide projection into heads with a reshape; it is what the GPT
-   model uses, with a KV cache for fast generation.
+   model uses, with a KV cache for fast generation and an optional mask of allowed
+   query-key pairs, which keeps padded prompts of a batch from seeing their padding.
 """
 
 from __future__ import annotations
@@ -21,6 +22,20 @@ from torch import nn
 def _check_dropout(dropout: float) -> None:
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+def padded_causal_mask(real: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``(batch, keys)`` bool mask of real tokens -> ``(batch, 1, num_tokens, keys)`` allowed pairs.
+
+    The queries are the last ``num_tokens`` keys. A query sees earlier keys that are real;
+    a padding query sees itself only, so its softmax never runs over nothing (NaN), and
+    its output is never read by a real token.
+    """
+    keys = real.shape[1]
+    key_pos = torch.arange(keys, device=real.device)
+    query_pos = key_pos[keys - num_tokens:, None]  # (num_tokens, 1)
+    allowed = (key_pos <= query_pos) & real[:, None, :]
+    return (allowed | (key_pos == query_pos))[:, None]
 
 
 class SelfAttentionV1(nn.Module):
@@ -134,6 +149,9 @@ class MultiHeadAttention(nn.Module):
     KV cache: with ``use_cache=True`` the keys and values of earlier calls are kept,
     so generation feeds only the newest token instead of the whole sequence. Call
     ``reset_cache()`` before a new sequence.
+
+    Padding: ``attn_mask`` replaces the causal mask with one per row (see
+    :func:`padded_causal_mask`), so no query attends a padded key.
     """
 
     def __init__(
@@ -168,7 +186,7 @@ class MultiHeadAttention(nn.Module):
 
     def reset_cache(self) -> None:
         """Forget cached keys/values; the next ``use_cache=True`` call starts at position 0."""
-        self.cache_k: torch.Tensor | None = None  # (batch, heads, context_length, head_dim)
+        self.cache_k: torch.Tensor | None = None  # (batch, heads, capacity, head_dim)
         self.cache_v: torch.Tensor | None = None
         self.cache_len = 0
 
@@ -187,16 +205,26 @@ class MultiHeadAttention(nn.Module):
                 f"{self.context_length} tokens"
             )
         if self.cache_k is None or self.cache_k.shape[0] != b or self.cache_k.dtype != keys.dtype:
-            # Pre-allocating the whole context once avoids a torch.cat (and a copy of the
-            # entire cache) at every generated token.
-            self.cache_k = keys.new_empty(b, h, self.context_length, d)
-            self.cache_v = values.new_empty(b, h, self.context_length, d)
+            self.cache_k, self.cache_v = keys.new_empty(b, h, 0, d), values.new_empty(b, h, 0, d)
+        if end > self.cache_k.shape[2]:
+            # Grow to the next power of two (at least 64, at most the context): a copy of the
+            # cache now and then instead of a torch.cat at every generated token, and a batch
+            # of short answers does not hold the memory of the whole context.
+            capacity = min(self.context_length, max(64, 1 << (end - 1).bit_length()))
+            grown_k, grown_v = keys.new_empty(b, h, capacity, d), values.new_empty(b, h, capacity, d)
+            grown_k[:, :, :start], grown_v[:, :, :start] = self.cache_k[:, :, :start], self.cache_v[:, :, :start]
+            self.cache_k, self.cache_v = grown_k, grown_v
         self.cache_k[:, :, start:end] = keys
         self.cache_v[:, :, start:end] = values
         self.cache_len = end
         return self.cache_k[:, :, :end], self.cache_v[:, :, :end]
 
-    def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, use_cache: bool = False, attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``attn_mask``: ``(batch, 1, tokens, past + tokens)`` bool, True where a query may
+        see a key, causality included (padding makes it differ per row); ``None`` is plain
+        causal attention."""
         b, num_tokens, _ = x.shape
         queries = self._split_heads(self.W_query(x))
         keys = self._split_heads(self.W_key(x))
@@ -205,22 +233,25 @@ class MultiHeadAttention(nn.Module):
         past = self.cache_len if use_cache else 0
         if use_cache:
             keys, values = self._append_to_cache(keys, values)
-        # Query i sits at absolute position past + i and may see keys 0..past + i.
-        mask = self.mask[past:past + num_tokens, :past + num_tokens]
+        if attn_mask is None:
+            # Query i sits at absolute position past + i and may see keys 0..past + i.
+            hidden = self.mask[past:past + num_tokens, :past + num_tokens]
+        else:
+            hidden = ~attn_mask
 
         if self.use_sdpa:
             self.last_attn_weights = None
             # A single new token may see every cached key, so it needs no mask at all.
-            needs_mask = past > 0 and num_tokens > 1
+            needs_mask = attn_mask is not None or (past > 0 and num_tokens > 1)
             context = nn.functional.scaled_dot_product_attention(
                 queries, keys, values,
-                attn_mask=~mask if needs_mask else None,  # SDPA's bool mask marks *allowed* pairs
+                attn_mask=~hidden if needs_mask else None,  # SDPA's bool mask marks *allowed* pairs
                 dropout_p=self.dropout_p if self.training else 0.0,
-                is_causal=past == 0 and num_tokens > 1,
+                is_causal=attn_mask is None and past == 0 and num_tokens > 1,
             )
         else:
             scores = queries @ keys.transpose(2, 3)  # (b, heads, tokens, past + tokens)
-            scores = scores.masked_fill(mask, float("-inf"))
+            scores = scores.masked_fill(hidden, float("-inf"))
             weights = torch.softmax(scores / self.head_dim ** 0.5, dim=-1)
             self.last_attn_weights = weights.detach()
             context = self.dropout(weights) @ values  # (b, heads, tokens, head_dim)

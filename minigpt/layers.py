@@ -86,6 +86,9 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), use_cache=use_cache))
+    def forward(
+        self, x: torch.Tensor, use_cache: bool = False, attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``attn_mask``: see :meth:`MultiHeadAttention.forward` (``None``: plain causal)."""
+        x = x + self.drop_shortcut(self.att(self.norm1(x), use_cache=use_cache, attn_mask=attn_mask))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))

@@ -9,6 +9,7 @@ from minigpt.attention import (
     MultiHeadAttentionWrapper,
     SelfAttentionV1,
     SelfAttentionV2,
+    padded_causal_mask,
 )
 
 # The book's six 3-d embeddings of "Your journey starts with one step".
@@ -157,3 +158,44 @@ def test_kv_cache_overflow_is_a_clear_error():
     mha(torch.randn(1, 4, 8), use_cache=True)
     with pytest.raises(ValueError, match="context_length=4"):
         mha(torch.randn(1, 1, 8), use_cache=True)
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False])
+def test_an_explicit_mask_hides_the_keys_it_marks(use_sdpa):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(16, 16, context_length=10, dropout=0.0, num_heads=4, use_sdpa=use_sdpa).eval()
+    x = torch.randn(2, 6, 16)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6)
+    assert (mha(x, attn_mask=causal) - mha(x)).abs().max() < 1e-6  # causality spelled out: the same
+    # Row 0 hides keys 0 and 1 from every later query: its outputs 2.. equal those of x[0, 2:] alone.
+    allowed = causal.clone()
+    allowed[0, :, 2:, :2] = False
+    out = mha(x, attn_mask=allowed)
+    if not use_sdpa:
+        assert mha.last_attn_weights[0, :, 2:, :2].eq(0).all()
+    assert (out[0, 2:] - mha(x[:1, 2:])[0]).abs().max() < 1e-6
+    assert (out[1] - mha(x)[1]).abs().max() < 1e-6
+
+
+def test_padded_causal_mask_spelled_out():
+    real = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    allowed = padded_causal_mask(real, num_tokens=4)
+    assert allowed.shape == (2, 1, 4, 4)
+    assert allowed[0, 0].int().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+    assert torch.equal(allowed[1, 0], torch.ones(4, 4).tril().bool())
+    # The last two queries of a cached call: keys 0..3, queries at positions 2 and 3.
+    assert padded_causal_mask(real, num_tokens=2)[0, 0].int().tolist() == [[0, 0, 1, 0], [0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False])
+def test_kv_cache_grows_in_powers_of_two_and_keeps_its_contents(use_sdpa):
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(8, 8, context_length=200, dropout=0.0, num_heads=2, use_sdpa=use_sdpa).eval()
+    x = torch.randn(2, 140, 8)
+    full = mha(x)
+    pieces, capacities = [], []
+    for start, end in [(0, 5), (5, 64), (64, 65), (65, 130), (130, 140)]:
+        pieces.append(mha(x[:, start:end], use_cache=True))
+        capacities.append(mha.cache_k.shape[2])
+    assert capacities == [64, 64, 128, 200, 200]  # the last one capped at the context
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)

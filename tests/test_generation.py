@@ -1,5 +1,6 @@
 """Generation: greedy, sampling filters, KV cache equivalence (also past the context length),
-end-of-text, option checks, long prompts, and streaming text without broken characters."""
+end-of-text, option checks, long prompts, and streaming text without broken characters.
+Batches of prompts of different lengths and log-probabilities: test_generation_batches.py."""
 
 import logging
 
@@ -97,7 +98,7 @@ def test_eos_stops_generation(model):
 class CountingModel(GPTModel):
     """A model whose logits we control: after id ``t`` greedy decoding picks ``t + 1``."""
 
-    def forward(self, in_idx, use_cache=False):
+    def forward(self, in_idx, use_cache=False, **kwargs):
         if use_cache:
             self.cache_pos += in_idx.shape[1]
         return 10.0 * F.one_hot((in_idx + 1) % self.cfg.vocab_size, self.cfg.vocab_size).float()

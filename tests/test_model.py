@@ -7,7 +7,7 @@ import torch
 
 from minigpt.config import PRESETS, GPTConfig
 from minigpt.layers import GELU, FeedForward, LayerNorm, TransformerBlock
-from minigpt.model import GPTModel, evaluating
+from minigpt.model import GPTModel, check_token_ids, evaluating
 
 SMALL = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 
@@ -155,14 +155,16 @@ def test_fast_and_explicit_attention_give_the_same_logits():
     assert (model(ids) - fast).abs().max() < 1e-5
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("padded", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(padded):
     ids = torch.randint(0, 97, (2, 12))
+    mask = torch.ones(2, 12).index_fill(1, torch.arange(4), 0) if padded else None
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = GPTModel(SMALL).train()
         model.gradient_checkpointing = checkpointing
-        model(ids).logsumexp(-1).mean().backward()
+        model(ids, attention_mask=mask).logsumexp(-1).mean().backward()
         grads.append(model.trf_blocks[0].att.W_query.weight.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
@@ -177,7 +179,11 @@ def test_id_outside_the_vocabulary_is_named(bad):
     ids = torch.zeros(1, 4, dtype=torch.long)
     ids[0, 2] = bad
     with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):
-        GPTModel(SMALL)(ids)
+        check_token_ids(ids, 97)
+    with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary"):
+        GPTModel(SMALL)(ids)  # on the CPU the forward checks too (no device to wait for)
+    check_token_ids(torch.tensor([[0, 96]]), 97)
+    check_token_ids(torch.zeros(1, 0, dtype=torch.long), 97)
 
 
 def test_float_input_is_a_clear_type_error():
@@ -188,6 +194,71 @@ def test_float_input_is_a_clear_type_error():
 def test_one_dimensional_input_suggests_a_batch_dimension():
     with pytest.raises(ValueError, match="unsqueeze"):
         GPTModel(SMALL)(torch.zeros(4, dtype=torch.long))
+
+
+# --- left padding -------------------------------------------------------------------------
+
+def left_pad(ids: torch.Tensor, pads: int, pad_id: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1, tokens)`` -> ``(1, pads + tokens)`` ids with ``pad_id`` in front, and the mask."""
+    padded = torch.cat([torch.full((1, pads), pad_id), ids], dim=1)
+    return padded, torch.cat([torch.zeros(1, pads), torch.ones_like(ids)], dim=1).long()
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False])
+def test_a_padded_row_gives_the_logits_of_the_row_alone(use_sdpa):
+    model = GPTModel(SMALL).eval()
+    model.set_attention_impl(use_sdpa)
+    short, long = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (1, 14))
+    padded, mask = left_pad(short, 5)
+    ids, attention_mask = torch.cat([padded, long]), torch.cat([mask, torch.ones(1, 14, dtype=torch.long)])
+    with torch.no_grad():
+        logits = model(ids, attention_mask=attention_mask)
+        alone = model(short)
+    assert not logits.isnan().any()  # the padding queries see themselves, never nothing
+    assert (logits[0, 5:] - alone[0]).abs().max() < 1e-5
+    assert (logits[1] - model(long)).abs().max() < 1e-5
+    # Different padding values change nothing.
+    other = ids.clone()
+    other[0, :5] = torch.tensor([0, 96, 3, 3, 50])
+    assert (model(other, attention_mask=attention_mask)[0, 5:] - logits[0, 5:]).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False])
+@pytest.mark.parametrize("full_mask", [True, False], ids=["past+new mask", "new-only mask"])
+def test_padding_works_with_the_kv_cache(use_sdpa, full_mask):
+    model = GPTModel(SMALL).eval()
+    model.set_attention_impl(use_sdpa)
+    row = torch.randint(0, 97, (1, 10))
+    padded, mask = left_pad(row, 4)  # 4 pads + 10 tokens
+    with torch.no_grad():
+        alone = model(row)
+        model.reset_kv_cache()
+        pieces = [model(padded[:, :8], use_cache=True, attention_mask=mask[:, :8])]
+        for t in range(8, 14):  # then one token at a time
+            step_mask = mask[:, :t + 1] if full_mask else mask[:, t:t + 1]
+            pieces.append(model(padded[:, t:t + 1], use_cache=True, attention_mask=step_mask))
+    assert (torch.cat(pieces, dim=1)[0, 4:] - alone[0]).abs().max() < 1e-5
+    assert model._past_mask.shape == (1, 14)
+    model.reset_kv_cache()
+    assert model._past_mask is None and model.cache_pos == 0
+
+
+def test_a_mask_of_ones_changes_nothing_and_a_wrong_shape_is_named():
+    model = GPTModel(SMALL).eval()
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        assert (model(ids, attention_mask=torch.ones(2, 7)) - model(ids)).abs().max() < 1e-5
+    with pytest.raises(ValueError, match=r"attention_mask must have shape .* \(2, 7\), got \(2, 6\)"):
+        model(ids, attention_mask=torch.ones(2, 6))
+
+
+def test_logits_to_keep_returns_the_last_positions():
+    model = GPTModel(SMALL).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        full = model(ids)
+        assert torch.allclose(model(ids, logits_to_keep=1), full[:, -1:], atol=1e-6)
+        assert model(ids, logits_to_keep=3).shape == (2, 3, 97)
 
 
 # --- evaluating ---------------------------------------------------------------------------
