@@ -42,8 +42,9 @@ BATCH_SIZE = 32  # prompts per batch in generate_batch: a batch's KV cache grows
 
 
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
-    """``str -> (1, tokens)`` long tensor; ``<|endoftext|>`` is allowed as a special token."""
-    ids = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+    """``str -> (1, tokens)`` long tensor; special tokens in the text (GPT-2's ``<|endoftext|>``,
+    a chat template's ``<|im_start|>``) are read as such."""
+    ids = tokenizer.encode(text, allowed_special="all")
     return torch.tensor(ids, dtype=torch.long).unsqueeze(0)
 
 

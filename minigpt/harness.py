@@ -47,7 +47,7 @@ except ImportError as err:  # an optional dependency: say how to get it
 
 from minigpt.data import tokenize
 from minigpt.generation import check_sampling, pad_prompts, stream_generate, token_logprobs
-from minigpt.model import GPTModel
+from minigpt.pretrained import load_model, load_tokenizer
 from minigpt.quantized_linear import quantization_of
 from minigpt.runtime import select_device
 from minigpt.tokenizer import get_gpt2_tokenizer
@@ -67,9 +67,9 @@ class MiniGPTLM(TemplateLM):
     """lm-evaluation-harness's language-model interface over a minigpt model.
 
     ``pretrained`` is a model already built (its device kept unless ``device`` is given) or
-    what :meth:`GPTModel.from_pretrained` loads: a GPT-2 name (``gpt2-small``), a Hugging
-    Face GPT-2 directory, a weights directory or a run directory. ``tokenizer`` needs
-    tiktoken's interface (GPT-2's BPE when unset). ``batch_size`` requests are scored at
+    what :func:`minigpt.pretrained.load_model` loads: a GPT-2 or Llama-family name
+    (``gpt2-small``, ``smollm2-135m``), a Hugging Face directory, a weights or run directory.
+    ``tokenizer`` needs tiktoken's interface (when unset: the model's own). ``batch_size`` requests are scored at
     once; ``max_length`` shortens the context the model reads (its ``context_length`` when
     unset); ``max_gen_toks`` is the length of a generation whose task does not set one.
     ``dtype`` casts the model (``bfloat16`` halves its memory on a GPU); ``quantize``
@@ -94,13 +94,15 @@ class MiniGPTLM(TemplateLM):
                                  "already built with minigpt.quantized_linear.quantize_model")
             model = pretrained if device is None else pretrained.to(select_device(device))
         else:
-            model = GPTModel.from_pretrained(pretrained, quantize=quantize).to(select_device(device))
+            model = load_model(pretrained, quantize=quantize, device=select_device(device))
         if dtype is not None:
             if dtype not in DTYPES:
                 raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
             model = model.to(DTYPES[dtype])
         self.model = model.eval()
-        self.tokenizer = tokenizer if tokenizer is not None else get_gpt2_tokenizer()
+        if tokenizer is None:  # the model's own: GPT-2's BPE, or a Llama-family directory's tokenizer.json
+            tokenizer = get_gpt2_tokenizer() if isinstance(pretrained, nn.Module) else load_tokenizer(pretrained)
+        self.tokenizer = tokenizer
         self._batch_size = _whole_number("batch_size", batch_size)
         self._max_gen_toks = _whole_number("max_gen_toks", max_gen_toks)
         context = model.cfg.context_length

@@ -318,7 +318,8 @@ LLAMA_REPOS: dict[str, tuple[str, str, bool]] = {
 }
 # The weights (one file or shards and their index), the config and the tokenizer with its chat template.
 LLAMA_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
-               "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+               "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "chat_template.jinja")
 
 
 def download_llama(name: str, weights_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Path:

@@ -24,30 +24,37 @@ model is graded only on its answers.
 
 After training, the model answers the prompt of each test entry
 (:func:`generate_responses`); :mod:`minigpt.judges` rates the answers.
+
+Chat models (Llama 3, SmolLM2, Qwen3) were trained on their own format, the chat
+template their tokenizer ships: :class:`ChatTemplateFormat` turns each entry into a user
+turn and an assistant turn rendered with it (the turn's end marker then ends the text,
+instead of an appended end-of-text). The datasets take the format; Alpaca's is the default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from minigpt import sources
+from minigpt.chat_template import load_chat_template, render_chat
 from minigpt.data import tokenize
 from minigpt.download import fetch
 from minigpt.files import write_json
 from minigpt.generation import generate
 from minigpt.losses import IGNORE_INDEX, next_token_loss
-from minigpt.model import GPTModel
 from minigpt.neftune import neftune_lengths
-from minigpt.tokenizer import PAD_TOKEN_ID
+from minigpt.tokenizer import ENDOFTEXT_ID, PAD_TOKEN_ID
 
 PROMPT_INTRO = (
     "Below is an instruction that describes a task. "
@@ -75,9 +82,92 @@ def format_response(entry: Entry) -> str:
     return f"{RESPONSE_HEADER}{entry['output']}"
 
 
-def extract_response(continuation: str) -> str:
+def extract_response(continuation: str, header: str = RESPONSE_HEADER) -> str:
     """The answer in what a model wrote after the prompt, without the response header."""
-    return continuation.strip().removeprefix(RESPONSE_HEADER.strip()).strip()
+    return continuation.strip().removeprefix(header.strip()).strip()
+
+
+@dataclass(frozen=True)
+class AlpacaFormat:
+    """The book's format: :func:`format_input`, then ``header`` (:data:`RESPONSE_HEADER`: the model
+    learns to write it; preference pairs share it in the prompt) and the answer, to which the
+    tokenizer's end-of-text is appended. Only ``<|endoftext|>`` is read as a special token."""
+
+    header: ClassVar[str] = RESPONSE_HEADER
+    end_of_text: ClassVar[bool] = True
+
+    def prompt(self, entry: Entry) -> str:
+        """What the model reads before it answers."""
+        return format_input(entry)
+
+    def answer(self, entry: Entry, response: str | None = None) -> str:
+        """What follows :meth:`prompt` in a training text: the header and ``response`` (default: ``output``)."""
+        return format_response(entry if response is None else {**entry, "output": response})
+
+    def encode(self, text: str, tokenizer: Any = None) -> list[int]:
+        return tokenize(text, tokenizer)
+
+
+@dataclass(frozen=True)
+class ChatTemplateFormat:
+    """A chat model's own format: the entry as a user turn (instruction, blank line, input), the
+    answer as the assistant's, rendered with the model's chat ``template`` (``special_tokens``:
+    the tokenizer's ``special_token_names``, which templates print). The prompt is the user turn
+    and the assistant turn's opening (``add_generation_prompt``); the answer, the rest of the whole
+    conversation, ends with the template's end-of-turn: nothing is appended. Every special token
+    in the text is read as one (the template writes them on purpose)."""
+
+    template: str
+    special_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    header: ClassVar[str] = ""
+    end_of_text: ClassVar[bool] = False
+
+    @classmethod
+    def from_directory(cls, directory: str | os.PathLike, tokenizer: Any) -> ChatTemplateFormat:
+        """The chat template of a model directory, with ``tokenizer``'s special tokens."""
+        template = load_chat_template(directory)
+        if template is None:
+            raise ValueError(f"{directory} has no chat template (tokenizer_config.json's chat_template or "
+                             "chat_template.jinja): use the Alpaca format for this model")
+        return cls(template, dict(getattr(tokenizer, "special_token_names", {})))
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return render_chat(self.template, messages, add_generation_prompt=add_generation_prompt,
+                           **self.special_tokens)
+
+    def prompt(self, entry: Entry) -> str:
+        """The user turn followed by the opening of the assistant's turn."""
+        return self._render([self.user_message(entry)], add_generation_prompt=True)
+
+    def answer(self, entry: Entry, response: str | None = None) -> str:
+        """The whole conversation rendered, without its first part, :meth:`prompt`."""
+        reply = {"role": "assistant", "content": entry["output"] if response is None else response}
+        whole, prompt = self._render([self.user_message(entry), reply], False), self.prompt(entry)
+        if not whole.startswith(prompt):
+            raise ValueError("this chat template does not write a conversation as its prompt (add_generation_prompt) "
+                             f"followed by the answer: the prompt {prompt!r} does not begin {whole!r}; "
+                             "use the Alpaca format, or a template whose turns follow one another")
+        return whole[len(prompt):]
+
+    def encode(self, text: str, tokenizer: Any) -> list[int]:
+        if tokenizer is None:
+            raise ValueError("a chat template's texts need the model's own tokenizer: load_hf_tokenizer(directory)")
+        return tokenizer.encode(text, allowed_special="all")
+
+    @staticmethod
+    def user_message(entry: Entry) -> dict[str, str]:
+        content = entry["instruction"] + (f"\n\n{entry['input']}" if entry.get("input") else "")
+        return {"role": "user", "content": content}
+
+
+PromptFormat = AlpacaFormat | ChatTemplateFormat
+ALPACA = AlpacaFormat()
+
+
+def end_of_text_id(tokenizer: Any = None) -> int:
+    """The id that ends a text and pads a batch: the tokenizer's ``eot_token`` (a Hugging Face
+    tokenizer's ``eos_token``), GPT-2's ``<|endoftext|>`` (50256) without a tokenizer."""
+    return ENDOFTEXT_ID if tokenizer is None else getattr(tokenizer, "eot_token", ENDOFTEXT_ID)
 
 
 # --- Data ----------------------------------------------------------------------------------
@@ -146,14 +236,18 @@ class InstructionDataset(Dataset):
     Prompt and response are tokenized separately and concatenated, so the boundary
     between them is exact (for masking the prompt), and the prompt's ids are the
     same as when the model later sees the prompt alone to answer it.
+    ``prompt_format``: :data:`ALPACA` (default) or a :class:`ChatTemplateFormat`;
+    ``pad_token_id``: the tokenizer's end-of-text (:func:`end_of_text_id`), which
+    :meth:`collate_fn` appends (when the format asks for it) and pads with.
     """
 
-    def __init__(self, data: Sequence[Entry], tokenizer: Any = None) -> None:
+    def __init__(self, data: Sequence[Entry], tokenizer: Any = None, prompt_format: PromptFormat = ALPACA) -> None:
         validate_entries(list(data))
+        self.prompt_format, self.pad_token_id = prompt_format, end_of_text_id(tokenizer)
         self.examples = []
         for entry in data:
-            prompt = tokenize(format_input(entry), tokenizer)
-            response = tokenize(format_response(entry), tokenizer)
+            prompt = prompt_format.encode(prompt_format.prompt(entry), tokenizer)
+            response = prompt_format.encode(prompt_format.answer(entry), tokenizer)
             self.examples.append(TokenizedExample(prompt + response, len(prompt)))
 
     def __len__(self) -> int:
@@ -162,6 +256,12 @@ class InstructionDataset(Dataset):
     def __getitem__(self, i: int) -> TokenizedExample:
         return self.examples[i]
 
+    def collate_fn(self, allowed_max_length: int | None = None, mask_instruction: bool = False) -> Callable:
+        """:func:`collate_instructions` with this dataset's padding id and end-of-text rule."""
+        return functools.partial(collate_instructions, pad_token_id=self.pad_token_id,
+                                 allowed_max_length=allowed_max_length, mask_instruction=mask_instruction,
+                                 end_of_text=self.prompt_format.end_of_text)
+
 
 def collate_instructions(
     batch: Sequence[TokenizedExample | Sequence[int]],
@@ -169,6 +269,7 @@ def collate_instructions(
     ignore_index: int = IGNORE_INDEX,
     allowed_max_length: int | None = None,
     mask_instruction: bool = False,
+    end_of_text: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A list of token-id sequences -> ``(inputs, targets)``, both ``(batch, tokens)`` long.
 
@@ -181,7 +282,9 @@ def collate_instructions(
     one. With ``mask_instruction`` (items must then be :class:`TokenizedExample`)
     the targets that are prompt tokens are ignored too. ``allowed_max_length`` keeps
     only the first that many positions (with a masked prompt longer than that,
-    nothing is left to grade).
+    nothing is left to grade). ``end_of_text=False`` appends nothing: for texts that
+    end themselves (a chat template's end-of-turn); their last token is then the last
+    target.
 
     The book's example, ``[[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]``, gives the inputs
     ``[5, 6, 50256, 50256, 50256]`` and targets ``[6, 50256, -100, -100, -100]``
@@ -193,14 +296,16 @@ def collate_instructions(
     if mask_instruction and not all(isinstance(item, TokenizedExample) for item in batch):
         raise ValueError("mask_instruction needs TokenizedExample items (ids and prompt length), "
                          "e.g. from InstructionDataset")
-    width = max(len(example.ids) for example in examples) + 1
+    end = [pad_token_id] if end_of_text else []
+    width = max(len(example.ids) + len(end) for example in examples)
     inputs, targets = [], []
     for ids, prompt_length in examples:
+        ids = ids + end
         padded = torch.tensor(ids + [pad_token_id] * (width - len(ids)))
         target = padded[1:].clone()
-        # Positions from len(ids) on predict padding; target[len(ids) - 1] is the appended
-        # end-of-text, which teaches the model to stop, so it stays.
-        target[len(ids):] = ignore_index
+        # Positions from len(ids) - 1 on predict padding; the appended end-of-text (the last of
+        # ids), which teaches the model to stop, stays a target.
+        target[len(ids) - 1:] = ignore_index
         if mask_instruction:
             # target[j] is token j + 1: positions before prompt_length - 1 predict prompt tokens.
             target[: max(prompt_length - 1, 0)] = ignore_index
@@ -218,13 +323,12 @@ def instruction_dataloader(
     allowed_max_length: int | None = 1024,
     mask_instruction: bool = False,
     num_workers: int = 0,
+    prompt_format: PromptFormat = ALPACA,
 ) -> DataLoader:
     """Batches of ``(inputs, targets)`` for :func:`minigpt.training.train_model`."""
-    collate = functools.partial(
-        collate_instructions, allowed_max_length=allowed_max_length, mask_instruction=mask_instruction
-    )
-    return DataLoader(InstructionDataset(data, tokenizer), batch_size=batch_size, shuffle=shuffle,
-                      drop_last=drop_last, collate_fn=collate, num_workers=num_workers)
+    dataset = InstructionDataset(data, tokenizer, prompt_format)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      collate_fn=dataset.collate_fn(allowed_max_length, mask_instruction), num_workers=num_workers)
 
 
 def example_lengths(targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -254,23 +358,28 @@ def instruction_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Te
 
 
 def generate_response(
-    model: GPTModel, entry: Entry, tokenizer: Any, max_new_tokens: int = 256, eos_id: int = PAD_TOKEN_ID
+    model: torch.nn.Module, entry: Entry, tokenizer: Any, max_new_tokens: int = 256, eos_id: int | None = None,
+    prompt_format: PromptFormat = ALPACA,
 ) -> str:
-    """The model's greedy answer to the entry's prompt, stopped at end-of-text."""
-    prompt = torch.tensor([tokenize(format_input(entry), tokenizer)], device=model.device)
+    """The model's greedy answer to the entry's prompt, stopped at end-of-text (``eos_id``,
+    default the tokenizer's, :func:`end_of_text_id`)."""
+    eos_id = end_of_text_id(tokenizer) if eos_id is None else eos_id
+    prompt = torch.tensor([prompt_format.encode(prompt_format.prompt(entry), tokenizer)], device=model.device)
     out = generate(model, prompt, max_new_tokens, eos_id=eos_id)
     new = out[0, prompt.shape[1]:].tolist()
     if eos_id in new:
         new = new[: new.index(eos_id)]
-    return extract_response(tokenizer.decode(new))
+    return extract_response(tokenizer.decode(new), prompt_format.header)
 
 
 def generate_responses(
-    model: GPTModel, entries: Sequence[Entry], tokenizer: Any, max_new_tokens: int = 256, progress: bool = True
+    model: torch.nn.Module, entries: Sequence[Entry], tokenizer: Any, max_new_tokens: int = 256,
+    progress: bool = True, prompt_format: PromptFormat = ALPACA,
 ) -> list[dict[str, str]]:
     """Each entry with the model's answer added as ``model_response``."""
     return [
-        {**entry, "model_response": generate_response(model, entry, tokenizer, max_new_tokens)}
+        {**entry, "model_response": generate_response(model, entry, tokenizer, max_new_tokens,
+                                                      prompt_format=prompt_format)}
         for entry in tqdm(entries, desc="responses", disable=not progress)
     ]
 

@@ -7,10 +7,11 @@ instruction-tuning entry with two answers instead of one::
 
 Each pair is tokenized once, as instruction tuning formats a text: the Alpaca prompt
 (:func:`minigpt.instruction.format_input`), the response header, then the answer and one
-end-of-text. The two answers share the prompt. A batch holds both sequences of every
-pair and, for each, a mask that marks the answer's tokens: only they are scored, since
-the prompt is the same on both sides and tells nothing about the preference
-(:mod:`minigpt.dpo` computes the loss).
+end-of-text; or, for a chat model, its chat template's user turn and assistant turn
+(:class:`minigpt.instruction.ChatTemplateFormat`). The two answers share the prompt.
+A batch holds both sequences of every pair and, for each, a mask that marks the answer's
+tokens: only they are scored, since the prompt is the same on both sides and tells nothing
+about the preference (:mod:`minigpt.dpo` computes the loss).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,11 +29,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from minigpt import sources
-from minigpt.data import tokenize
 from minigpt.download import fetch
-from minigpt.instruction import RESPONSE_HEADER, format_input, read_json
+from minigpt.instruction import ALPACA, PromptFormat, read_json
+from minigpt.instruction import end_of_text_id as _end_of_text_id
 from minigpt.losses import NUM_SCORED, NUM_TOKENS
-from minigpt.tokenizer import ENDOFTEXT_ID, PAD_TOKEN_ID
+from minigpt.tokenizer import PAD_TOKEN_ID
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +92,9 @@ def validate_preference_entries(data: Any, source: str = "the data") -> list[Ent
 class PreferenceExample(NamedTuple):
     """One pair, tokenized: ``prompt + chosen`` and ``prompt + rejected`` are the two texts.
 
-    ``prompt``: the Alpaca prompt and the response header; ``chosen``, ``rejected``: each
-    answer's ids and one end-of-text. ``reference``: the reference model's summed
-    log-probabilities of (chosen, rejected) when precomputed (see
+    ``prompt``: the Alpaca prompt and the response header (a chat template's prompt);
+    ``chosen``, ``rejected``: each answer's ids and one end-of-text (the template's answer).
+    ``reference``: the reference model's summed log-probabilities of (chosen, rejected) when precomputed (see
     :func:`minigpt.dpo.precompute_reference`), with ``reference_cut``, the
     ``allowed_max_length`` they were computed with.
     """
@@ -111,15 +112,24 @@ class PreferenceDataset(Dataset):
     The prompt (with the response header) and each answer are tokenized separately and
     concatenated, as instruction tuning does, so the boundary between prompt and answer
     is exact. ``tokenizer``: GPT-2's BPE when None, or any with tiktoken's ``encode``.
+    ``end_of_text_id`` (default: the tokenizer's, :func:`minigpt.instruction.end_of_text_id`)
+    ends each answer when the format asks for it (Alpaca's does) and pads the batches.
+    ``prompt_format``: :data:`minigpt.instruction.ALPACA` or a chat template's format.
     ``entries`` are the entries kept (pairs with two identical answers are dropped).
     """
 
-    def __init__(self, data: Sequence[Entry], tokenizer: Any = None, end_of_text_id: int = ENDOFTEXT_ID) -> None:
+    def __init__(self, data: Sequence[Entry], tokenizer: Any = None, end_of_text_id: int | None = None,
+                 prompt_format: PromptFormat = ALPACA) -> None:
         self.entries = validate_preference_entries(list(data))
+        self.pad_token_id = _end_of_text_id(tokenizer) if end_of_text_id is None else end_of_text_id
+        end = [self.pad_token_id] if prompt_format.end_of_text else []
+        encode, header = functools.partial(prompt_format.encode, tokenizer=tokenizer), prompt_format.header
         self.examples = []
         for entry in self.entries:
-            prompt = tokenize(format_input(entry), tokenizer) + tokenize(RESPONSE_HEADER, tokenizer)
-            chosen, rejected = (tokenize(entry[key], tokenizer) + [end_of_text_id] for key in ("chosen", "rejected"))
+            # The header that opens every answer (Alpaca's "### Response:") is shared: it goes to the prompt.
+            prompt = encode(prompt_format.prompt(entry)) + (encode(header) if header else [])
+            chosen, rejected = (encode(prompt_format.answer(entry, entry[key]).removeprefix(header)) + end
+                                for key in ("chosen", "rejected"))
             self.examples.append(PreferenceExample(prompt, chosen, rejected))
         self.reference_logps: torch.Tensor | None = None  # (pairs, 2) when precomputed
         self.reference_cut: int | None = None
@@ -145,6 +155,11 @@ class PreferenceDataset(Dataset):
     def clear_reference(self) -> None:
         """Forget precomputed reference log-probabilities."""
         self.reference_logps, self.reference_cut = None, None
+
+    def collate_fn(self, allowed_max_length: int | None = None) -> Callable:
+        """:func:`collate_preferences` with this dataset's padding id."""
+        return functools.partial(collate_preferences, pad_token_id=self.pad_token_id,
+                                 allowed_max_length=allowed_max_length)
 
     def fingerprint(self) -> str:
         """SHA-256 of every pair's token ids: equal for the same data tokenized alike."""
@@ -214,10 +229,12 @@ def preference_dataloader(
     drop_last: bool = False,
     allowed_max_length: int | None = 1024,
     num_workers: int = 0,
+    prompt_format: PromptFormat = ALPACA,
 ) -> DataLoader:
     """Batches of pairs (see :func:`collate_preferences`) for :func:`minigpt.training.train_model`
-    with :class:`minigpt.dpo.DPOLoss`; ``data``: entries, or a :class:`PreferenceDataset`."""
-    dataset = data if isinstance(data, PreferenceDataset) else PreferenceDataset(data, tokenizer)
-    collate = functools.partial(collate_preferences, allowed_max_length=allowed_max_length)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, collate_fn=collate,
-                      num_workers=num_workers)
+    with :class:`minigpt.dpo.DPOLoss`; ``data``: entries, or a :class:`PreferenceDataset`
+    (``tokenizer`` and ``prompt_format`` then unused: it was tokenized already)."""
+    dataset = data if isinstance(data, PreferenceDataset) else PreferenceDataset(data, tokenizer,
+                                                                                  prompt_format=prompt_format)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      collate_fn=dataset.collate_fn(allowed_max_length), num_workers=num_workers)
