@@ -10,7 +10,6 @@ accident, and with ``api_key`` it answers only requests that carry the key.
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import threading
@@ -22,15 +21,12 @@ from typing import Any
 import torch
 import uvicorn
 
-from minigpt.chat_template import load_chat_template, render_chat
+from minigpt.chat_template import render_chat
 from minigpt.config import PRESETS
-from minigpt.hf_gpt2 import CONFIG_FILE
-from minigpt.hf_llama import load_llama
-from minigpt.hf_tokenizer import load_hf_tokenizer
-from minigpt.hub import GPT2_REPOS, LLAMA_REPOS, download_llama
-from minigpt.llama import MODEL_TYPES
+from minigpt.hub import GPT2_REPOS, LLAMA_REPOS
 from minigpt.lora import load_lora
 from minigpt.model import GPTModel
+from minigpt.pretrained import chat_template_of, load_model, load_tokenizer
 from minigpt.quantization import SCHEMES
 from minigpt.quantized_linear import quantize_model
 from minigpt.runtime import select_device
@@ -39,7 +35,6 @@ from minigpt.serving.engine import Engine
 from minigpt.serving.formats import FORMATS, AlpacaFormat, ChatFormat, PlainFormat, TemplateFormat, chat_format_of
 from minigpt.serving.protocol import Limits
 from minigpt.tokenizer import get_gpt2_tokenizer
-from minigpt.weights import load_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -85,51 +80,37 @@ class ServeConfig:
         return Limits(max_tokens=self.max_tokens, max_n=self.max_n)
 
 
-def _llama_directory(s: ServeConfig) -> Path | None:
-    """The directory of a Llama-family model (a known name is fetched first), else None."""
-    if s.model in LLAMA_REPOS:
-        return download_llama(s.model)
-    config = Path(s.model or "") / CONFIG_FILE
-    if s.model and config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") in MODEL_TYPES:
-        return Path(s.model)
-    return None
-
-
-def _load_model(s: ServeConfig, llama: Path | None) -> torch.nn.Module:
-    if llama is not None:
-        return load_llama(llama, quantize=s.quantize)
+def _load_model(s: ServeConfig) -> torch.nn.Module:
     if s.model is None:
         torch.manual_seed(s.seed)
         model = GPTModel(s.preset)
         return quantize_model(model, s.quantize) if s.quantize else model
-    if s.model not in GPT2_REPOS and not Path(s.model).exists():
+    if s.model not in GPT2_REPOS and s.model not in LLAMA_REPOS and not Path(s.model).exists():
         raise FileNotFoundError(f"model {s.model!r} is neither a known name ({', '.join([*GPT2_REPOS, *LLAMA_REPOS])}) "
                                 "nor an existing directory")
-    return load_pretrained(s.model, quantize=s.quantize)
+    return load_model(s.model, quantize=s.quantize)
 
 
-def _tokenizer_and_format(s: ServeConfig, llama: Path | None) -> tuple[Any, ChatFormat]:
-    """GPT-2's tokenizer and the format the run states; a Llama-family directory brings
-    its own tokenizer and, usually, its own chat template."""
-    if llama is not None:
-        tokenizer = load_hf_tokenizer(llama)
-        template = load_chat_template(llama)
-        if template is not None and s.chat_format == "auto":
-            return tokenizer, TemplateFormat(template, render_chat, tokenizer.special_token_names)
-    else:
-        tokenizer = get_gpt2_tokenizer()
+def _tokenizer_and_format(s: ServeConfig) -> tuple[Any, ChatFormat]:
+    """The model's own tokenizer, and its own chat template (the Llama family) or the format the
+    run states (Alpaca for instruction-tuned runs, else plain)."""
+    if s.model is None:
+        return get_gpt2_tokenizer(), AlpacaFormat() if s.chat_format == "alpaca" else PlainFormat()
+    tokenizer = load_tokenizer(s.model)
+    template = chat_template_of(s.model)
+    if template is not None and s.chat_format == "auto":
+        return tokenizer, TemplateFormat(template, render_chat, tokenizer.special_token_names)
     name = s.chat_format
     if name == "auto":
-        name = chat_format_of(s.model if s.model and Path(s.model).is_dir() else None)
+        name = chat_format_of(s.model if Path(s.model).is_dir() else None)
     return tokenizer, AlpacaFormat() if name == "alpaca" else PlainFormat()
 
 
 def load_engine(settings: ServeConfig) -> Engine:
     """The model the settings name, on the best device, with its tokenizer and chat format."""
     s = settings
-    llama = _llama_directory(s)
-    model = _load_model(s, llama)
-    tokenizer, chat_format = _tokenizer_and_format(s, llama)
+    model = _load_model(s)
+    tokenizer, chat_format = _tokenizer_and_format(s)
     if s.adapter:
         report = load_lora(model, s.adapter)
         logger.info("adapter %s: %s", s.adapter, report)
