@@ -3,7 +3,11 @@
 The one idea: the validation loss is the mean surprise of the model over every next
 token of text it never trained on. For a run directory that is the split ``pretrain``
 held out (the end of its corpus, the same share), cut into the same touching windows, so
-that the number here equals the final validation loss ``pretrain`` printed.
+that the number here equals the final validation loss ``pretrain`` printed
+(:func:`evaluate`). :func:`evaluate_perplexity` measures a whole text instead, with
+windows that overlap, so that every token is predicted with a long left context
+(:func:`minigpt.losses.sliding_window_perplexity`): the number to compare a model
+before and after fine-tuning on a general text (WikiText-2's test split, say).
 """
 
 from __future__ import annotations
@@ -11,17 +15,24 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 
+from minigpt import sources
 from minigpt.checkpoint import SETTINGS_FILE
 from minigpt.corpora import split_text
 from minigpt.data import GPTDataset
+from minigpt.download import fetch
+from minigpt.jobs.finetune import load_model
 from minigpt.jobs.pretrain import PretrainConfig, _token_ids, windows
-from minigpt.losses import calc_loss_loader, perplexity
-from minigpt.model import GPTModel
+from minigpt.losses import PerplexityResult, calc_loss_loader, perplexity, sliding_window_perplexity
+from minigpt.quantization import SCHEMES
 from minigpt.runtime import select_device
 from minigpt.tokenizer import get_gpt2_tokenizer
+
+WIKITEXT2 = "wikitext2"  # the name of WikiText-2's test split (a pinned file) wherever a text is named
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +52,22 @@ class EvalConfig:
         "help": "evaluate only the first batches (an estimate)", "none": "all"})
     device: str | None = field(default=None, metadata={
         "help": "cpu, cuda, mps", "none": "the best available"})
+    perplexity: str | None = field(default=None, metadata={
+        "help": f"instead: the sliding-window perplexity of a whole text: a corpus name, a text file or {WIKITEXT2} "
+                "(WikiText-2's test split)", "none": "the loss on the corpus"})
+    stride: int | None = field(default=None, metadata={
+        "help": "with --perplexity: tokens between window starts (smaller: more context, slower)",
+        "none": "half the context"})
+    max_tokens: int | None = field(default=None, metadata={
+        "help": "with --perplexity: only the first N tokens of the text", "none": "all"})
+    quantize: str | None = field(default=None, metadata={
+        "help": "load the weights quantized: nf4 (4-bit NormalFloat, blocks of 64), nf4-dq (nf4 with its scales "
+                "quantized too) or int8 (per-row absmax)", "none": "full precision", "choices": SCHEMES})
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_batches", "context_length"):
+        if self.quantize is not None and self.quantize not in SCHEMES:
+            raise ValueError(f"quantize must be one of {', '.join(SCHEMES)}, got {self.quantize!r}")
+        for name in ("batch_size", "max_batches", "context_length", "stride", "max_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
@@ -72,7 +96,7 @@ def evaluate(settings: EvalConfig) -> EvalResult:
     run = PretrainConfig.load(settings.checkpoint) if is_run else PretrainConfig()
     corpus = settings.corpus or run.corpus
     device = select_device(settings.device)
-    model = GPTModel.from_pretrained(settings.checkpoint).to(device).eval()
+    model = load_model(settings.checkpoint, settings.quantize).to(device).eval()
     ids = _token_ids(corpus, get_gpt2_tokenizer())
     part = "whole corpus"
     if not settings.whole:
@@ -88,3 +112,22 @@ def evaluate(settings: EvalConfig) -> EvalResult:
     covered = min(len(loader.dataset), batches * settings.batch_size)
     logger.debug("evaluated %d of %d windows", covered, len(loader.dataset))
     return EvalResult(corpus, part, loss, perplexity(loss), covered, covered * n, n, batches == len(loader))
+
+
+def text_token_ids(text: str, tokenizer: Any = None, max_tokens: int | None = None) -> torch.Tensor:
+    """The GPT-2 token ids ``(tokens,)`` of a corpus name, a text file or ``wikitext2``
+    (WikiText-2's test split, found or downloaded and checked), the first ``max_tokens`` only when given."""
+    path = fetch(sources.WIKITEXT2_TEST) if text == WIKITEXT2 else text
+    return _token_ids(str(path), tokenizer or get_gpt2_tokenizer())[:max_tokens]
+
+
+def evaluate_perplexity(settings: EvalConfig, progress: bool = True) -> PerplexityResult:
+    """Load ``settings.checkpoint`` and measure the sliding-window perplexity of the text
+    ``settings.perplexity`` (context ``context_length``, default the model's; ``stride``)."""
+    if settings.perplexity is None:
+        raise ValueError("perplexity names no text: give a corpus name, a text file or wikitext2")
+    device = select_device(settings.device)
+    model = load_model(settings.checkpoint, settings.quantize).to(device).eval()
+    ids = text_token_ids(settings.perplexity, max_tokens=settings.max_tokens)
+    return sliding_window_perplexity(model, ids, settings.context_length, settings.stride, settings.batch_size,
+                                     progress=progress)
