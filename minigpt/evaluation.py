@@ -40,7 +40,7 @@ from minigpt.generation import check_sampling, generate_batch
 from minigpt.instruction import Entry, extract_response, format_input, load_instruction_data, split_instruction_data
 from minigpt.model import GPTModel
 from minigpt.pairwise import Outcome, PairJudge, PairVerdict, judge_both_orders
-from minigpt.plots import BEFORE_COLOR, TRAIN_COLOR, VAL_COLOR, _new_figure, _save
+from minigpt.plots import BEFORE_COLOR, TRAIN_COLOR, VAL_COLOR, new_figure, save_figure
 from minigpt.rouge import words
 from minigpt.tokenizer import PAD_TOKEN_ID
 
@@ -259,7 +259,7 @@ def plot_win_rate(c: Comparison, path: str | os.PathLike | None = None) -> Figur
     """One bar split into the shares of wins, ties and losses, with the win rate and its
     interval marked on it; saved as a PNG at ``path`` if given."""
     w = c.win
-    fig, ax = _new_figure(height=2.6)
+    fig, ax = new_figure(height=2.6)
     left = 0.0
     for count, label, color in ((w.wins, "candidate wins", TRAIN_COLOR), (w.ties, "ties", BEFORE_COLOR),
                                 (w.losses, "base wins", VAL_COLOR)):
@@ -272,7 +272,7 @@ def plot_win_rate(c: Comparison, path: str | os.PathLike | None = None) -> Figur
     ax.set_yticks([])
     ax.set_xlabel(textwrap.fill(f"share of {w.n} prompts: {c.candidate} against {c.base}, judged by {c.judge}", 90))
     fig.legend(loc="outside upper center", ncols=4, fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def result_rows(c: Comparison) -> list[dict[str, Any]]:

@@ -4,8 +4,8 @@ The one idea: read the two loss curves together. Both falling means the model is
 learning; training loss falling while validation loss rises means it is memorising
 the training text (overfitting).
 
-Every figure has one style (:func:`_new_figure`: the same width, grid and PNG
-resolution) and is saved one way (:func:`_save`: atomically, so a crash never leaves
+Every figure has one style (:func:`new_figure`: the same width, grid and PNG
+resolution) and is saved one way (:func:`save_figure`: atomically, so a crash never leaves
 half a PNG). The figures are built with matplotlib's object-oriented API on its Agg
 (PNG) canvas, without pyplot: nothing depends on a display or on global plotting
 state, so this works the same in a script, a test or a server; a notebook shows the
@@ -40,7 +40,7 @@ class PlotFigure(Figure):
         return buffer.getvalue()
 
 
-def _new_figure(height: float) -> tuple[PlotFigure, Axes]:
+def new_figure(height: float) -> tuple[PlotFigure, Axes]:
     """The one figure style: a :class:`PlotFigure` of width ``WIDTH`` on a PNG canvas,
     with one set of axes and a light grid."""
     fig = PlotFigure(figsize=(WIDTH, height), layout="constrained")
@@ -50,7 +50,7 @@ def _new_figure(height: float) -> tuple[PlotFigure, Axes]:
     return fig, ax
 
 
-def _save(fig: Figure, path: str | os.PathLike | None) -> Figure:
+def save_figure(fig: Figure, path: str | os.PathLike | None) -> Figure:
     """Write ``fig`` as a PNG at ``path`` (atomically) if a path is given; return it."""
     if path is not None:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
@@ -66,7 +66,7 @@ def plot_losses(history: Any, path: str | os.PathLike | None = None) -> Figure:
     """Training and validation loss against optimizer steps, with the number of training
     tokens seen on a second x-axis at the top; saved as a PNG at ``path`` if given."""
     h = _as_dict(history)
-    fig, ax = _new_figure(height=4)
+    fig, ax = new_figure(height=4)
     if h.get("step_losses"):
         steps = range(1, len(h["step_losses"]) + 1)
         ax.plot(steps, h["step_losses"], color=TRAIN_COLOR, alpha=0.25, linewidth=0.8,
@@ -82,18 +82,18 @@ def plot_losses(history: Any, path: str | os.PathLike | None = None) -> Figure:
         top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step,
                                                    lambda t: t / tokens_per_step))
         top.set_xlabel("tokens seen")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_lr(history: Any, path: str | os.PathLike | None = None) -> Figure:
     """The learning rate of every optimizer step; saved as a PNG at ``path`` if given."""
     lrs = _as_dict(history)["lrs"]
-    fig, ax = _new_figure(height=3)
+    fig, ax = new_figure(height=3)
     ax.plot(range(1, len(lrs) + 1), lrs, color=LR_COLOR)
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel("learning rate")
     ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy(
@@ -104,7 +104,7 @@ def plot_accuracy(
     A split missing from ``before`` shows as 0."""
     splits = list(after)
     x = range(len(splits))
-    fig, ax = _new_figure(height=3.5)
+    fig, ax = new_figure(height=3.5)
     ax.bar([i - 0.2 for i in x], [before.get(s, 0.0) for s in splits], width=0.4, label="before",
            color=BEFORE_COLOR)
     ax.bar([i + 0.2 for i in x], [after[s] for s in splits], width=0.4, label="after", color=TRAIN_COLOR)
@@ -115,7 +115,7 @@ def plot_accuracy(
     ax.set_ylabel("accuracy")
     # Bars reach the top of the axes, so the legend sits above them, outside the axes.
     fig.legend(loc="outside upper center", ncols=2, title="fine-tuning")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_preference(history: Any, path: str | os.PathLike | None = None) -> Figure:
@@ -132,7 +132,7 @@ def plot_preference(history: Any, path: str | os.PathLike | None = None) -> Figu
     if missing:
         raise ValueError(f"the history has no {', '.join(missing)}: was it recorded by train_model with a "
                          "preference loss (minigpt.dpo.DPOLoss)?")
-    fig, loss_ax = _new_figure(height=7)
+    fig, loss_ax = new_figure(height=7)
     grid = fig.add_gridspec(3, 1)
     loss_ax.set_subplotspec(grid[0])
     panels = [(loss_ax, h["train_losses"], h["val_losses"], "loss")]
@@ -148,4 +148,4 @@ def plot_preference(history: Any, path: str | os.PathLike | None = None) -> Figu
     panels[2][0].set_ylim(-0.05, 1.05)
     panels[2][0].set_xlabel("optimizer steps")
     loss_ax.legend(loc="upper right")
-    return _save(fig, path)
+    return save_figure(fig, path)
