@@ -34,12 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from minigpt.config import GPTConfig
 from minigpt.files import write_json
+from minigpt.hf_gpt2 import write_checkpoint
 from minigpt.model import GPTModel
 from minigpt.runtime import rng_state, set_rng_state
 from minigpt.state_dict import tensor_mismatches
-from minigpt.weights import CONFIG_FILE, WEIGHTS_FILE, load_state, save_pretrained
+from minigpt.weights import CONFIG_FILE, WEIGHTS_FILE, load_config, load_state, save_pretrained, stored_once
 
 STATE_FILE = "training_state.pt"
 HISTORY_FILE = "history.json"
@@ -65,7 +65,7 @@ class TrainingState:
 
 def save_checkpoint(
     run_dir: str | os.PathLike,
-    model: GPTModel,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None = None,
     *,
@@ -86,7 +86,7 @@ def save_checkpoint(
     staging = run_dir / _STAGING
     shutil.rmtree(staging, ignore_errors=True)  # left by a save that crashed
     staging.mkdir(parents=True)
-    save_pretrained(model, staging)
+    _save_model(model, staging)
     state = {
         "step": step,
         "epoch": epoch,
@@ -100,6 +100,16 @@ def save_checkpoint(
     write_json(staging / HISTORY_FILE, history, indent=None)
     os.replace(staging, run_dir / _COMMITTED)  # the commit: one rename of a complete folder
     _finish_commit(run_dir)
+
+
+def _save_model(model: nn.Module, directory: Path) -> None:
+    """A GPT in minigpt's format (``GPTModel.from_pretrained`` reads a run directory); another
+    family (the Llama models) with its Hugging Face ``config.json`` and our tensor names. Either
+    way a classifier's head, LoRA's tensors and quantized layers are saved as they are."""
+    if isinstance(model, GPTModel):
+        save_pretrained(model, directory)
+    else:
+        write_checkpoint(directory, stored_once(model.state_dict()), model.cfg.to_hf())
 
 
 def _finish_commit(run_dir: Path) -> None:
@@ -120,7 +130,7 @@ def _finish_commit(run_dir: Path) -> None:
 
 def load_checkpoint(
     run_dir: str | os.PathLike,
-    model: GPTModel,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None = None,
     *,
@@ -158,7 +168,10 @@ def load_checkpoint(
 def _load_model(run_dir: Path, model: nn.Module) -> None:
     """Put the checkpoint's tensors into ``model``, whatever was done to it: a classifier's
     smaller head and LoRA's extra tensors load as they were saved, every name and shape checked."""
-    saved_cfg = GPTConfig.from_dict(json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")))
+    if isinstance(model, GPTModel):
+        saved_cfg = load_config(run_dir)
+    else:
+        saved_cfg = type(model.cfg).from_hf(json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")))
     if saved_cfg != model.cfg:
         raise ValueError(f"{run_dir} holds a model with {saved_cfg}, but the model to resume is {model.cfg}")
     state = dict(load_state(run_dir))

@@ -253,3 +253,30 @@ def test_a_classifier_or_lora_model_round_trips_exactly(tmp_path, tied):
     with pytest.raises(ValueError, match="does not fit the model to resume: missing tensors"):
         plain = GPTModel(GPTConfig.from_dict({**CFG.to_dict(), "tie_weights": tied}))
         load_checkpoint(tmp_path, plain, create_optimizer(plain, 1e-2))
+
+
+
+def test_a_llama_family_model_with_lora_checkpoints_and_resumes(tmp_path):
+    from minigpt.llama import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(vocab_size=64, emb_dim=16, n_heads=4, n_kv_heads=2, hidden_dim=32, n_layers=1,
+                      context_length=8, tie_weights=True)
+
+    def built():
+        torch.manual_seed(0)
+        model = LlamaModel(cfg)
+        apply_lora(model, rank=2, alpha=4)
+        return model, create_optimizer(model, lr=1e-2)
+
+    model, optimizer = built()
+    model(torch.randint(0, 64, (2, 8))).sum().backward()
+    optimizer.step()
+    _save(tmp_path, model, optimizer, step=1)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama"  # Hugging Face's config
+
+    restored, restored_opt = built()
+    assert load_checkpoint(tmp_path, restored, restored_opt).step == 1
+    _assert_same_weights(model, restored)
+    other = LlamaModel(LlamaConfig(**{**cfg.__dict__, "n_layers": 2}))
+    with pytest.raises(ValueError, match="holds a model with"):
+        load_checkpoint(tmp_path, other, create_optimizer(other, lr=1e-2))
