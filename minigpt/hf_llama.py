@@ -25,7 +25,7 @@ from minigpt.hf_gpt2 import CONFIG_FILE, write_checkpoint
 from minigpt.hub import LLAMA_REPOS, download_llama
 from minigpt.llama import LlamaConfig, LlamaModel
 from minigpt.rope import RoPE
-from minigpt.weights import _check_tensors, _drop_tied_head, _on_meta, _read_weights
+from minigpt.weights import check_tensors, drop_tied_head, on_meta, read_weights
 
 # minigpt parameter                 Hugging Face tensor ({i}: block index)
 HF_TO_MINIGPT: tuple[tuple[str, str], ...] = (
@@ -96,17 +96,17 @@ def read_config(directory: Path) -> LlamaConfig:
 
 def _load_directory(directory: Path, dtype: torch.dtype | None) -> LlamaModel:
     cfg = read_config(directory)
-    tensors = dict(_read_weights(directory))
+    tensors = dict(read_weights(directory))
     source = str(directory)
     if cfg.tie_weights:
-        _drop_tied_head(tensors, "lm_head.weight", "model.embed_tokens.weight", source)
-    with _on_meta():  # allocates nothing: every parameter is replaced by the file's tensor
+        drop_tied_head(tensors, "lm_head.weight", "model.embed_tokens.weight", source)
+    with on_meta():  # allocates nothing: every parameter is replaced by the file's tensor
         model = LlamaModel(cfg)
     names = name_map(cfg, set(model.state_dict()))
     if cfg.tie_weights:
         names.pop("out_head.weight")
     shapes = model.state_dict()
-    _check_tensors({theirs: tuple(shapes[ours].shape) for ours, theirs in names.items()}, tensors, source, cfg)
+    check_tensors({theirs: tuple(shapes[ours].shape) for ours, theirs in names.items()}, tensors, source, cfg)
     state = {ours: tensors[theirs] if dtype is None else tensors[theirs].to(dtype) for ours, theirs in names.items()}
     model.load_state_dict(state, strict=not cfg.tie_weights, assign=True)
     if cfg.tie_weights:
