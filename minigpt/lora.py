@@ -19,17 +19,18 @@ Workflow::
     save_lora(model, "adapter.safetensors")          # a few MB: only A and B
     load_lora(fresh_base_model, "adapter.safetensors")
     merge_lora(model)                                # fold into W: plain nn.Linear again
+
+QLoRA (Dettmers et al. 2023) is the same on a base quantized by ``quantize_model``: its
+``Linear4bit`` / ``Linear8bit`` layers stay frozen, the adapters train in the compute dtype.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import json
 import logging
 import math
 import os
-import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -42,13 +43,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minigpt.files import atomic_write
+from minigpt.lora_targets import DEFAULT_TARGETS, LINEAR_LAYERS, match_targets
+from minigpt.quantized_linear import QUANTIZED_LAYERS, dequantize_model, is_quantized
 from minigpt.state_dict import tensor_mismatches
 
 logger = logging.getLogger(__name__)
-
-# Every linear layer of the transformer blocks plus the output (or classification) head:
-# the book's choice, and the one that gets closest to full fine-tuning.
-DEFAULT_TARGETS: tuple[str, ...] = ("trf_blocks.*", "out_head")
 
 _METADATA_KEY = "minigpt_lora"
 
@@ -87,7 +86,8 @@ class LoRALayer(nn.Module):
 
 
 class LinearWithLoRA(nn.Module):
-    """A frozen-able ``nn.Linear`` plus a trainable low-rank update: ``linear(x) + lora(dropout(x))``.
+    """A frozen-able ``nn.Linear`` (or quantized linear) plus a trainable low-rank update:
+    ``linear(x) + lora(dropout(x))``, the update in the layer's (compute) dtype.
 
     ``(..., in_features) -> (..., out_features)``. The wrapped layer stays available as
     ``.linear`` (its weight may be shared, e.g. a head tied to the token embedding);
@@ -95,18 +95,20 @@ class LinearWithLoRA(nn.Module):
     ``enabled`` False (see :func:`lora_disabled`) the layer is its frozen base alone.
     """
 
-    def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, linear: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
         _check_settings(rank, alpha, dropout)
         self.linear = linear
+        quantized = isinstance(linear, QUANTIZED_LAYERS)  # its tensors are buffers, its dtype the compute one
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha,
-                              device=linear.weight.device, dtype=linear.weight.dtype)
+                              device=linear.device if quantized else linear.weight.device,
+                              dtype=linear.compute_dtype if quantized else linear.weight.dtype)
         self.dropout = nn.Dropout(dropout)
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear(x)
-        return out + self.lora(self.dropout(x)) if self.enabled else out
+        return out + self.lora(self.dropout(x).to(self.lora.A.dtype)).to(out.dtype) if self.enabled else out
 
     # Read like an nn.Linear's, so code that asks a layer for its sizes works on either.
     in_features = property(lambda self: self.linear.in_features)
@@ -138,17 +140,13 @@ def apply_lora(
     target_modules: Sequence[str] | None = None,
     dropout: float = 0.0,
 ) -> LoRAReport:
-    """Wrap the chosen ``nn.Linear`` layers of ``model`` in :class:`LinearWithLoRA`, in place,
-    and freeze every other parameter.
+    """Wrap the chosen ``nn.Linear`` layers of ``model`` (quantized ones too: QLoRA) in
+    :class:`LinearWithLoRA`, in place, and freeze every other parameter.
 
     ``target_modules`` are patterns on the dotted module names printed by
-    ``model.named_modules()`` (e.g. ``trf_blocks.3.att.W_query``, ``out_head``). A pattern
-    matches a name when it equals it or one of its dot-separated endings, with
-    ``fnmatch`` wildcards allowed: ``"W_query"`` matches the query projection of every
-    block, ``"att.*"`` every attention projection, ``"ff.layers.0"`` every first
-    feed-forward layer, ``"trf_blocks.1[01].*"`` all linears of blocks 10 and 11.
-    The default, :data:`DEFAULT_TARGETS`, is every linear of the transformer blocks plus
-    ``out_head``. Each pattern must match at least one linear layer.
+    ``model.named_modules()`` (e.g. ``trf_blocks.3.att.W_query``, ``"att.*"``; see
+    :mod:`minigpt.lora_targets`). The default, :data:`DEFAULT_TARGETS`, is every linear of
+    the transformer blocks plus ``out_head``. Each pattern must match one linear at least.
 
     A head tied to the token embedding keeps sharing it (frozen); the update is added
     to the head only. Returns a :class:`LoRAReport` (also logged at INFO level).
@@ -159,7 +157,7 @@ def apply_lora(
     if _lora_layers(model):
         raise ValueError("model already has LoRA layers; call merge_lora(model) first, or build a fresh model")
     patterns = DEFAULT_TARGETS if target_modules is None else tuple(target_modules)
-    return _wrap(model, _match_targets(model, patterns), rank, alpha, dropout)
+    return _wrap(model, match_targets(model, patterns), rank, alpha, dropout)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -167,7 +165,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     the plain ``nn.Linear`` back in place of each :class:`LinearWithLoRA`.
 
     The merged model computes the same outputs (up to float rounding) with no extra
-    cost per token, and saves with ``save_pretrained`` like any base model.
+    cost per token, and saves with ``save_pretrained`` like any base model. A quantized
+    model (QLoRA) is dequantized first, every quantized linear to an ``nn.Linear`` in its
+    compute dtype: adding a float update to 4-bit codes would round most of it away.
 
     A head whose weight is shared with the token embedding is *untied*: it gets its own
     merged copy, since adding the update to the shared matrix would change the
@@ -178,6 +178,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
     layers = _lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRA layers to merge; was apply_lora or load_lora called on it?")
+    if is_quantized(model):  # the wrappers stay; their base layers become nn.Linear, frozen as they were
+        quantized = [name for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]
+        dequantize_model(model)
+        for name in quantized:
+            model.get_submodule(name).requires_grad_(False)
     shared = _shared_parameter_ids(model)
     untied = []
     for name, wrapper in layers.items():
@@ -305,27 +310,6 @@ def _base(module: nn.Module | None) -> nn.Module | None:
     return module.linear if isinstance(module, LinearWithLoRA) else module
 
 
-def _pattern_matches(pattern: str, name: str) -> bool:
-    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
-
-
-def _match_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Names of the ``nn.Linear`` layers that any of ``patterns`` matches, in model order."""
-    if not patterns:
-        raise ValueError("target_modules is empty; pass None for the default targets")
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    unmatched = [p for p in patterns if not any(_pattern_matches(p, name) for name in linears)]
-    if unmatched:
-        # One pattern per kind of layer: block numbers replaced by "*".
-        kinds = sorted({re.sub(r"(?<=\.)\d+(?=\.)", "*", name) for name in linears})
-        raise ValueError(
-            f"target_modules patterns {unmatched} match no nn.Linear layer of the model; a pattern "
-            f"matches a dotted module name or one of its endings, the model's linear layers "
-            f"are {kinds}"
-        )
-    return [name for name in linears if any(_pattern_matches(p, name) for p in patterns)]
-
-
 def _wrap(model: nn.Module, names: Sequence[str], rank: int, alpha: float, dropout: float) -> LoRAReport:
     """Freeze ``model``, replace each named linear by a LinearWithLoRA, and report."""
     model.requires_grad_(False)
@@ -383,8 +367,8 @@ def _check_adapter_tensors(model: nn.Module, state: dict[str, torch.Tensor], nam
     problems = []
     for name in names:
         base = _base(modules.get(name))
-        if not isinstance(base, nn.Linear):
-            problems.append(f"the model has no nn.Linear named {name!r}")
+        if not isinstance(base, LINEAR_LAYERS):
+            problems.append(f"the model has no linear layer named {name!r}")
             continue
         expected[f"{name}.lora.A"] = (base.in_features, rank)
         expected[f"{name}.lora.B"] = (rank, base.out_features)

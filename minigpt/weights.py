@@ -17,6 +17,14 @@ used, and writing to one (training) copies only the touched pages, never the fil
 model is built on the ``meta`` device (shapes, no memory) and every parameter is assigned
 as a view of those tensors, including the transposed and split Hugging Face ones, so
 loading never holds two copies of the weights (see ``bench/bench_load_memory.py``).
+
+Quantized (``quantize="nf4"``, ``"nf4-dq"`` or ``"int8"``, :mod:`minigpt.quantized_linear`):
+the model is assigned the mapped tensors as above, then each block linear in turn is
+quantized and its float weight let go, so the float model only ever exists as the
+file's pages (which the system may drop), never as a second copy in memory
+(``bench/bench_load_quantized.py`` measures it). A quantized model saves its packed
+tensors, and ``config.json`` gains a ``quantization`` entry (scheme, block sizes, compute
+dtype, the shape of each quantized layer) from which loading rebuilds the same layers.
 """
 
 from __future__ import annotations
@@ -48,10 +56,18 @@ from minigpt.hf_gpt2 import (
 )
 from minigpt.hub import GPT2_REPOS, download_gpt2
 from minigpt.model import GPTModel
+from minigpt.quantization import check_scheme
+from minigpt.quantized_weights import (
+    QUANTIZATION_KEY,
+    quantization_entry,
+    quantize_loaded,
+    quantize_skeleton,
+    tensor_problems,
+)
 from minigpt.state_dict import tensor_mismatches
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "build_model", "load_pretrained", "load_state",
-           "read_safetensors", "save_pretrained"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "build_model", "check_tensors", "drop_tied_head", "load_config",
+           "load_pretrained", "load_state", "on_meta", "read_safetensors", "read_weights", "save_pretrained"]
 
 
 # ---------------------------------------------------------------------------- loading
@@ -63,14 +79,19 @@ def load_pretrained(
     device: str | torch.device = "cpu",
     weights_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> GPTModel:
     """Load a GPT-2 name (``gpt2-small`` ... ``gpt2-xl``), a minigpt or Hugging Face
     directory, or a book ``.pth`` state dict (which needs ``cfg``: a config, dict or preset).
 
     Names are found or downloaded by :func:`minigpt.hub.download_gpt2` (``weights_dir``
     and ``progress`` are passed on). A known name always means OpenAI's checkpoint; write
-    ``./gpt2-small`` for a local directory of that name.
+    ``./gpt2-small`` for a local directory of that name. ``quantize`` (``"nf4"``,
+    ``"nf4-dq"``, ``"int8"``) quantizes the block linears layer by layer while loading
+    (a directory saved quantized loads quantized anyway, and must then name its own scheme).
     """
+    if quantize is not None:
+        check_scheme(quantize)  # before any download
     path = Path(name_or_path)
     if path.suffix in (".pth", ".pt") and path.is_file():
         model = _load_pth(path, cfg)
@@ -85,31 +106,54 @@ def load_pretrained(
                 f"nor a directory with {CONFIG_FILE}, nor a .pth state dict"
             )
         model = _load_directory(path)
+    if quantize is not None:
+        # The parameters are still the mapped file's pages: quantizing one linear at a
+        # time never holds more than one float layer besides them.
+        quantize_loaded(model, quantize, str(name_or_path))
     return model.to(device)
 
 
-def _load_directory(directory: Path) -> GPTModel:
+def _read_config(directory: Path) -> dict[str, Any]:
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; is it a weights directory?")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        return json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+
+
+def _minigpt_config(config: Mapping[str, Any], source: str) -> GPTConfig:
+    """Our own config fields; a ``quantization`` entry describes the tensors, not the model."""
+    try:
+        return GPTConfig.from_dict({k: v for k, v in config.items() if k != QUANTIZATION_KEY})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source} is not a valid minigpt config: {err}") from err
+
+
+def load_config(directory: str | os.PathLike) -> GPTConfig:
+    """The :class:`GPTConfig` of a directory written by :func:`save_pretrained` (quantized or not)."""
+    directory = Path(directory)
+    return _minigpt_config(_read_config(directory), str(directory / CONFIG_FILE))
+
+
+def _load_directory(directory: Path) -> GPTModel:
+    config = _read_config(directory)
     if "emb_dim" in config:  # our own field names
-        try:
-            cfg = GPTConfig.from_dict(config)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{config_path} is not a valid minigpt config: {err}") from err
-        return build_model(cfg, _read_weights(directory), source=str(directory))
+        cfg = _minigpt_config(config, str(directory / CONFIG_FILE))
+        quantization = config.get(QUANTIZATION_KEY)
+        if quantization is not None:
+            return _build_quantized(cfg, quantization, read_weights(directory), source=str(directory))
+        return build_model(cfg, read_weights(directory), source=str(directory))
     if "n_embd" in config or "model_type" in config:  # Hugging Face's
-        return _build_from_hf(config_from_hf(config, source=str(config_path)),
-                              _read_weights(directory), source=str(directory))
-    raise ValueError(f"{config_path} is neither a minigpt config (emb_dim, ...) nor a Hugging Face "
+        return _build_from_hf(config_from_hf(config, source=str(directory / CONFIG_FILE)),
+                              read_weights(directory), source=str(directory))
+    raise ValueError(f"{directory / CONFIG_FILE} is neither a minigpt config (emb_dim, ...) nor a Hugging Face "
                      "GPT-2 config (n_embd, ...)")
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a directory's ``model.safetensors``, or of the shards its index lists (memory-mapped)."""
     if (directory / WEIGHTS_FILE).is_file():
         return read_safetensors(directory / WEIGHTS_FILE)
     if (directory / SHARD_INDEX_FILE).is_file():
@@ -120,14 +164,17 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def load_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a minigpt directory's ``model.safetensors`` (memory-mapped), checked:
-    a readable file whose tensors share one dtype. Names and shapes are the caller's to check
+    a readable file whose tensors share one dtype (those of quantized layers, which its config
+    lists, left out: packed codes are integers). Names and shapes are the caller's to check
     (a classifier's head differs from a language model's)."""
     directory = Path(directory)
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory} has no {WEIGHTS_FILE}; is it a directory written by save_pretrained?")
     state = read_safetensors(path)
-    problems = _dtype_problems(state)
+    config = _read_config(directory) if (directory / CONFIG_FILE).is_file() else {}
+    quantized = tuple(name + "." for name in (config.get(QUANTIZATION_KEY) or {}).get("layers", ()))
+    problems = _dtype_problems({k: v for k, v in state.items() if not k.startswith(quantized)})
     if problems:
         raise ValueError(f"{path}: " + ", ".join(problems))
     return state
@@ -136,11 +183,11 @@ def load_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _build_from_hf(cfg: GPTConfig, tensors: Mapping[str, torch.Tensor], source: str) -> GPTModel:
     hf = strip_hf_names(tensors)
     if cfg.tie_weights:
-        _drop_tied_head(hf, "lm_head.weight", "wte.weight", source)
+        drop_tied_head(hf, "lm_head.weight", "wte.weight", source)
     model = _meta_model(cfg)
     # The shapes our model needs, in Hugging Face's names: errors then name the file's tensors.
     expected = hf_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, cfg)
-    _check_tensors(expected, hf, source, cfg)
+    check_tensors(expected, hf, source, cfg)
     return _assign(model, hf_to_minigpt(hf, cfg))
 
 
@@ -159,11 +206,12 @@ def _load_pth(path: Path, cfg: GPTConfig | Mapping[str, Any] | str | None) -> GP
     # The book's attention stores its causal mask as a saved buffer; ours rebuilds it.
     state = {k: v for k, v in state.items() if not k.endswith("att.mask")}
     if cfg.tie_weights:
-        _drop_tied_head(state, "out_head.weight", "tok_emb.weight", str(path))
+        drop_tied_head(state, "out_head.weight", "tok_emb.weight", str(path))
     return build_model(cfg, state, source=str(path))
 
 
-def _drop_tied_head(state: dict[str, torch.Tensor], head: str, embedding: str, source: str) -> None:
+def drop_tied_head(state: dict[str, torch.Tensor], head: str, embedding: str, source: str) -> None:
+    """Remove a tied ``head`` from ``state`` (the embedding serves); one that differs from it is an error."""
     tensor = state.pop(head, None)
     if tensor is not None and embedding in state and not torch.equal(tensor, state[embedding]):
         raise ValueError(f"{source}: the config ties the output head to the token embedding, "
@@ -230,13 +278,14 @@ class _ShapesOnly(TorchFunctionMode):
 
 
 @contextmanager
-def _on_meta() -> Iterator[None]:
+def on_meta() -> Iterator[None]:
+    """Build modules inside on the ``meta`` device: shapes only, and no value-filling operations run."""
     with torch.device("meta"), _ShapesOnly():
         yield
 
 
 def _meta_model(cfg: GPTConfig) -> GPTModel:
-    with _on_meta():  # allocates nothing: every parameter is replaced by the file's tensor
+    with on_meta():  # allocates nothing: every parameter is replaced by the file's tensor
         return GPTModel(cfg)
 
 
@@ -250,7 +299,22 @@ def build_model(cfg: GPTConfig, state: Mapping[str, torch.Tensor], source: str) 
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if cfg.tie_weights:
         expected.pop("out_head.weight")
-    _check_tensors(expected, state, source, cfg)
+    check_tensors(expected, state, source, cfg)
+    return _assign(model, state)
+
+
+def _build_quantized(cfg: GPTConfig, entry: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+                     source: str) -> GPTModel:
+    """A quantized model rebuilt from what :func:`save_pretrained` wrote (see :mod:`minigpt.quantized_weights`)."""
+    model = _meta_model(cfg)
+    with on_meta():
+        quantize_skeleton(model, entry, source)
+    expected = dict(model.state_dict())
+    if cfg.tie_weights:
+        expected.pop("out_head.weight")
+    problems = tensor_problems(expected, state)
+    if problems:
+        raise ValueError(f"{source} does not match its config ({cfg}, {entry['scheme']}): " + ", ".join(problems))
     return _assign(model, state)
 
 
@@ -272,8 +336,9 @@ def _dtype_problems(found: Mapping[str, torch.Tensor]) -> list[str]:
     return [f"tensors whose dtype differs from the others' {usual}: {odd}"]
 
 
-def _check_tensors(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, torch.Tensor],
+def check_tensors(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, torch.Tensor],
                    source: str, cfg: GPTConfig) -> None:
+    """Every missing, unexpected or misshapen tensor, and any of another dtype, in one error naming ``source``."""
     problems = tensor_mismatches(expected, found)
     problems += _dtype_problems(found)
     if problems:
@@ -297,11 +362,17 @@ def _materialize_masks(model: GPTModel) -> None:
 def save_pretrained(model: GPTModel, directory: str | os.PathLike) -> Path:
     """Write minigpt's format: ``config.json`` and ``model.safetensors`` into ``directory``,
     each atomically. A tensor that appears under several names (a tied head is
-    ``tok_emb.weight``, also when wrapped by LoRA) is stored once, under its first name."""
-    return write_checkpoint(directory, _stored_once(model.state_dict()), model.cfg.to_dict())
+    ``tok_emb.weight``, also when wrapped by LoRA) is stored once, under its first name.
+    A quantized model stores its packed tensors, and its config the quantization settings
+    and each quantized layer's ``(out_features, in_features)``."""
+    config = model.cfg.to_dict()
+    entry = quantization_entry(model)
+    if entry is not None:
+        config[QUANTIZATION_KEY] = entry
+    return write_checkpoint(directory, stored_once(model.state_dict()), config)
 
 
-def _stored_once(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def stored_once(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # A file stores bytes, not aliases: names of the very same tensor (same memory, shape
     # and strides) are dropped after the first; distinct views of one buffer are kept.
     first: dict[tuple, str] = {}

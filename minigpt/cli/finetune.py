@@ -64,4 +64,7 @@ def run(args: argparse.Namespace) -> int:
               f"{test['rewards/accuracies']:.1%}, reward margin {test['rewards/margins']:.3f}")
         saved = f"the model{', its adapter' if settings.lora_rank else ''}, loss.png, preference.png, ab_samples.json"
     print(f"saved {saved} and metrics.json in {settings.output}")
+    if settings.quantize:
+        print(f"(QLoRA: the {settings.quantize} base was dequantized to merge the adapters; the saved model is "
+              "full precision)")
     return 0

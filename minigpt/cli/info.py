@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
               f"{p.parameters:>15,} {p.tied_parameters:>15,}" + "".join(f" {_size(p.memory[name]):>9}"
                                                                        for name in FORMATS))
     print("'params' is the preset as configured; 'tied head' shares the output head with the token embedding, "
-          "as OpenAI's GPT-2 checkpoints do.\nMemory is the configured model's; int8, nf4 and nf4-dq (--quantize) "
+          "as OpenAI's GPT-2 checkpoints do. Memory is the configured model's; int8, nf4 and nf4-dq (--quantize) "
           "store the blocks' weight matrices in 8 or about 4 bits, and keep the embeddings, the output head, "
           "the norms and the biases in float32.")
     return 0

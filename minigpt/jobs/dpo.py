@@ -17,7 +17,6 @@ finish are shared with the other fine-tuning jobs (:mod:`minigpt.jobs.finetune`)
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,15 +34,18 @@ from minigpt.dpo import (
     precompute_reference,
 )
 from minigpt.files import write_json
-from minigpt.instruction import format_input, generate_responses, split_instruction_data
+from minigpt.instruction import generate_responses, split_instruction_data
 from minigpt.jobs.finetune import (
     FinetuneConfig,
     Run,
     add_lora,
     check_neftune_alpha,
+    check_prompt_format,
+    choose_prompt_format,
     finish,
     job_default,
     neftune_field,
+    prompt_format_field,
     setup,
     shuffled_loader,
     split_scores,
@@ -52,7 +54,7 @@ from minigpt.jobs.finetune import (
 from minigpt.jobs.instruct import InstructConfig
 from minigpt.model import GPTModel
 from minigpt.plots import plot_preference
-from minigpt.preference import PreferenceDataset, collate_preferences, load_preference_data
+from minigpt.preference import PreferenceDataset, load_preference_data
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ class DPOConfig(FinetuneConfig):
         "help": "compute the reference's log-probabilities once, cached in the output, instead of a reference "
                 "model during training"})
     neftune_alpha: float | None = neftune_field()
+    prompt_format: str = prompt_format_field()
     max_new_tokens: int = field(default=256, metadata={"help": "longest answer of the A/B samples in tokens"})
     num_responses: int | None = field(default=None, metadata={
         "help": "A/B samples for only the first N validation prompts", "none": "all"})
@@ -111,6 +114,7 @@ class DPOConfig(FinetuneConfig):
             raise FileNotFoundError(f"{self.data} does not exist: the preference data must be a JSON file of "
                                     "{instruction, input, chosen, rejected} pairs")
         check_neftune_alpha(self.neftune_alpha)
+        check_prompt_format(self.prompt_format)
 
 
 def make_reference(run: Run, datasets: list[PreferenceDataset], max_length: int) -> tuple[Reference | None, str]:
@@ -131,7 +135,8 @@ def make_reference(run: Run, datasets: list[PreferenceDataset], max_length: int)
 
 def answers(run: Run, entries: list[dict[str, str]]) -> list[str]:
     """The model's greedy answers to the entries' prompts (in eval mode: no dropout, no noise)."""
-    responses = generate_responses(run.model, entries, run.tokenizer, run.settings.max_new_tokens, run.progress)
+    responses = generate_responses(run.model, entries, run.tokenizer, run.settings.max_new_tokens, run.progress,
+                                   prompt_format=run.prompt_format)
     return [response["model_response"] for response in responses]
 
 
@@ -151,13 +156,14 @@ def finetune_dpo(settings: DPOConfig, model: GPTModel | None = None, *, resume: 
     s = settings
     entries = load_preference_data(s.data)[:s.subset]  # bad data is named before a model loads
     run = setup(s, model, resume=resume, progress=progress)
+    run.prompt_format = choose_prompt_format(s.prompt_format, s.model, run.tokenizer)
     parts = split_instruction_data(entries)
     if not all(parts):
         raise ValueError(f"{len(entries)} pairs split into {len(parts[0])} train, {len(parts[1])} validation and "
                          f"{len(parts[2])} test pairs; each part needs one at least: use 20 pairs or more")
     max_length = min(s.max_length, run.model.cfg.context_length)
-    datasets = [PreferenceDataset(part, run.tokenizer) for part in parts]
-    collate = functools.partial(collate_preferences, allowed_max_length=max_length)
+    datasets = [PreferenceDataset(part, run.tokenizer, prompt_format=run.prompt_format) for part in parts]
+    collate = datasets[0].collate_fn(max_length)
     train_loader = shuffled_loader(datasets[0], s.batch_size, s.seed, drop_last=False, collate_fn=collate)
     val_loader, test_loader = (DataLoader(dataset, s.batch_size, collate_fn=collate) for dataset in datasets[1:])
     add_lora(run)
@@ -169,7 +175,7 @@ def finetune_dpo(settings: DPOConfig, model: GPTModel | None = None, *, resume: 
     reference_answers = answers(run, prompts)  # the policy is still the reference
     data = s.data or sources.PREFERENCE_DATA.relpath
     history = train(run, train_loader, val_loader, loss_fn=loss_fn, neftune_alpha=s.neftune_alpha,
-                    sample_prompt=format_input(val_part[0]), sample_tokens=35, sample_temperature=0.0,
+                    sample_prompt=run.prompt_format.prompt(val_part[0]), sample_tokens=35, sample_temperature=0.0,
                     data=f"{data}: {len(parts[0])} train, {len(parts[1])} validation, {len(parts[2])} test pairs "
                          f"| reference: {strategy} | loss {s.loss}, beta {s.beta:g}")
     after = split_scores(run, val_loader, loss_fn)

@@ -3,7 +3,8 @@
 The one idea: classification (book ch. 6), instruction tuning (ch. 7) and preference
 tuning (DPO) are the same job around a different dataset, loss and use of the model::
 
-    setup     seed, device, tokenizer, the model (a GPT-2 name, a directory or a preset)
+    setup     seed, device, tokenizer, the model (a GPT-2 name, a directory or a preset),
+              quantized if asked (then LoRA trains on it: QLoRA)
     (the job) its data and loaders, its surgery (a classifier head), LoRA if asked
     train     the training loop at a constant learning rate with the job's loss (NEFTune's
               noisy embeddings if asked), checkpointing into the output
@@ -25,18 +26,25 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from minigpt.chat_template import CHAT_TEMPLATE_FILE
 from minigpt.checkpoint import SETTINGS_FILE, STATE_FILE, load_settings, save_settings
 from minigpt.config import PRESETS
 from minigpt.distributed import ShardSampler, rank_and_world_size
-from minigpt.files import write_json
-from minigpt.hub import GPT2_REPOS
+from minigpt.files import write_bytes, write_json
+from minigpt.hub import GPT2_REPOS, LLAMA_REPOS, download_llama
+from minigpt.instruction import ALPACA, ChatTemplateFormat, PromptFormat
+from minigpt.jobs.quantize import check_quantize, load_quantized, quantize_field
 from minigpt.lora import apply_lora, merge_lora, save_lora
 from minigpt.losses import LossFn, next_token_loss, perplexity, summed_loss_and_metrics
 from minigpt.model import GPTModel, evaluating
 from minigpt.neftune import disable_neftune, enable_neftune
 from minigpt.plots import plot_losses
+from minigpt.pretrained import TOKENIZER_FILE, chat_template_of, is_llama, load_tokenizer
+from minigpt.pretrained import load_model as load_pretrained_model
+from minigpt.quantized_linear import is_quantized, quantize_model
 from minigpt.runtime import PRECISIONS, resolve_precision, select_device
 from minigpt.tokenizer import get_gpt2_tokenizer
 from minigpt.training import History, TrainConfig, train_model
@@ -44,6 +52,10 @@ from minigpt.training import History, TrainConfig, train_model
 logger = logging.getLogger(__name__)
 
 Settings = TypeVar("Settings", bound="FinetuneConfig")
+# What a Llama-family model directory needs besides its weights to be read again (tokenizer, chat format).
+TOKENIZER_FILES: tuple[str, ...] = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json",
+                                    CHAT_TEMPLATE_FILE)
+PROMPT_FORMATS: tuple[str, ...] = ("auto", "alpaca", "chat")
 
 
 @dataclass(kw_only=True)
@@ -52,7 +64,8 @@ class FinetuneConfig:
     defaults in each job's own dataclass."""
 
     model: str = field(metadata={
-        "help": "a GPT-2 name or a weights/run directory, or a preset (e.g. tiny) for random weights"})
+        "help": "a model name (gpt2-small, ..., smollm2-135m, ...) or a weights/run directory, or a GPT-2 "
+                "preset (e.g. tiny) for random weights"})
     output: str = field(metadata={"help": "directory for the results (and the checkpoint of an interrupted run)"})
     epochs: int = field(metadata={"help": "passes over the training examples"})
     batch_size: int = field(default=8, metadata={"help": "examples per batch"})
@@ -63,6 +76,7 @@ class FinetuneConfig:
         "help": "train LoRA adapters of this rank instead of the weights", "none": "no LoRA"})
     lora_alpha: float | None = field(default=None, metadata={
         "help": "LoRA scaling numerator", "none": "the rank"})
+    quantize: str | None = quantize_field()
     eval_every: int = field(default=50, metadata={"help": "optimizer steps between evaluations"})
     eval_iter: int | None = field(default=5, metadata={"help": "batches per evaluation", "none": "all"})
     seed: int = field(default=123, metadata={"help": "data order, new weights and dropout"})
@@ -80,6 +94,10 @@ class FinetuneConfig:
             raise ValueError(f"lr must be more than 0, got {self.lr}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_quantize(self.quantize)
+        if self.quantize and not self.lora_rank:
+            raise ValueError(f"a model quantized to {self.quantize} needs lora_rank: quantized weights are frozen, "
+                             "so fine-tuning trains LoRA adapters on them (QLoRA); give a rank, e.g. 16")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,14 +133,52 @@ def check_neftune_alpha(alpha: float | None) -> None:
         raise ValueError(f"neftune_alpha must be more than 0 (the paper uses 5 to 15), got {alpha}")
 
 
-def load_model(spec: str) -> GPTModel:
-    """A GPT-2 name or a directory loads weights; a preset name gives random ones."""
-    if spec in GPT2_REPOS or Path(spec).exists():
-        return GPTModel.from_pretrained(spec)
+def is_pretrained(spec: str) -> bool:
+    """Whether ``spec`` names weights to load (a GPT-2 or Llama-family name, or a path), not a preset."""
+    return spec in GPT2_REPOS or spec in LLAMA_REPOS or Path(spec).exists()
+
+
+def load_model(spec: str, quantize: str | None = None) -> nn.Module:
+    """A GPT-2 or Llama-family name or a directory loads weights (:mod:`minigpt.pretrained`);
+    a GPT-2 preset name gives random ones; quantized with ``quantize`` when given."""
+    if is_pretrained(spec):
+        return load_pretrained_model(spec, quantize=quantize)
     if spec in PRESETS:
-        return GPTModel(spec)
-    raise ValueError(f"model {spec!r} is neither a GPT-2 name ({', '.join(GPT2_REPOS)}), "
-                     f"a directory, nor a preset ({', '.join(PRESETS)})")
+        return load_quantized(None, spec, quantize)
+    raise ValueError(f"model {spec!r} is neither a GPT-2 name ({', '.join(GPT2_REPOS)}), a Llama-family name "
+                     f"({', '.join(LLAMA_REPOS)}), a directory, nor a preset ({', '.join(PRESETS)})")
+
+
+def tokenizer_of(spec: str) -> Any:
+    """The tokenizer of the model ``spec`` names: its own for loaded weights, GPT-2's for a preset."""
+    return load_tokenizer(spec) if is_pretrained(spec) else get_gpt2_tokenizer()
+
+
+def prompt_format_field() -> Any:
+    """The ``prompt_format`` setting of the jobs that train on prompts and answers."""
+    return field(default="auto", metadata={
+        "help": "how entries become texts: alpaca (the book's template), chat (the model's chat template, from "
+                "tokenizer_config.json) or auto (chat when the model directory has a template)",
+        "choices": PROMPT_FORMATS})
+
+
+def check_prompt_format(name: str) -> None:
+    """``name`` is one of :data:`PROMPT_FORMATS`."""
+    if name not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {name!r}")
+
+
+def choose_prompt_format(name: str, spec: str, tokenizer: Any) -> PromptFormat:
+    """The format ``name`` (see :func:`prompt_format_field`) for the model ``spec``: its chat
+    template (``chat``, or ``auto`` where it has one) or the book's Alpaca template."""
+    check_prompt_format(name)
+    template = None if name == "alpaca" or not is_pretrained(spec) else chat_template_of(spec)
+    if name == "chat" and template is None:
+        raise ValueError(f"{spec} has no chat template (tokenizer_config.json's chat_template or "
+                         "chat_template.jinja): use prompt_format alpaca for this model")
+    if template is None:
+        return ALPACA
+    return ChatTemplateFormat(template, dict(getattr(tokenizer, "special_token_names", {})))
 
 
 @dataclass
@@ -133,18 +189,24 @@ class Run:
     output: Path
     device: torch.device
     tokenizer: Any
-    model: GPTModel
+    model: nn.Module  # a GPTModel or a LlamaModel
     resume: bool
     progress: bool
+    prompt_format: PromptFormat = ALPACA  # how prompts and answers become texts (instruction and preference data)
 
 
 def setup(settings: FinetuneConfig, model: GPTModel | None = None, *, resume: bool = False,
           progress: bool = True) -> Run:
-    """Seed, device, tokenizer and the model (``settings.model`` unless one is given)."""
+    """Seed, device, the model (``settings.model`` unless one is given; quantized when
+    ``settings.quantize`` asks, a given model too unless it already is) and its tokenizer.
+    The jobs on prompts and answers set ``prompt_format`` (:func:`choose_prompt_format`)."""
     torch.manual_seed(settings.seed)  # a preset's random weights and a new head come from it
     device = select_device(settings.device)
-    model = load_model(settings.model) if model is None else model
-    return Run(settings, Path(settings.output), device, get_gpt2_tokenizer(), model, resume, progress)
+    if model is None:
+        model = load_model(settings.model, settings.quantize)
+    elif settings.quantize and not is_quantized(model):
+        quantize_model(model, settings.quantize)
+    return Run(settings, Path(settings.output), device, tokenizer_of(settings.model), model, resume, progress)
 
 
 def add_lora(run: Run) -> None:
@@ -153,6 +215,17 @@ def add_lora(run: Run) -> None:
     s = run.settings
     if s.lora_rank:
         apply_lora(run.model, s.lora_rank, s.lora_alpha if s.lora_alpha is not None else s.lora_rank)
+
+
+def copy_tokenizer_files(spec: str, output: Path) -> None:
+    """Copy a Llama-family model's tokenizer files (:data:`TOKENIZER_FILES`) next to the tuned
+    weights, so the output loads with its tokenizer and chat template (GPT-2's is built in)."""
+    if not is_llama(spec):
+        return
+    source = download_llama(spec) if spec in LLAMA_REPOS else Path(spec)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file() and source.resolve() != output.resolve():
+            write_bytes(output / name, (source / name).read_bytes())
 
 
 def shuffled_loader(dataset: Dataset, batch_size: int, seed: int, *, drop_last: bool,
@@ -180,10 +253,11 @@ def train(run: Run, train_loader: DataLoader, val_loader: DataLoader, *, data: s
                          weight_decay=s.weight_decay, eval_every=s.eval_every, eval_iter=s.eval_iter,
                          precision=s.precision, **loop)
     logger.info("data %s | model %s: %s parameters, %s trainable | device %s | precision %s | "
-                "%s steps (%d epochs of %d batches)%s%s", data, s.model, f"{run.model.num_parameters():,}",
+                "%s steps (%d epochs of %d batches)%s%s%s", data, s.model, f"{run.model.num_parameters():,}",
                 f"{run.model.num_parameters(trainable_only=True):,}", run.device,
                 resolve_precision(s.precision, run.device), f"{config.max_steps:,}", s.epochs, len(train_loader),
                 f" | NEFTune alpha {neftune_alpha:g}" if neftune_alpha else "",
+                f" | base quantized {s.quantize} (QLoRA)" if s.quantize else "",
                 f" | resuming {run.output}" if run.resume else "")
     save_settings(run.output, s.to_dict())
     if neftune_alpha is not None:
@@ -217,7 +291,8 @@ def finish(run: Run, history: History, test_loader: DataLoader, metrics: dict[st
     ``test_loss``, and ``test_perplexity`` for the next-token loss, or ``test``, the
     loss and the figures of another ``loss_fn`` that returns some (see :func:`split_scores`).
     With LoRA and ``adapter``, the adapter alone is also saved, to that file of the
-    output, before it is merged."""
+    output, before it is merged. A quantized base (QLoRA) is dequantized by the merge:
+    the saved model is a full-precision one."""
     scores = split_scores(run, test_loader, loss_fn)
     metrics = {**metrics, "test_loss": scores["loss"]}
     if loss_fn is next_token_loss:
@@ -229,6 +304,7 @@ def finish(run: Run, history: History, test_loader: DataLoader, metrics: dict[st
             save_lora(run.model, run.output / adapter)
         merge_lora(run.model)
     save(run.model, run.output)
+    copy_tokenizer_files(run.settings.model, run.output)
     (run.output / STATE_FILE).unlink(missing_ok=True)  # the run is complete: its optimizer state is not needed
     plot_losses(history, run.output / "loss.png")
     write_json(run.output / "metrics.json", metrics)

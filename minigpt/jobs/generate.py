@@ -18,8 +18,10 @@ import torch
 from minigpt.config import PRESETS
 from minigpt.data import tokenize
 from minigpt.generation import IncrementalDecoder, check_sampling, stream_generate, truncate_prompt
+from minigpt.jobs.quantize import check_quantize, load_quantized, quantize_field
 from minigpt.model import GPTModel
-from minigpt.runtime import select_device
+from minigpt.pretrained import load_tokenizer
+from minigpt.runtime import compile_model, select_device
 from minigpt.tokenizer import get_gpt2_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -31,7 +33,8 @@ class GenerateConfig:
     else random weights of ``preset`` (a demo of what an untrained model writes)."""
 
     model: str | None = field(default=None, metadata={
-        "help": "GPT-2 name (gpt2-small, ...) or a weights/run directory", "none": "random weights of preset"})
+        "help": "a model name (gpt2-small, ..., smollm2-135m, ...) or a weights/run directory",
+        "none": "random weights of preset"})
     checkpoint: str | None = field(default=None, metadata={
         "help": "a run directory written by 'minigpt pretrain'", "none": "random weights of preset"})
     preset: str = field(default="tiny", metadata={"help": "random weights of this preset (a demo)",
@@ -48,9 +51,13 @@ class GenerateConfig:
     cache: bool = field(default=True, metadata={
         "help": "keep keys and values between steps (--no-cache recomputes the whole context each step)"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, mps", "none": "the best available"})
+    quantize: str | None = quantize_field()
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the model (falls back to eager with a one-line warning where compiling fails)"})
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
+        check_quantize(self.quantize)
         if not self.prompt:
             raise ValueError("the prompt is empty: give some text to continue")
         if self.model and self.checkpoint:
@@ -72,9 +79,11 @@ def generate_text(settings: GenerateConfig) -> Generation:
     device = select_device(settings.device)
     torch.manual_seed(settings.seed)  # random weights of a preset, and the sampling
     source = settings.model or settings.checkpoint
-    model = GPTModel.from_pretrained(source) if source else GPTModel(settings.preset)
+    model = load_quantized(source, settings.preset, settings.quantize)
     model.to(device).eval()
-    tokenizer = get_gpt2_tokenizer()
+    if settings.compile:
+        model = compile_model(model)  # a wrapper that forwards cfg, reset_kv_cache, cache_pos to the model
+    tokenizer = load_tokenizer(source) if source else get_gpt2_tokenizer()  # the model's own
     context = model.cfg.context_length
     ids, dropped = truncate_prompt(tokenize(settings.prompt, tokenizer), context)
     if dropped:

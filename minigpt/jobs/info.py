@@ -1,30 +1,51 @@
-"""The job behind ``minigpt info``: the size of every model preset.
+"""The job behind ``minigpt info``: the size of every model preset, and its memory in each format.
 
 The one idea: a model's size is its parameter count, and its memory is that count times
-the bytes of one number (4 in float32, 2 in bfloat16). The presets are built on PyTorch's
-``meta`` device, which records shapes without allocating anything, so even GPT-2 XL is
-counted in an instant.
+the bytes of one number (4 in float32, 2 in bfloat16). Quantized (``--quantize``), the
+weight matrices of the transformer blocks take 8 bits (int8) or about 4 (nf4, nf4-dq) per
+number plus their scales (:func:`minigpt.quantization.quantized_bytes`), while the
+embeddings, the output head, the norms and the biases stay in float32. The presets are
+built on PyTorch's ``meta`` device, which records shapes without allocating anything, so
+even GPT-2 XL is counted in an instant.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from minigpt.config import PRESETS, GPTConfig
 from minigpt.model import GPTModel
+from minigpt.quantization import quantized_bytes
+
+FORMATS: tuple[str, ...] = ("float32", "bfloat16", "int8", "nf4", "nf4-dq")  # the columns of the memory table
 
 
 @dataclass
 class PresetSize:
     """A preset's config and parameter count, as configured and with the output head tied
-    to the token embedding (as OpenAI's GPT-2 checkpoints are)."""
+    to the token embedding (as OpenAI's GPT-2 checkpoints are), and the bytes of the
+    configured model in each of :data:`FORMATS`."""
 
     name: str
     cfg: GPTConfig
     parameters: int
     tied_parameters: int
+    memory: dict[str, int] = field(default_factory=dict)
+
+
+def model_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of ``model`` in each of :data:`FORMATS`: all of it in float32 or bfloat16, or
+    its block linears' weights quantized (what ``quantize_model`` replaces) and the rest in
+    float32. Works on a ``meta`` model: only shapes are read."""
+    total = sum(p.numel() for p in model.parameters())
+    shapes = [tuple(m.weight.shape) for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and name.startswith("trf_blocks.")]
+    rest = 4 * (total - sum(out * in_ for out, in_ in shapes))
+    return {"float32": 4 * total, "bfloat16": 2 * total,
+            **{scheme: rest + sum(quantized_bytes(shape, scheme) for shape in shapes) for scheme in FORMATS[2:]}}
 
 
 def preset_sizes() -> list[PresetSize]:
@@ -33,7 +54,7 @@ def preset_sizes() -> list[PresetSize]:
     for name in PRESETS:
         cfg = GPTConfig.from_preset(name)
         with torch.device("meta"):  # shapes only: nothing is allocated
-            n = GPTModel(cfg).num_parameters()
+            model = GPTModel(cfg)
             tied = GPTModel(GPTConfig.from_preset(name, tie_weights=True)).num_parameters()
-        sizes.append(PresetSize(name, cfg, n, tied))
+        sizes.append(PresetSize(name, cfg, model.num_parameters(), tied, model_bytes(model)))
     return sizes

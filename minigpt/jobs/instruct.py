@@ -10,7 +10,6 @@ shared with the other fine-tuning jobs (:mod:`minigpt.jobs.finetune`).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,8 +18,6 @@ from typing import Any
 from minigpt import sources
 from minigpt.instruction import (
     InstructionDataset,
-    collate_instructions,
-    format_input,
     generate_responses,
     instruction_dataloader,
     instruction_loss,
@@ -33,12 +30,16 @@ from minigpt.jobs.finetune import (
     Run,
     add_lora,
     check_neftune_alpha,
+    check_prompt_format,
+    choose_prompt_format,
     finish,
     job_default,
     load_model,
     neftune_field,
+    prompt_format_field,
     setup,
     shuffled_loader,
+    tokenizer_of,
     train,
 )
 from minigpt.judges import HTTPJudge, Judge, ModelJudge, judge_responses
@@ -69,6 +70,7 @@ class InstructConfig(FinetuneConfig):
                 "OpenAI-compatible .../v1/chat/completions (sends $OPENAI_API_KEY if set)", "none": "no judge"})
     judge_name: str = field(default="llama3", metadata={"help": "the model name sent to judge_url"})
     neftune_alpha: float | None = neftune_field()
+    prompt_format: str = prompt_format_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,6 +81,7 @@ class InstructConfig(FinetuneConfig):
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be 0 or more, got {self.max_new_tokens}")
         check_neftune_alpha(self.neftune_alpha)
+        check_prompt_format(self.prompt_format)
         if self.judge_model and self.judge_url:
             raise ValueError("give one judge: judge_model or judge_url, not both")
 
@@ -86,7 +89,7 @@ class InstructConfig(FinetuneConfig):
 def make_judge(settings: InstructConfig, run: Run) -> Judge | None:
     """The judge the settings name: a model on this run's device, an HTTP endpoint, or None."""
     if settings.judge_model:
-        return ModelJudge(load_model(settings.judge_model).to(run.device), run.tokenizer)
+        return ModelJudge(load_model(settings.judge_model).to(run.device), tokenizer_of(settings.judge_model))
     if settings.judge_url:
         return HTTPJudge(settings.judge_url, settings.judge_name, api_key=os.environ.get("OPENAI_API_KEY"))
     return None
@@ -106,26 +109,27 @@ def finetune_instructions(settings: InstructConfig, model: GPTModel | None = Non
     """
     s = settings
     run = setup(s, model, resume=resume, progress=progress)
+    run.prompt_format = choose_prompt_format(s.prompt_format, s.model, run.tokenizer)
     entries = load_instruction_data(s.data)[:s.subset]
     train_part, val_part, test_part = split_instruction_data(entries)
     if not (train_part and val_part and test_part):
         raise ValueError(f"{len(entries)} entries split into {len(train_part)} train, {len(val_part)} validation "
                          f"and {len(test_part)} test entries; each part needs one at least: use 20 entries or more")
     max_length = min(s.max_length, run.model.cfg.context_length)
-    collate = functools.partial(collate_instructions, allowed_max_length=max_length,
-                                mask_instruction=s.mask_instruction)
-    train_loader = shuffled_loader(InstructionDataset(train_part, run.tokenizer), s.batch_size, s.seed,
-                                   drop_last=False, collate_fn=collate)
+    train_set = InstructionDataset(train_part, run.tokenizer, run.prompt_format)
+    train_loader = shuffled_loader(train_set, s.batch_size, s.seed, drop_last=False,
+                                   collate_fn=train_set.collate_fn(max_length, s.mask_instruction))
     val_loader, test_loader = (
         instruction_dataloader(part, run.tokenizer, s.batch_size, allowed_max_length=max_length,
-                               mask_instruction=s.mask_instruction) for part in (val_part, test_part))
+                               mask_instruction=s.mask_instruction, prompt_format=run.prompt_format)
+        for part in (val_part, test_part))
     add_lora(run)
     data = s.data or sources.INSTRUCTION_DATA.relpath
     history = train(run, train_loader, val_loader, loss_fn=instruction_loss, neftune_alpha=s.neftune_alpha,
-                    sample_prompt=format_input(val_part[0]), sample_tokens=35, sample_temperature=0.0,
+                    sample_prompt=run.prompt_format.prompt(val_part[0]), sample_tokens=35, sample_temperature=0.0,
                     data=f"{data}: {len(train_part)} train, {len(val_part)} validation, {len(test_part)} test")
     responses = generate_responses(run.model, test_part[:s.num_responses], run.tokenizer, s.max_new_tokens,
-                                   progress)
+                                   progress, prompt_format=run.prompt_format)
     judge = judge if judge is not None else make_judge(s, run)
     scores = judge_responses(responses, judge, progress) if judge is not None else None
     save_responses(responses, run.output / "responses.json", scores)
