@@ -32,17 +32,24 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from torch import nn
 from tqdm import tqdm
 
-from minigpt.data import tokenize
 from minigpt.files import atomic_write
 from minigpt.generation import check_sampling, generate_batch
-from minigpt.instruction import Entry, extract_response, format_input, load_instruction_data, split_instruction_data
-from minigpt.model import GPTModel
+from minigpt.instruction import (
+    ALPACA,
+    Entry,
+    PromptFormat,
+    end_of_text_id,
+    extract_response,
+    format_input,
+    load_instruction_data,
+    split_instruction_data,
+)
 from minigpt.pairwise import Outcome, PairJudge, PairVerdict, judge_both_orders
 from minigpt.plots import BEFORE_COLOR, TRAIN_COLOR, VAL_COLOR, new_figure, save_figure
 from minigpt.rouge import words
-from minigpt.tokenizer import PAD_TOKEN_ID
 
 OUTCOME_VALUE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 
@@ -125,16 +132,19 @@ class Decoding:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
-def answer_prompts(model: GPTModel, entries: Sequence[Entry], tokenizer: Any, decoding: Decoding | None = None,
-                   progress: bool = False) -> list[str]:
-    """The model's answer to each entry's prompt, batched, stopped at end-of-text."""
+def answer_prompts(model: nn.Module, entries: Sequence[Entry], tokenizer: Any, decoding: Decoding | None = None,
+                   progress: bool = False, prompt_format: PromptFormat = ALPACA) -> list[str]:
+    """The model's answer to each entry's prompt (written in ``prompt_format``: Alpaca, or a
+    Llama-family model's chat template), batched, stopped at the tokenizer's end-of-text."""
     d = decoding or Decoding()
-    prompts = [tokenize(format_input(entry), tokenizer) for entry in entries]
+    eos = end_of_text_id(tokenizer)
+    prompts = [prompt_format.encode(prompt_format.prompt(entry), tokenizer) for entry in entries]
     generator = torch.Generator(device=model.device).manual_seed(d.seed)
     new = generate_batch(model, prompts, d.max_new_tokens, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
-                         eos_id=PAD_TOKEN_ID, generator=generator, batch_size=d.batch_size, progress=progress)
+                         eos_id=eos, generator=generator, batch_size=d.batch_size, progress=progress)
     # generate_batch keeps the end-of-text that ended an answer; the answer is what precedes it.
-    return [extract_response(tokenizer.decode(ids[:-1] if ids[-1:] == [PAD_TOKEN_ID] else ids)) for ids in new]
+    return [extract_response(tokenizer.decode(ids[:-1] if ids[-1:] == [eos] else ids), prompt_format.header)
+            for ids in new]
 
 
 # --- Judging -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 
 from minigpt.chat_template import render_chat
 from minigpt.dpo import AdaptersOffReference, DPOLoss, pair_logprobs, precompute_reference
+from minigpt.evaluation import Decoding, answer_prompts
 from minigpt.files import PACKAGE_DATA_DIR
 from minigpt.hf_tokenizer import load_hf_tokenizer
 from minigpt.instruction import (
@@ -344,3 +345,6 @@ def test_a_llama_model_tuned_on_chat_data_answers_and_stops_at_the_end_of_turn(t
         # "<|im_end|>" is the end-of-text: the answer stops there, before the template's "\n"
         assert generate_response(model, entry, tok, max_new_tokens=20, prompt_format=chat) == entry["output"]
     assert ALPACA.answer(entries[0]) == RESPONSE_HEADER + entries[0]["output"]
+    # the evaluation's batched answers (minigpt compare) read the same chat format and stop at the same end
+    assert answer_prompts(model, entries, tok, Decoding(max_new_tokens=20), prompt_format=chat) == [
+        entry["output"] for entry in entries]

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from minigpt.evaluation import (
     Comparison,
     Decoding,
@@ -36,14 +38,12 @@ from minigpt.evaluation import (
 )
 from minigpt.files import write_json, write_text
 from minigpt.jobs.evaluate import WIKITEXT2, text_token_ids
-from minigpt.jobs.finetune import load_model
+from minigpt.jobs.finetune import choose_prompt_format, load_model, tokenizer_of
 from minigpt.judges import ModelJudge
 from minigpt.lora import load_lora, merge_lora
 from minigpt.losses import sliding_window_perplexity
-from minigpt.model import GPTModel
 from minigpt.pairwise import ChatPairJudge, ModelPairJudge, OverlapJudge
 from minigpt.runtime import select_device
-from minigpt.tokenizer import get_gpt2_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -134,21 +134,21 @@ def chat_endpoint(kind: str, url: str) -> str:
     return f"{url}/chat/completions" if url.endswith("/v1") else f"{url}/v1/chat/completions"
 
 
-def make_judges(settings: CompareConfig, device: Any, tokenizer: Any) -> tuple[Any, Any, str]:
+def make_judges(settings: CompareConfig, device: Any) -> tuple[Any, Any, str]:
     """``(pairwise judge, single-answer 0..100 scorer, a name for the report)``."""
     kind, target = judge_backend(settings.judge)
     if kind == "overlap":
         judge = OverlapJudge(settings.margin)
         return judge, judge.score, f"ROUGE-L overlap (margin {settings.margin:g})"
     if kind == "minigpt":
-        model = load_model(target).to(device).eval()
-        return ModelPairJudge(model, tokenizer), ModelJudge(model, tokenizer), f"minigpt {target}"
+        model, own = load_model(target).to(device).eval(), tokenizer_of(target)  # the judge reads its own tokens
+        return ModelPairJudge(model, own), ModelJudge(model, own), f"minigpt {target}"
     url = chat_endpoint(kind, target)
     judge = ChatPairJudge(url, settings.judge_model, api_key=os.environ.get(settings.api_key_env))
     return judge, judge.score, f"{settings.judge_model} at {url}"
 
 
-def load_candidate(settings: CompareConfig) -> GPTModel:
+def load_candidate(settings: CompareConfig) -> nn.Module:
     """The candidate model, its LoRA adapter loaded and merged when one is given."""
     model = load_model(settings.candidate or settings.base)
     if settings.adapter:
@@ -163,13 +163,16 @@ def compare(settings: CompareConfig, progress: bool = True) -> CompareResult:
     s = settings
     if s.candidate is None and s.adapter is None:
         raise ValueError("give the fine-tuned model: candidate (a run directory) or adapter (a LoRA file), or both")
-    device, tokenizer, output = select_device(s.device), get_gpt2_tokenizer(), Path(s.output)
+    device, output = select_device(s.device), Path(s.output)
+    # Both models read the base's tokenizer (a fine-tune keeps it); the Llama family answers in its chat template.
+    tokenizer = tokenizer_of(s.base)
+    prompt_format = choose_prompt_format("auto", s.candidate or s.base, tokenizer)
     entries = (read_golden_set(s.golden) if s.golden else golden_from_instructions())[:s.limit]
-    judge, scorer, judge_name = make_judges(s, device, tokenizer)
+    judge, scorer, judge_name = make_judges(s, device)
     models = {"base": load_model(s.base).to(device).eval(), "candidate": load_candidate(s).to(device).eval()}
     logger.info("%d golden prompts | base %s | candidate %s | judge %s", len(entries), s.base,
                 s.candidate or f"{s.base} + {s.adapter}", judge_name)
-    answers = {role: answer_prompts(model, entries, tokenizer, s.decoding(), progress)
+    answers = {role: answer_prompts(model, entries, tokenizer, s.decoding(), progress, prompt_format)
                for role, model in models.items()}
     save_jsonl([{"prompt": e["instruction"], "input": e.get("input", ""), "reference": e["output"],
                  "base_answer": b, "candidate_answer": c}

@@ -25,10 +25,10 @@ from minigpt.checkpoint import SETTINGS_FILE
 from minigpt.corpora import split_text
 from minigpt.data import GPTDataset
 from minigpt.download import fetch
-from minigpt.jobs.finetune import load_model
+from minigpt.jobs.finetune import load_model, tokenizer_of
 from minigpt.jobs.pretrain import PretrainConfig, _token_ids, windows
+from minigpt.jobs.quantize import check_quantize, quantize_field
 from minigpt.losses import PerplexityResult, calc_loss_loader, perplexity, sliding_window_perplexity
-from minigpt.quantization import SCHEMES
 from minigpt.runtime import select_device
 from minigpt.tokenizer import get_gpt2_tokenizer
 
@@ -60,13 +60,10 @@ class EvalConfig:
         "none": "half the context"})
     max_tokens: int | None = field(default=None, metadata={
         "help": "with --perplexity: only the first N tokens of the text", "none": "all"})
-    quantize: str | None = field(default=None, metadata={
-        "help": "load the weights quantized: nf4 (4-bit NormalFloat, blocks of 64), nf4-dq (nf4 with its scales "
-                "quantized too) or int8 (per-row absmax)", "none": "full precision", "choices": SCHEMES})
+    quantize: str | None = quantize_field()
 
     def __post_init__(self) -> None:
-        if self.quantize is not None and self.quantize not in SCHEMES:
-            raise ValueError(f"quantize must be one of {', '.join(SCHEMES)}, got {self.quantize!r}")
+        check_quantize(self.quantize)
         for name in ("batch_size", "max_batches", "context_length", "stride", "max_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -97,7 +94,7 @@ def evaluate(settings: EvalConfig) -> EvalResult:
     corpus = settings.corpus or run.corpus
     device = select_device(settings.device)
     model = load_model(settings.checkpoint, settings.quantize).to(device).eval()
-    ids = _token_ids(corpus, get_gpt2_tokenizer())
+    ids = _token_ids(corpus, tokenizer_of(settings.checkpoint))
     part = "whole corpus"
     if not settings.whole:
         _, ids = split_text(ids, 1 - run.val_ratio)  # the part pretrain held out
@@ -115,8 +112,9 @@ def evaluate(settings: EvalConfig) -> EvalResult:
 
 
 def text_token_ids(text: str, tokenizer: Any = None, max_tokens: int | None = None) -> torch.Tensor:
-    """The GPT-2 token ids ``(tokens,)`` of a corpus name, a text file or ``wikitext2``
-    (WikiText-2's test split, found or downloaded and checked), the first ``max_tokens`` only when given."""
+    """The token ids ``(tokens,)`` (GPT-2's unless ``tokenizer`` is given) of a corpus name, a text
+    file or ``wikitext2`` (WikiText-2's test split, found or downloaded and checked), the first
+    ``max_tokens`` only when given."""
     path = fetch(sources.WIKITEXT2_TEST) if text == WIKITEXT2 else text
     return _token_ids(str(path), tokenizer or get_gpt2_tokenizer())[:max_tokens]
 
@@ -128,6 +126,6 @@ def evaluate_perplexity(settings: EvalConfig, progress: bool = True) -> Perplexi
         raise ValueError("perplexity names no text: give a corpus name, a text file or wikitext2")
     device = select_device(settings.device)
     model = load_model(settings.checkpoint, settings.quantize).to(device).eval()
-    ids = text_token_ids(settings.perplexity, max_tokens=settings.max_tokens)
+    ids = text_token_ids(settings.perplexity, tokenizer_of(settings.checkpoint), settings.max_tokens)
     return sliding_window_perplexity(model, ids, settings.context_length, settings.stride, settings.batch_size,
                                      progress=progress)
