@@ -9,6 +9,9 @@ changes between them is chosen here, in one place:
   optimizer stay float32. :func:`default_precision` is float32 on a CPU, so that a run
   repeats bit for bit on every CPU, whatever its instruction set; ``"auto"`` (bfloat16
   where the hardware computes it natively) is an explicit choice there;
+* :func:`compile_model`, :func:`compile_with_loss`: the model (and its loss) through
+  ``torch.compile`` (fused kernels, fewer Python calls), or eagerly with a one-line
+  warning where compiling fails;
 * :func:`rng_state`, :func:`set_rng_state`: every random generator a run draws from,
   captured and restored, so that a resumed run repeats the uninterrupted one.
 """
@@ -17,11 +20,15 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
@@ -49,12 +56,22 @@ def select_device(name: str | torch.device | None = None) -> torch.device:
 def has_fast_bfloat16(device: torch.device | str) -> bool:
     """Whether the hardware computes in bfloat16 natively (CUDA since Ampere; CPUs with
     AVX-512-BF16 or AMX). Elsewhere bfloat16 is emulated and slower than float32."""
+    return no_fast_bfloat16_reason(device) is None
+
+
+def no_fast_bfloat16_reason(device: torch.device | str) -> str | None:
+    """Why ``"auto"`` stays float32 on ``device`` (``None`` where bfloat16 is native)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        if torch.cuda.is_bf16_supported():
+            return None
+        return "this GPU has no native bfloat16 (it arrived with Ampere, compute capability 8.0)"
     if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
+        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+            return None
+        return ("this CPU has neither AVX-512-BF16 nor AMX: its bfloat16 matrix products are emulated, "
+                "slower than float32")
+    return f"bfloat16 autocast is not used on {device.type}"
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
@@ -67,8 +84,8 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     if precision == "float16" and device.type != "cuda":
         raise ValueError("float16 training needs CUDA (loss scaling); on this device use bfloat16 or float32")
     if precision == "bfloat16" and not has_fast_bfloat16(device):
-        warnings.warn(f"{device.type} has no native bfloat16: it is emulated and slower than float32",
-                      stacklevel=2)
+        warnings.warn(f"bfloat16 asked for on {device.type}, where it is emulated and slower than float32: "
+                      f"{no_fast_bfloat16_reason(device)}", stacklevel=2)
     return precision
 
 
@@ -100,6 +117,93 @@ def grad_scaler(device: torch.device | str, precision: str) -> torch.amp.GradSca
     gradients do not underflow in 16 bits, and skips steps whose gradients overflowed.
     (bfloat16 has float32's exponent range and needs none.)"""
     return torch.amp.GradScaler(torch.device(device).type, enabled=precision == "float16")
+
+
+# ---------------------------------------------------------------------------- compiling
+
+
+class CompiledModel(nn.Module):
+    """``model`` called through ``compiled`` (its ``torch.compile``), or eagerly once that failed.
+
+    ``torch.compile`` compiles lazily, at the first call with new input shapes, so a failure
+    (no C++ compiler, an operation it cannot trace) shows only then: that call is answered by
+    the eager model, one warning says why, and every later call stays eager. Any other
+    attribute is the model's own (``cfg``, ``reset_kv_cache``, ``no_sync`` of a DDP wrapper);
+    ``train()``/``eval()`` reach it. Save the model itself: this wrapper adds a key prefix.
+    """
+
+    def __init__(self, model: nn.Module, compiled: nn.Module) -> None:
+        super().__init__()
+        self.eager = model
+        object.__setattr__(self, "compiled", compiled)  # not a submodule: the same weights again
+        self.fell_back = False
+        self.training = model.training
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.fell_back:
+            from torch._dynamo.exc import TorchDynamoException  # loaded by torch.compile already
+
+            try:
+                return self.compiled(*args, **kwargs)
+            except TorchDynamoException as err:  # compiler errors only: the model's own errors pass
+                self.fell_back = True
+                _warn_compile_failed(err)
+        return self.eager(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or name == "_modules":
+                raise
+            return getattr(self._modules["eager"], name)
+
+
+def compile_model(model: nn.Module, **options: Any) -> nn.Module:
+    """``model`` through ``torch.compile(model, **options)`` with an eager fallback
+    (:class:`CompiledModel`), or ``model`` itself with a one-line warning where
+    ``torch.compile`` refuses at once (e.g. a Python version it does not support yet).
+
+    The first call of each new input shape compiles (seconds to minutes on a CPU); later
+    calls run the compiled kernels. ``model`` is left as it was, eager: use it for anything
+    whose shapes change on every call (token-by-token generation with a growing cache).
+    """
+    try:
+        compiled = torch.compile(model, **options)
+    except Exception as err:  # whatever it is, the eager model still works
+        _warn_compile_failed(err)
+        return model
+    return CompiledModel(model, compiled)
+
+
+class _WithLoss(nn.Module):
+    """``loss_fn(model, batch)`` as one module: compiled, the loss joins the model's graph."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any]) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: Any) -> Any:
+        return self.loss_fn(self.model, batch)
+
+
+def compile_with_loss(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any],
+                      **options: Any) -> Callable[[Any], Any]:
+    """``batch -> loss_fn(model, batch)`` compiled as one graph, with :func:`compile_model`'s
+    fallback. The loss over the logits (a float32 copy, the softmax, its gradient) is then
+    fused with the output head instead of running as separate passes over ``(batch x
+    tokens, vocab)`` tensors: for a small model with GPT-2's 50,257-token vocabulary, most
+    of a step. A model wrapped in ``DistributedDataParallel`` is compiled alone (its
+    gradient hooks split the graph anyway); the loss then runs eagerly."""
+    if isinstance(model, DistributedDataParallel):
+        return partial(loss_fn, compile_model(model, **options))
+    return compile_model(_WithLoss(model, loss_fn), **options)
+
+
+def _warn_compile_failed(err: BaseException) -> None:
+    message = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    warnings.warn(f"torch.compile failed ({type(err).__name__}: {message}); running the model "
+                  "eagerly (uncompiled) instead", stacklevel=3)
 
 
 # ----------------------------------------------------------------------- random states

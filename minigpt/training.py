@@ -22,9 +22,10 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ from minigpt.losses import (
 )
 from minigpt.model import check_token_ids, evaluating
 from minigpt.optim import create_optimizer, lr_at_step
-from minigpt.runtime import PRECISIONS, autocast, grad_scaler, resolve_precision, select_device
+from minigpt.runtime import PRECISIONS, autocast, compile_with_loss, grad_scaler, resolve_precision, select_device
 
 __all__ = ["History", "TrainConfig", "TrainingInterrupted", "train_model"]
 
@@ -73,7 +74,7 @@ class TrainConfig:
     eval_every: int = 30           # steps between evaluations (and checkpoints)
     eval_iter: int | None = 5      # batches per evaluation; None: the whole loaders
     precision: str = "float32"     # or "bfloat16", "float16" (CUDA), "auto" (bfloat16 where native)
-    compile: bool = False          # torch.compile the model for training
+    compile: bool = False          # torch.compile the training steps (eager, with a warning, if it fails)
     gradient_checkpointing: bool = False
     sample_prompt: str | None = None  # continued at every evaluation (needs a tokenizer)
     sample_tokens: int = 50
@@ -107,7 +108,7 @@ class _Loop:
 
     config: TrainConfig
     model: nn.Module
-    forward: nn.Module  # the model as trained: wrapped for several processes, compiled
+    forward: nn.Module  # the model as trained: wrapped for several processes
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     device: torch.device
@@ -126,6 +127,7 @@ class _Loop:
     batch_in_epoch: int = 0
     tokens_seen: int = 0
     saved_step: int | None = None  # the step of the last checkpoint this call saved
+    train_loss: Callable[[Any], Any] | None = None  # batch -> loss_fn(forward, batch); compiled: training only
 
 
 def train_model(
@@ -245,8 +247,7 @@ def _start(model: nn.Module, config: TrainConfig, device: torch.device, loss_fn:
     model.train()
     if world_size > 1:
         loop.forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:
-        loop.forward = torch.compile(loop.forward)
+    loop.train_loss = compile_with_loss(loop.forward, loss_fn) if config.compile else partial(loss_fn, loop.forward)
     if rank == 0:
         logger.info("training on %s in %s precision: steps %d to %d%s", device, precision, loop.step,
                     config.max_steps, f", {world_size} processes" if world_size > 1 else "")
@@ -304,10 +305,9 @@ def _optimizer_step(loop: _Loop, batches: Iterator[tuple[int, int, Any]]) -> int
 def _forward_backward(loop: _Loop, batch: Any, last: bool) -> torch.Tensor:
     """Loss and gradients of one micro-batch; returns the loss, detached."""
     # DDP averages gradients across processes in backward; only a step's last micro-batch needs it.
-    sync = nullcontext() if last or loop.world_size == 1 else loop.forward.no_sync()
-    with sync:
+    with nullcontext() if last or loop.world_size == 1 else loop.forward.no_sync():
         with autocast(loop.device, loop.precision):
-            loss, _ = loss_and_metrics(loop.loss_fn(loop.forward, batch))
+            loss, _ = loss_and_metrics(loop.train_loss(batch))
         loop.scaler.scale(loss / loop.config.grad_accum).backward()
     return loss.detach()
 

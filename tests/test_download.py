@@ -455,5 +455,7 @@ def test_pip_install_ships_every_file_of_the_package_data():
         "package-data"]["minigpt"]
     package = project / "minigpt"
     installed = {Path(path) for pattern in globs for path in package.glob(pattern) if path.is_file()}
-    shipped = {path for path in files.PACKAGE_DATA_DIR.rglob("*") if path.is_file()}
+    # the data files, and the server's page (plain HTML, CSS and JavaScript)
+    folders = (files.PACKAGE_DATA_DIR, package / "serving" / "static")
+    shipped = {path for folder in folders for path in folder.rglob("*") if path.is_file()}
     assert shipped == installed

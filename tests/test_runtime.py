@@ -1,19 +1,28 @@
 """Runtime: device choice, precision (float32 by default on every CPU, whatever its
-instruction set), autocast, and capturing/restoring every random generator."""
+instruction set), autocast, torch.compile with an eager fallback, and capturing/restoring
+every random generator."""
 
 import random
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
+from minigpt.config import GPTConfig
+from minigpt.model import GPTModel
 from minigpt.runtime import (
     PRECISIONS,
+    CompiledModel,
     autocast,
+    compile_model,
+    compile_with_loss,
     default_precision,
     grad_scaler,
     has_fast_bfloat16,
+    no_fast_bfloat16_reason,
     resolve_precision,
     rng_state,
     select_device,
@@ -56,6 +65,22 @@ def test_precision_choices(cpu_without_bfloat16):
         resolve_precision("float8", CPU)
 
 
+def test_auto_stays_float32_where_bfloat16_is_emulated_and_says_why(cpu_without_bfloat16):
+    assert not has_fast_bfloat16(CPU)
+    assert resolve_precision("auto", CPU) == "float32"
+    assert "neither AVX-512-BF16 nor AMX" in no_fast_bfloat16_reason(CPU)
+    with pytest.warns(UserWarning, match="neither AVX-512-BF16 nor AMX"):
+        resolve_precision("bfloat16", CPU)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx", [(True, False), (False, True)])
+def test_either_avx512_bf16_or_amx_makes_bfloat16_native(monkeypatch, avx512_bf16, amx):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert no_fast_bfloat16_reason(CPU) is None
+    assert resolve_precision("auto", CPU) == "bfloat16"
+
+
 def test_auto_picks_bfloat16_where_the_cpu_has_it(cpu_with_bfloat16):
     assert has_fast_bfloat16(CPU)
     assert resolve_precision("auto", CPU) == "bfloat16"
@@ -94,3 +119,97 @@ def test_rng_state_restores_every_generator():
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
     # Only tensors and plain values: safe to read back with weights_only=True.
     assert all(isinstance(v, (torch.Tensor, tuple, dict)) for v in state.values())
+
+
+# ---------------------------------------------------------------------------- compiling
+
+
+def _tiny_model() -> GPTModel:
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=32, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0)
+    return GPTModel(cfg).eval()
+
+
+def _broken_backend(graph_module, example_inputs):
+    raise RuntimeError("no C++ compiler found\n(a long traceback follows)")
+
+
+def test_a_compiled_model_computes_what_the_model_does_and_is_the_model_otherwise(one_thread):
+    model = _tiny_model()
+    ids = torch.randint(0, 32, (2, 8))
+    compiled = compile_model(model, backend="eager")  # TorchDynamo's tracing without code generation
+    assert isinstance(compiled, CompiledModel)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # it compiled: no fallback warning
+        torch.testing.assert_close(compiled(ids), model(ids))
+    assert not compiled.fell_back
+    assert compiled.cfg is model.cfg and compiled.reset_kv_cache == model.reset_kv_cache
+    assert list(compiled.parameters()) == list(model.parameters())
+    assert not compiled.training  # as the model was
+    compiled.train()
+    assert model.training
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        compiled.no_such_thing  # noqa: B018
+
+
+def test_a_compiler_failure_falls_back_to_the_eager_model_with_one_warning(one_thread):
+    model = _tiny_model()
+    ids = torch.randint(0, 32, (2, 8))
+    compiled = compile_model(model, backend=_broken_backend)
+    with pytest.warns(UserWarning, match="torch.compile failed") as caught:
+        torch.testing.assert_close(compiled(ids), model(ids))
+    assert len(caught) == 1 and "running the model eagerly" in str(caught[0].message)
+    assert "\n" not in str(caught[0].message)  # one line
+    assert compiled.fell_back
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # later calls stay eager, silently
+        torch.testing.assert_close(compiled(ids[:1]), model(ids[:1]))
+
+
+def test_a_model_error_is_not_taken_for_a_compiler_failure(one_thread):
+    from torch._dynamo.exc import TorchDynamoException
+
+    compiled = compile_model(_tiny_model(), backend="eager")
+    with pytest.raises((ValueError, IndexError)) as caught:  # id 99 is outside the vocabulary of 32
+        compiled(torch.tensor([[1, 2, 99]]))
+    assert not isinstance(caught.value, TorchDynamoException)
+    assert not compiled.fell_back  # raised as it is, and the next call is compiled again
+
+
+def test_compile_refused_at_once_gives_the_model_back_with_a_warning(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("torch.compile is not supported on this Python version")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    model = _tiny_model()
+    with pytest.warns(UserWarning, match="torch.compile failed .RuntimeError: torch.compile is not supported"):
+        assert compile_model(model) is model
+
+
+def _loss(model, batch):
+    ids, targets = batch
+    return torch.nn.functional.cross_entropy(model(ids).flatten(0, 1).float(), targets.flatten())
+
+
+def test_a_model_compiled_with_its_loss_gives_the_same_loss_and_gradients(one_thread):
+    eager, compiled_model = _tiny_model(), _tiny_model()
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randint(0, 32, (2, 8), generator=g), torch.randint(0, 32, (2, 8), generator=g))
+    loss_of = compile_with_loss(compiled_model, _loss, backend="eager")
+    assert isinstance(loss_of, CompiledModel) and not loss_of.fell_back
+    expected, got = _loss(eager, batch), loss_of(batch)
+    expected.backward(), got.backward()
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(eager.parameters(), compiled_model.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad)
+
+
+def test_a_distributed_model_is_compiled_alone_and_its_loss_runs_eagerly():
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        model = DistributedDataParallel(_tiny_model())
+        loss_of = compile_with_loss(model, _loss, backend="eager")
+        assert isinstance(loss_of, partial) and loss_of.func is _loss
+        assert isinstance(loss_of.args[0], CompiledModel) and loss_of.args[0].eager is model
+    finally:
+        torch.distributed.destroy_process_group()

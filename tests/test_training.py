@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import minigpt.runtime as runtime
 import minigpt.training as training
 from minigpt.checkpoint import load_checkpoint
 from minigpt.cli import main
@@ -303,6 +304,49 @@ def test_bfloat16_autocast_trains_close_to_float32():
         warnings.simplefilter("ignore")  # "emulated bfloat16 is slow" on CPUs without it
         _, bf16 = _train(_config(max_steps=4, precision="bfloat16"))
     assert bf16.step_losses == pytest.approx(fp32.step_losses, rel=0.02)
+
+
+def test_auto_precision_trains_in_bfloat16_where_the_cpu_has_it(monkeypatch):
+    monkeypatch.setattr(runtime, "has_fast_bfloat16", lambda device: True)  # whatever this CPU has
+    _, auto = _train(_config(max_steps=2, precision="auto"))
+    _, fp32 = _train(_config(max_steps=2, precision="float32"))
+    assert auto.precision == "bfloat16"
+    assert auto.step_losses != fp32.step_losses  # really computed in bfloat16
+    assert auto.step_losses == pytest.approx(fp32.step_losses, rel=0.02)
+
+
+def _broken_backend(graph_module, example_inputs):
+    raise RuntimeError("no C++ compiler found")
+
+
+def test_compile_that_fails_trains_eagerly_after_one_warning_exactly_like_eager(tmp_path, monkeypatch):
+    _, eager = _train(_config(max_steps=3), run_dir=tmp_path / "eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=_broken_backend))
+    with pytest.warns(UserWarning, match="torch.compile failed") as caught:
+        model, fell_back = _train(_config(max_steps=3, compile=True), run_dir=tmp_path / "compiled")
+    assert sum("torch.compile failed" in str(w.message) for w in caught) == 1
+    assert fell_back.step_losses == eager.step_losses and fell_back.val_losses == eager.val_losses
+    saved = GPTModel.from_pretrained(tmp_path / "compiled")  # the model's own keys, no wrapper prefix
+    for name, value in model.state_dict().items():
+        assert torch.equal(saved.state_dict()[name], value), name
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_saves_a_checkpoint_that_resumes(tmp_path):
+    cfg = GPTConfig.from_dict({**CFG.to_dict(), "drop_rate": 0.0})  # compiled dropout draws other masks
+
+    def model():
+        torch.manual_seed(0)
+        return GPTModel(cfg)
+
+    _, eager = _train(_config(max_steps=4), model=model())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # compiled for real: no fallback warning
+        _, compiled = _train(_config(max_steps=4, compile=True), run_dir=tmp_path, model=model())
+    assert compiled.step_losses == pytest.approx(eager.step_losses, rel=1e-4)
+    _, resumed = _train(_config(max_steps=6, compile=True), run_dir=tmp_path, resume=True, model=model())
+    assert resumed.steps[-1] == 6 and resumed.step_losses[:4] == compiled.step_losses
 
 
 def test_evaluation_never_drops_a_short_last_batch():
