@@ -16,6 +16,16 @@ prompt and the share of greedy tokens that agree. They run where the CPU compute
 bfloat16 natively (``minigpt.runtime.has_fast_bfloat16``; elsewhere it is emulated,
 slowly) or with ``--bf16``; ``--no-bf16`` skips them.
 
+``torch.compile`` (:func:`minigpt.decoding.compile_for_decoding`) gets its own fields: the
+seconds its first call takes beyond a compiled run (compile time), and its cached batch-1
+and batched rates against eager. ``--no-compile`` skips them. The share of the profiled
+operator time spent in matrix products is reported for minigpt and transformers: where it
+is near 1 for both, batch-1 decoding is bound by streaming the weights from memory, and a
+faster implementation has little left to gain.
+
+``--quick`` checks in seconds that everything runs (a 2-layer model, a few tokens, no
+compile unless ``--compile``): its figures mean nothing.
+
     python bench/bench_generate.py [--preset gpt2-small] [--new-tokens 200] [--batch-prompts 32]
 """
 
@@ -30,8 +40,12 @@ from collections.abc import Callable
 import torch
 
 from minigpt import GPTConfig, GPTModel, generate
+from minigpt.decoding import compile_for_decoding
 from minigpt.generation import generate_batch
 from minigpt.runtime import has_fast_bfloat16
+
+MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")
+QUICK = dict(new_tokens=8, prompt_tokens=8, repeats=1, batch_prompts=8, batch_new_tokens=8, one_by_one_sample=2)
 
 
 def interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -70,6 +84,27 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in looked_up)
 
 
+def matmul_share(run: Callable[[], object]) -> float:
+    """Share of the operator time (self CPU time, profiled over one ``run()``) spent in matrix products."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        run()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / total
+
+
+def compile_seconds(first: Callable[[], object], again: Callable[[], object]) -> float:
+    """Seconds the first call of a freshly compiled model spends compiling: its time minus a later call's."""
+    start = time.perf_counter()
+    first()
+    first_s = time.perf_counter() - start
+    start = time.perf_counter()
+    again()
+    return first_s - (time.perf_counter() - start)
+
+
 def batch_prompts(count: int, tokens: int, vocab_size: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(1)
     lengths = torch.randint(max(1, tokens // 2), 2 * tokens + 1, (count,), generator=gen)
@@ -86,14 +121,21 @@ def main() -> None:
     parser.add_argument("--batch-new-tokens", type=int, default=128)
     parser.add_argument("--one-by-one-sample", type=int, default=4)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="bfloat16 rows (default: where the CPU has native bfloat16)")
+                        help="bfloat16 rows (default: where the CPU has native bfloat16, not with --quick)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile rows (default: yes, not with --quick)")
+    parser.add_argument("--quick", action="store_true", help="a seconds-long check that it runs (tiny model)")
     args = parser.parse_args()
-    bf16 = has_fast_bfloat16("cpu") if args.bf16 is None else args.bf16
+    if args.quick:
+        vars(args).update(QUICK)
+    bf16 = (has_fast_bfloat16("cpu") and not args.quick) if args.bf16 is None else args.bf16
+    compiling = not args.quick if args.compile is None else args.compile
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPTConfig.from_preset(args.preset, qkv_bias=True, tie_weights=True, drop_rate=0.0)
+    tiny = dict(emb_dim=64, n_layers=2, n_heads=4, vocab_size=1000) if args.quick else {}
+    cfg = GPTConfig.from_preset(args.preset, qkv_bias=True, tie_weights=True, drop_rate=0.0, **tiny)
     ours = GPTModel(cfg).eval()
     hf_cfg = GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
@@ -122,17 +164,33 @@ def main() -> None:
         runs["bf16_cached"] = lambda: generate(half, prompt, n, use_cache=True)
         runs["bf16_batched"] = lambda: generate_batch(half, prompts, m)
     with torch.inference_mode():
+        compiled = {}
+        if compiling:
+            fast = compile_for_decoding(ours)
+            runs["compiled_cached"] = lambda: generate(fast, prompt, n, use_cache=True)
+            runs["compiled_batched"] = lambda: generate_batch(fast, prompts, m)
+            compiled["compile_s"] = round(compile_seconds(runs["compiled_cached"], runs["compiled_cached"]), 1)
+            compiled["compile_batched_s"] = round(
+                compile_seconds(runs["compiled_batched"], runs["compiled_batched"]), 1)
         seconds = interleaved_seconds(runs, args.repeats)
         checks = bf16_checks(ours, half, prompt, n) if bf16 else {}
+        shares = {"minigpt_matmul_share": round(matmul_share(runs["cached"]), 3),
+                  "transformers_matmul_share": round(matmul_share(runs["transformers"]), 3)}
     cached, uncached, hf_rate = (n / seconds[name] for name in ("cached", "uncached", "transformers"))
     batched = len(prompts) * m / seconds["batched"]
+    if compiling:
+        compiled["compiled_kv_cache_tok_s"] = round(n / seconds["compiled_cached"], 2)
+        compiled["compile_speedup"] = round(seconds["cached"] / seconds["compiled_cached"], 3)
+        compiled["compiled_kv_cache_vs_transformers"] = round(n / seconds["compiled_cached"] / hf_rate, 3)
+        compiled["compiled_batched_tok_s"] = round(len(prompts) * m / seconds["compiled_batched"], 2)
+        compiled["compile_batched_speedup"] = round(seconds["batched"] / seconds["compiled_batched"], 3)
     one_by_one = len(sample) * m / seconds["one_by_one"]
-    bandwidth = read_bandwidth()
+    bandwidth = read_bandwidth(256 if args.quick else 1024)
     weights_per_s = weight_bytes(ours) * cached
 
     print(json.dumps({
         "bench": "generate",
-        "shape": args.preset,
+        "shape": "tiny (--quick)" if args.quick else args.preset,
         "batch": 1,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": n,
@@ -145,6 +203,7 @@ def main() -> None:
         "weight_gb_s": round(weights_per_s / 1e9, 2),
         "bandwidth_probe_gb_s": round(bandwidth / 1e9, 2),
         "bandwidth_share": round(weights_per_s / bandwidth, 3),
+        **shares,
         "batched_prompts": len(prompts),
         "batched_new_tokens": m,
         "batched_tok_s": round(batched, 2),
@@ -154,6 +213,7 @@ def main() -> None:
         "bf16_kv_cache_vs_transformers": round(n / seconds["bf16_cached"] / hf_rate, 3) if bf16 else None,
         "bf16_batched_tok_s": round(len(prompts) * m / seconds["bf16_batched"], 2) if bf16 else None,
         **checks,
+        **compiled,
     }))
 
 

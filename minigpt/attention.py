@@ -131,7 +131,78 @@ class MultiHeadAttentionWrapper(nn.Module):
         return torch.cat([head(x) for head in self.heads], dim=-1)
 
 
-class MultiHeadAttention(nn.Module):
+class KVCache(nn.Module):
+    """The keys and values of every token fed so far, for one attention module.
+
+    ``append(keys, values)``, each ``(batch, heads, new, head_dim)``, returns the keys and values
+    so far, ``(batch, heads, length, head_dim)``. The memory grows to the next power of two (at
+    least ``min_capacity``, at most ``context_length``): a copy now and then instead of a
+    ``torch.cat`` at every token, and a batch of short answers does not hold the whole context.
+    (A module without parameters: under ``torch.compile`` its ``length`` may stay symbolic, see
+    :mod:`minigpt.decoding`.)
+    """
+
+    def __init__(self, context_length: int, min_capacity: int = 64) -> None:
+        super().__init__()
+        self.context_length = context_length
+        self.min_capacity = min_capacity
+        self.reset()
+
+    def reset(self) -> None:
+        self.k: torch.Tensor | None = None  # (batch, heads, capacity, head_dim)
+        self.v: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, h, n, d = keys.shape
+        start, end = self.length, self.length + n
+        if end > self.context_length:
+            raise ValueError(
+                f"KV cache holds {start} tokens and {n} more do not fit in context_length="
+                f"{self.context_length}; call reset_cache() and feed at most the last "
+                f"{self.context_length} tokens"
+            )
+        if self.k is None or self.k.shape[0] != b or self.k.dtype != keys.dtype:
+            self.k, self.v = keys.new_empty(b, h, 0, d), values.new_empty(b, h, 0, d)
+        if end > self.k.shape[2]:
+            # Doubling, not bit_length(): under torch.compile the comparisons stay symbolic, so one
+            # graph serves every prompt length up to the same capacity.
+            capacity = max(self.min_capacity, self.k.shape[2])
+            while capacity < end:
+                capacity *= 2
+            capacity = min(self.context_length, capacity)
+            grown_k, grown_v = keys.new_empty(b, h, capacity, d), values.new_empty(b, h, capacity, d)
+            grown_k[:, :, :start], grown_v[:, :, :start] = self.k[:, :, :start], self.v[:, :, :start]
+            self.k, self.v = grown_k, grown_v
+        self.k[:, :, start:end] = keys
+        self.v[:, :, start:end] = values
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CachedAttention(nn.Module):
+    """What every attention module with a KV cache (``self.kv_cache``, a :class:`KVCache`) shares."""
+
+    kv_cache: KVCache
+
+    def reset_cache(self) -> None:
+        """Forget cached keys/values; the next ``use_cache=True`` call starts at position 0."""
+        self.kv_cache.reset()
+
+    @property
+    def cache_k(self) -> torch.Tensor | None:
+        return self.kv_cache.k  # (batch, heads, capacity, head_dim)
+
+    @property
+    def cache_v(self) -> torch.Tensor | None:
+        return self.kv_cache.v
+
+    @property
+    def cache_len(self) -> int:
+        return self.kv_cache.length
+
+
+class MultiHeadAttention(CachedAttention):
     """Causal multi-head attention with all heads in one set of matrix products.
 
     ``(batch, tokens, d_in) -> (batch, tokens, d_out)``; each of the ``num_heads``
@@ -182,42 +253,12 @@ class MultiHeadAttention(nn.Module):
             persistent=False,
         )
         self.last_attn_weights: torch.Tensor | None = None
-        self.reset_cache()
-
-    def reset_cache(self) -> None:
-        """Forget cached keys/values; the next ``use_cache=True`` call starts at position 0."""
-        self.cache_k: torch.Tensor | None = None  # (batch, heads, capacity, head_dim)
-        self.cache_v: torch.Tensor | None = None
-        self.cache_len = 0
+        self.kv_cache = KVCache(context_length)
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         # (b, tokens, d_out) -> (b, heads, tokens, head_dim)
         b, n, _ = t.shape
         return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-
-    def _append_to_cache(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, h, n, d = keys.shape
-        start, end = self.cache_len, self.cache_len + n
-        if end > self.context_length:
-            raise ValueError(
-                f"KV cache holds {start} tokens and {n} more do not fit in context_length="
-                f"{self.context_length}; call reset_cache() and feed at most the last "
-                f"{self.context_length} tokens"
-            )
-        if self.cache_k is None or self.cache_k.shape[0] != b or self.cache_k.dtype != keys.dtype:
-            self.cache_k, self.cache_v = keys.new_empty(b, h, 0, d), values.new_empty(b, h, 0, d)
-        if end > self.cache_k.shape[2]:
-            # Grow to the next power of two (at least 64, at most the context): a copy of the
-            # cache now and then instead of a torch.cat at every generated token, and a batch
-            # of short answers does not hold the memory of the whole context.
-            capacity = min(self.context_length, max(64, 1 << (end - 1).bit_length()))
-            grown_k, grown_v = keys.new_empty(b, h, capacity, d), values.new_empty(b, h, capacity, d)
-            grown_k[:, :, :start], grown_v[:, :, :start] = self.cache_k[:, :, :start], self.cache_v[:, :, :start]
-            self.cache_k, self.cache_v = grown_k, grown_v
-        self.cache_k[:, :, start:end] = keys
-        self.cache_v[:, :, start:end] = values
-        self.cache_len = end
-        return self.cache_k[:, :, :end], self.cache_v[:, :, :end]
 
     def forward(
         self, x: torch.Tensor, use_cache: bool = False, attn_mask: torch.Tensor | None = None,
@@ -232,7 +273,7 @@ class MultiHeadAttention(nn.Module):
 
         past = self.cache_len if use_cache else 0
         if use_cache:
-            keys, values = self._append_to_cache(keys, values)
+            keys, values = self.kv_cache.append(keys, values)
         if attn_mask is None:
             # Query i sits at absolute position past + i and may see keys 0..past + i.
             hidden = self.mask[past:past + num_tokens, :past + num_tokens]
@@ -243,11 +284,14 @@ class MultiHeadAttention(nn.Module):
             self.last_attn_weights = None
             # A single new token may see every cached key, so it needs no mask at all.
             needs_mask = attn_mask is not None or (past > 0 and num_tokens > 1)
+            is_causal = False  # a plain bool: under torch.compile `past` may be symbolic, an `if` fixes it
+            if attn_mask is None and past == 0 and num_tokens > 1:
+                is_causal = True
             context = nn.functional.scaled_dot_product_attention(
                 queries, keys, values,
                 attn_mask=~hidden if needs_mask else None,  # SDPA's bool mask marks *allowed* pairs
                 dropout_p=self.dropout_p if self.training else 0.0,
-                is_causal=attn_mask is None and past == 0 and num_tokens > 1,
+                is_causal=is_causal,
             )
         else:
             scores = queries @ keys.transpose(2, 3)  # (b, heads, tokens, past + tokens)

@@ -38,6 +38,7 @@ from minigpt.model import GPTModel, check_token_ids, evaluating
 logger = logging.getLogger(__name__)
 
 Ids = TypeVar("Ids", Sequence[int], torch.Tensor)
+EosIds = int | Iterable[int] | None  # one end id, or several (a Llama-3 config lists three)
 BATCH_SIZE = 32  # prompts per batch in generate_batch: a batch's KV cache grows with its size
 
 
@@ -216,6 +217,14 @@ def _checked_context(model: Any, idx: torch.Tensor, attention_mask: torch.Tensor
     return context_size
 
 
+def _eos_list(eos_id: EosIds) -> list[int]:
+    """``eos_id`` as a list of ids (empty for ``None``); the first one fills finished rows."""
+    ids = [] if eos_id is None else [eos_id] if isinstance(eos_id, numbers.Integral) else [int(i) for i in eos_id]
+    if eos_id is not None and not ids:
+        raise ValueError("eos_id is an empty collection: give an id, several ids, or None")
+    return ids
+
+
 def _step(logits: torch.Tensor, next_id: torch.Tensor, top_logprobs: int) -> Step:
     """``(batch, vocab)`` raw logits and the chosen ``(batch, 1)`` ids -> a :class:`Step`."""
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -226,7 +235,7 @@ def _step(logits: torch.Tensor, next_id: torch.Tensor, top_logprobs: int) -> Ste
 @torch.no_grad()
 def stream_steps(
     model: GPTModel, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
-    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, eos_id: EosIds = None,
     use_cache: bool = True, generator: torch.Generator | None = None, *,
     top_logprobs: int = 0, attention_mask: torch.Tensor | None = None,
 ) -> Iterator[Step]:
@@ -234,7 +243,8 @@ def stream_steps(
 
     ``attention_mask`` ``(batch, tokens)`` marks left padding (see :func:`pad_prompts`): each
     row then continues exactly as its prompt alone would. Stops after ``max_new_tokens`` or
-    once every row has produced ``eos_id`` (a finished row keeps receiving ``eos_id``). A
+    once every row has produced ``eos_id`` (an id or several: any of them ends a row, which then
+    keeps receiving the first one). A
     prompt longer than ``context_size`` is read from its last ``context_size`` tokens, with a
     logged warning; past the context every step recomputes the window, as the no-cache path.
     """
@@ -250,6 +260,8 @@ def stream_steps(
         logger.warning("the prompt has %d tokens, more than the context of %d: its first %d tokens are dropped",
                        idx.shape[1], context_size, dropped)
 
+    eos = _eos_list(eos_id)
+    stops = torch.tensor(eos, dtype=torch.long, device=idx.device)  # any of them ends a row
     finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
     with evaluating(model):
         try:
@@ -257,11 +269,11 @@ def stream_steps(
             logits = model(seq, use_cache=use_cache, attention_mask=mask, logits_to_keep=1)[:, -1]
             for step in range(max_new_tokens):
                 next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
-                if eos_id is not None:
-                    next_id = next_id.masked_fill(finished, eos_id)
-                    finished |= next_id == eos_id
+                if eos:
+                    next_id = next_id.masked_fill(finished, eos[0])
+                    finished |= torch.isin(next_id, stops)
                 yield _step(logits, next_id, top_logprobs)
-                if (eos_id is not None and bool(finished.all())) or step == max_new_tokens - 1:
+                if (eos and bool(finished.all())) or step == max_new_tokens - 1:
                     return
                 seq = torch.cat([seq, next_id], dim=1)[:, -context_size:]
                 if mask is not None:  # the new tokens are real
@@ -278,7 +290,7 @@ def stream_steps(
 
 def stream_generate(
     model: GPTModel, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
-    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, eos_id: EosIds = None,
     use_cache: bool = True, generator: torch.Generator | None = None, *, attention_mask: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield each new ``(batch, 1)`` token as soon as it is chosen: the ids of :func:`stream_steps`."""
@@ -289,7 +301,7 @@ def stream_generate(
 
 def generate(
     model: GPTModel, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
-    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, eos_id: EosIds = None,
     use_cache: bool = True, generator: torch.Generator | None = None, *, attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(batch, tokens)`` prompt ids -> ``(batch, tokens + new)`` ids with the continuation.
@@ -310,7 +322,7 @@ def generate_batch(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: EosIds = None,
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
     progress: bool = False,
@@ -318,12 +330,13 @@ def generate_batch(
 ) -> list[list[int]]:
     """Continue prompts of different lengths, ``batch_size`` at a time (``None``: :data:`BATCH_SIZE`).
 
-    Returns the new ids of each prompt, in the order given, cut after its first ``eos_id``
-    (which is kept). Greedy rows equal :func:`generate` on each prompt alone. Prompts are
+    Returns the new ids of each prompt, in the order given, cut after its first ``eos_id`` (an
+    id or several; the end id is kept). Greedy rows equal :func:`generate` on each prompt alone. Prompts are
     grouped by length, so a batch carries little padding; each is first cut to its last
     ``context_length`` tokens, with the same warning as :func:`generate`.
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
+    eos = _eos_list(eos_id)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1 (or unset, for {BATCH_SIZE}), got {batch_size}")
     limit = model.cfg.context_length
@@ -340,10 +353,10 @@ def generate_batch(
     with tqdm(total=len(order), desc="generating", unit="prompt", disable=not progress) as bar:
         for first in range(0, len(order), size):
             chunk = order[first:first + size]
-            sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, generator=generator)
+            sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos or None, generator=generator)
             new = _generate_padded(model, [windows[i] for i in chunk], max_new_tokens, use_cache, sampling)
             for i, row in zip(chunk, new, strict=True):
-                answers[i] = row[:row.index(eos_id) + 1] if eos_id in row else row
+                answers[i] = row[:next((t + 1 for t, token in enumerate(row) if token in eos), len(row))]
             bar.update(len(chunk))
     return answers
 
@@ -351,7 +364,7 @@ def generate_batch(
 def _generate_padded(model: GPTModel, prompts: list[list[int]], max_new_tokens: int, use_cache: bool,
                      sampling: dict[str, Any]) -> list[list[int]]:
     """One batch of prompts that fit the context -> the new ids of each row."""
-    ids, mask = pad_prompts(prompts, pad_id=sampling["eos_id"] or 0)
+    ids, mask = pad_prompts(prompts, pad_id=(sampling["eos_id"] or [0])[0])
     # Prompts of one length need no mask: the plain causal path is the faster one.
     mask = None if all(len(p) == len(prompts[0]) for p in prompts) else mask.to(model.device)
     new = list(stream_generate(model, ids.to(model.device), max_new_tokens, use_cache=use_cache,

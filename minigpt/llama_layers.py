@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minigpt.attention import CachedAttention, KVCache
 from minigpt.rope import RoPE
 
 
@@ -66,7 +67,7 @@ def repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
 
-class GroupedQueryAttention(nn.Module):
+class GroupedQueryAttention(CachedAttention):
     """Causal attention with ``n_heads`` query heads and ``n_kv_heads`` key/value heads.
 
     ``forward(x (batch, tokens, d_in), positions, use_cache, attn_mask) -> (batch, tokens, d_in)``.
@@ -102,37 +103,11 @@ class GroupedQueryAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.rope = [rope]  # shared by every block; a list keeps it out of this module's children
         self.last_attn_weights: torch.Tensor | None = None
-        self.reset_cache()
-
-    def reset_cache(self) -> None:
-        """Forget cached keys/values; the next ``use_cache=True`` call starts at position 0."""
-        self.cache_k: torch.Tensor | None = None  # (batch, n_kv_heads, capacity, head_dim)
-        self.cache_v: torch.Tensor | None = None
-        self.cache_len = 0
+        self.kv_cache = KVCache(self.context_length, min_capacity=256)
 
     def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
         b, tokens, _ = t.shape  # (b, tokens, n * head_dim) -> (b, n, tokens, head_dim)
         return t.view(b, tokens, n, self.head_dim).transpose(1, 2)
-
-    def _append_to_cache(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, h, n, d = keys.shape
-        start, end = self.cache_len, self.cache_len + n
-        if end > self.context_length:
-            raise ValueError(f"KV cache holds {start} tokens and {n} more do not fit in context_length="
-                             f"{self.context_length}; call reset_cache() and feed at most the last "
-                             f"{self.context_length} tokens")
-        if self.cache_k is None or self.cache_k.shape[0] != b or self.cache_k.dtype != keys.dtype:
-            self.cache_k = keys.new_empty(b, h, 0, d)
-            self.cache_v = values.new_empty(b, h, 0, d)
-        if end > self.cache_k.shape[2]:  # grow to the next power of two (at least 256), at most the context
-            capacity = min(self.context_length, max(256, 1 << (end - 1).bit_length()))
-            grown_k, grown_v = keys.new_empty(b, h, capacity, d), values.new_empty(b, h, capacity, d)
-            grown_k[:, :, :start], grown_v[:, :, :start] = self.cache_k[:, :, :start], self.cache_v[:, :, :start]
-            self.cache_k, self.cache_v = grown_k, grown_v
-        self.cache_k[:, :, start:end] = keys
-        self.cache_v[:, :, start:end] = values
-        self.cache_len = end
-        return self.cache_k[:, :, :end], self.cache_v[:, :, :end]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, use_cache: bool = False,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,15 +121,20 @@ class GroupedQueryAttention(nn.Module):
         queries, keys = rope(queries, positions), rope(keys, positions)
         past = self.cache_len if use_cache else 0
         if use_cache:
-            keys, values = self._append_to_cache(keys, values)
+            keys, values = self.kv_cache.append(keys, values)
         allowed = attn_mask
         if allowed is None and past > 0 and tokens > 1:  # new tokens after cached ones: causal from `past` on
             allowed = ~_causal(tokens, past, x.device)
         if self.use_sdpa:
             self.last_attn_weights = None
+            # Plain bools for SDPA: under torch.compile these ints may be symbolic, an `if` fixes them.
+            is_causal = enable_gqa = False
+            if allowed is None and past == 0 and tokens > 1:
+                is_causal = True
+            if self.groups > 1:
+                enable_gqa = True
             context = nn.functional.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=allowed,
-                is_causal=allowed is None and past == 0 and tokens > 1, enable_gqa=self.groups > 1)
+                queries, keys, values, attn_mask=allowed, is_causal=is_causal, enable_gqa=enable_gqa)
         else:
             keys, values = repeat_kv(keys, self.groups), repeat_kv(values, self.groups)
             scores = queries @ keys.transpose(2, 3) / self.head_dim ** 0.5  # (b, heads, tokens, past + tokens)

@@ -65,6 +65,20 @@ def test_generate_batch_cuts_each_answer_after_end_of_text():
     assert answers == [[6, 7], [3, 4, 5, 6, 7], [31, 32, 33, 34, 35, 36]]
 
 
+def test_several_end_ids_any_of_them_ends_a_row():
+    """Llama-3 configs list several end ids: a row ends at the first of any, and a finished
+    row is filled with the first id of the list."""
+    counter = CountingModel(CFG)
+    out = generate(counter, torch.tensor([[5], [1]]), 10, eos_id=[9, 3])
+    assert out.tolist() == [[5, 6, 7, 8, 9], [1, 2, 3, 9, 9]]
+    assert generate(counter, torch.tensor([[5]]), 6, eos_id=(7,)).tolist() == generate(
+        counter, torch.tensor([[5]]), 6, eos_id=7).tolist()
+    answers = generate_batch(counter, [[5], [1, 2], [30]], 6, eos_id=iter([33, 4]))
+    assert answers == [[6, 7, 8, 9, 10, 11], [3, 4], [31, 32, 33]]
+    with pytest.raises(ValueError, match="eos_id is an empty collection"):
+        generate(counter, torch.tensor([[5]]), 3, eos_id=[])
+
+
 def test_generate_batch_cuts_long_prompts_to_the_context(model, caplog):
     prompts = prompts_of_lengths(3, 40)
     with caplog.at_level(logging.WARNING, logger="minigpt.generation"):

@@ -17,11 +17,12 @@ import torch
 
 from minigpt.config import PRESETS
 from minigpt.data import tokenize
+from minigpt.decoding import compile_for_decoding
 from minigpt.generation import IncrementalDecoder, check_sampling, stream_generate, truncate_prompt
 from minigpt.jobs.quantize import check_quantize, load_quantized, quantize_field
 from minigpt.model import GPTModel
 from minigpt.pretrained import load_tokenizer
-from minigpt.runtime import compile_model, select_device
+from minigpt.runtime import select_device
 from minigpt.tokenizer import get_gpt2_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def generate_text(settings: GenerateConfig) -> Generation:
     model = load_quantized(source, settings.preset, settings.quantize)
     model.to(device).eval()
     if settings.compile:
-        model = compile_model(model)  # a wrapper that forwards cfg, reset_kv_cache, cache_pos to the model
+        model = compile_for_decoding(model)  # the prompt and the one-token step: two graphs, not one per token
     tokenizer = load_tokenizer(source) if source else get_gpt2_tokenizer()  # the model's own
     context = model.cfg.context_length
     ids, dropped = truncate_prompt(tokenize(settings.prompt, tokenizer), context)
