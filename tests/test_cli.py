@@ -150,7 +150,14 @@ def test_info_lists_every_preset(capsys):
     assert main(["info"]) == 0
     rows = capsys.readouterr().out.splitlines()
     assert rows[1].split()[:7] == ["gpt2-small", "12", "12", "768", "1024", "163,009,536", "124,412,160"]
-    assert [row.split()[0] for row in rows[1:-1]] == ["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny"]
+    gpt2, llama = "\n".join(rows[:-1]).split("\n\n")
+    assert [row.split()[0] for row in gpt2.splitlines()[1:]] == ["gpt2-small", "gpt2-medium", "gpt2-large",
+                                                                   "gpt2-xl", "tiny"]
+    # The Llama family with the published parameter counts (SmolLM2-135M: 134,515,008, as transformers counts it)
+    names = {row.split()[0]: row.split() for row in llama.splitlines()[1:]}
+    assert list(names) == ["smollm2-135m", "smollm2-360m", "qwen3-0.6b", "llama-3.2-1b"]
+    assert names["smollm2-135m"][1:6] == ["30", "9", "576", "8192", "134,515,008"]
+    assert names["llama-3.2-1b"][5] == "1,235,814,400"
 
 
 def test_offline_download_leaves_no_folder_and_says_where_to_put_which_files(tmp_path, monkeypatch, capsys):

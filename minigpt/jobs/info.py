@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from minigpt.config import PRESETS, GPTConfig
+from minigpt.llama import PRESETS as LLAMA_PRESETS
+from minigpt.llama import LlamaConfig, LlamaModel
 from minigpt.model import GPTModel
 from minigpt.quantization import quantized_bytes
 
@@ -30,7 +32,7 @@ class PresetSize:
     configured model in each of :data:`FORMATS`."""
 
     name: str
-    cfg: GPTConfig
+    cfg: GPTConfig | LlamaConfig
     parameters: int
     tied_parameters: int
     memory: dict[str, int] = field(default_factory=dict)
@@ -57,4 +59,16 @@ def preset_sizes() -> list[PresetSize]:
             model = GPTModel(cfg)
             tied = GPTModel(GPTConfig.from_preset(name, tie_weights=True)).num_parameters()
         sizes.append(PresetSize(name, cfg, model.num_parameters(), tied, model_bytes(model)))
+    return sizes
+
+
+def llama_sizes() -> list[PresetSize]:
+    """The Llama-family presets (:data:`minigpt.llama.PRESETS`), as published: their heads
+    are tied or not as the checkpoints have them, so both counts are the same."""
+    sizes = []
+    for name in LLAMA_PRESETS:
+        with torch.device("meta"):
+            model = LlamaModel(name)
+        n = model.num_parameters()
+        sizes.append(PresetSize(name, model.cfg, n, n, model_bytes(model)))
     return sizes
