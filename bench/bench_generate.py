@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from common import interleaved_seconds
 
 from minigpt import GPTConfig, GPTModel, generate
 from minigpt.decoding import compile_for_decoding
@@ -46,20 +46,6 @@ from minigpt.runtime import has_fast_bfloat16
 
 MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")
 QUICK = dict(new_tokens=8, prompt_tokens=8, repeats=1, batch_prompts=8, batch_new_tokens=8, one_by_one_sample=2)
-
-
-def interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each run; the runs take turns, so drifting clock speeds or
-    background load hit all of them alike instead of whichever ran last."""
-    for run in runs.values():
-        run()  # warm-up: allocator, kernels, caches
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:

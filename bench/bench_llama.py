@@ -16,28 +16,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from common import interleaved_seconds
 
 from minigpt import GPTConfig
 from minigpt.generation import generate
 from minigpt.llama import PRESETS, LlamaConfig, LlamaModel
-
-
-def interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each run; the runs take turns, so background load hits all alike."""
-    for run in runs.values():
-        run()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def models(layers: int) -> tuple[LlamaModel, torch.nn.Module]:

@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import random_gpt2_checkpoint
+
 LOADERS = ("minigpt", "transformers", "book")
 FORWARD_TOKENS = 64
 HEAVY_MODULES = ("torch._dynamo", "torch._inductor", "transformers", "huggingface_hub", "safetensors", "tqdm")
@@ -50,19 +52,10 @@ HEAVY_MODULES = ("torch._dynamo", "torch._inductor", "transformers", "huggingfac
 def make_checkpoint(directory: Path) -> None:
     """gpt2-small-shaped random checkpoint in HF format, plus the book's ``book.pth``."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     from minigpt.model import GPTModel
 
-    torch.manual_seed(0)
-    with torch.device("meta"):  # transformers' init is slow on CPU; fill the tensors directly
-        hf = GPT2LMHeadModel(GPT2Config())
-    hf.to_empty(device="cpu")
-    hf.tie_weights()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, 0.02)
-    hf.save_pretrained(directory)
+    random_gpt2_checkpoint(directory)
 
     model = GPTModel.from_pretrained(directory)
     state = {k: v.clone() for k, v in model.state_dict().items()}  # untied: a separate head copy

@@ -39,22 +39,6 @@ MODES = ("float", "nf4", "nf4-dq", "int8", "copy-then-nf4")
 MB = 2**20
 
 
-def make_checkpoint(directory: Path) -> None:
-    """A gpt2-small-shaped Hugging Face checkpoint with random weights (tied head, as OpenAI's)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    with torch.device("meta"):  # transformers' init is slow on CPU; the tensors are filled below
-        hf = GPT2LMHeadModel(GPT2Config())
-    hf.to_empty(device="cpu")
-    hf.tie_weights()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0.0, 0.02)
-    hf.save_pretrained(directory)
-
-
 def status_kib() -> dict[str, int]:
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     return {key: int(fields[key].split()[0]) for key in ("RssAnon", "RssFile")}
@@ -114,8 +98,8 @@ def main() -> None:
         directory = args.checkpoint_dir or Path(tmp)
         if args.checkpoint_dir is None:
             subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-                            f"import bench_load_quantized as b; from pathlib import Path; "
-                            f"b.make_checkpoint(Path({str(directory)!r}))"], check=True)
+                            f"import common; from pathlib import Path; "
+                            f"common.random_gpt2_checkpoint(Path({str(directory)!r}))"], check=True)
         results = {}
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
         for mode in args.modes:
@@ -123,7 +107,7 @@ def main() -> None:
                                  check=True, capture_output=True, text=True, env=env).stdout
             results[mode] = {k: round(v, 1) for k, v in json.loads(out.splitlines()[-1]).items()}
         size = (directory / "model.safetensors").stat().st_size / MB
-    print(json.dumps({"checkpoint_mb": round(size, 1), "results": results}, indent=1))
+    print(json.dumps({"checkpoint_mb": round(size, 1), "results": results}))
 
 
 if __name__ == "__main__":
