@@ -22,16 +22,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from minigpt.runtime import compile_model
+from minigpt.runtime import Wrapper, compile_model
 
 # Cache lengths stay symbolic instead of one compilation per value.
 _DYNAMO_SETTINGS = {"allow_unspec_int_on_nn_module": True}
 
 
-class DecodingModel(nn.Module):
+class DecodingModel(Wrapper):
     """``compiled`` (what :func:`compile_model` returned) called with the cache lengths
     symbolic; every other attribute (``cfg``, ``reset_kv_cache``, ``cache_pos``, ``device``)
     is the model's own. Save the model itself, not this wrapper."""
+
+    wrapped = "compiled"
 
     def __init__(self, compiled: nn.Module) -> None:
         super().__init__()
@@ -40,14 +42,6 @@ class DecodingModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch._dynamo.config.patch(_DYNAMO_SETTINGS):
             return self.compiled(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("__") or name == "_modules":
-                raise
-            return getattr(self._modules["compiled"], name)
 
 
 def compile_for_decoding(model: nn.Module, **options: Any) -> nn.Module:

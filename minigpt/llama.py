@@ -238,10 +238,13 @@ class LlamaModel(nn.Module):
             x = x[:, -logits_to_keep:]
         return self.out_head(self.final_norm(x))
 
-    # Checking ids and turning left padding into positions and a mask are the same as GPT-2's.
+    # Checking ids, turning left padding into positions and a mask, counting parameters and
+    # finding the device are the same as GPT-2's.
     _check_ids = GPTModel._check_ids
     _positions_and_mask = GPTModel._positions_and_mask
     _full_mask = GPTModel._full_mask
+    num_parameters = GPTModel.num_parameters
+    device = GPTModel.device
 
     def reset_kv_cache(self) -> None:
         """Empty every block's KV cache; the next cached call starts at position 0."""
@@ -259,14 +262,6 @@ class LlamaModel(nn.Module):
         """Bytes the KV cache holds per token of one sequence: keys and values of every layer."""
         itemsize = self.tok_emb.weight.element_size()
         return 2 * self.cfg.n_layers * self.cfg.n_kv_heads * self.cfg.head_dim * itemsize
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        """Parameter count; a tied output head is counted once."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
-    @property
-    def device(self) -> torch.device:
-        return self.tok_emb.weight.device
 
     # minigpt.hf_llama builds on this module: these two methods import it when called.
     def save_pretrained(self, directory: str | os.PathLike) -> None:

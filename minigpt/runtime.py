@@ -122,7 +122,22 @@ def grad_scaler(device: torch.device | str, precision: str) -> torch.amp.GradSca
 # ---------------------------------------------------------------------------- compiling
 
 
-class CompiledModel(nn.Module):
+class Wrapper(nn.Module):
+    """A module wrapped around another (its submodule ``wrapped``, named by the class): every
+    attribute the wrapper lacks is the wrapped module's (``cfg``, ``reset_kv_cache``, ...)."""
+
+    wrapped = ""  # the name of the submodule every other attribute comes from
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or name == "_modules":
+                raise
+            return getattr(self._modules[self.wrapped], name)
+
+
+class CompiledModel(Wrapper):
     """``model`` called through ``compiled`` (its ``torch.compile``), or eagerly once that failed.
 
     ``torch.compile`` compiles lazily, at the first call with new input shapes, so a failure
@@ -131,6 +146,8 @@ class CompiledModel(nn.Module):
     attribute is the model's own (``cfg``, ``reset_kv_cache``, ``no_sync`` of a DDP wrapper);
     ``train()``/``eval()`` reach it. Save the model itself: this wrapper adds a key prefix.
     """
+
+    wrapped = "eager"
 
     def __init__(self, model: nn.Module, compiled: nn.Module) -> None:
         super().__init__()
@@ -149,14 +166,6 @@ class CompiledModel(nn.Module):
                 self.fell_back = True
                 _warn_compile_failed(err)
         return self.eager(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("__") or name == "_modules":
-                raise
-            return getattr(self._modules["eager"], name)
 
 
 def compile_model(model: nn.Module, **options: Any) -> nn.Module:

@@ -2,6 +2,7 @@
 a character tokenizer that every test module can use."""
 
 import base64
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -111,6 +112,15 @@ class QuietHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+    def send_json(self, obj) -> None:
+        """Answer 200 with ``obj`` as a JSON body."""
+        data = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
 
 @pytest.fixture

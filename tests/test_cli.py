@@ -355,12 +355,7 @@ def test_cli_without_a_judge_says_so_and_reports_loss_and_perplexity(data_dir, t
 class ChatHandler(QuietHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
-        body = json.dumps({"message": {"role": "assistant", "content": "75"}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.send_json({"message": {"role": "assistant", "content": "75"}})
 
 
 def test_cli_scores_the_answers_with_an_http_judge(data_dir, tmp_path, capsys, http_server, only_localhost):

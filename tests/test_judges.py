@@ -23,12 +23,7 @@ def chat_server(http_server, reply: dict):
     class ChatHandler(QuietHandler):
         def do_POST(self):
             bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self.send_json(reply)
 
     server = http_server(ChatHandler)
     server.bodies = bodies

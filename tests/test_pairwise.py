@@ -106,12 +106,7 @@ def chat_server(http_server, choose, ollama=False):
             a = prompt.split("Response A: `")[1].split("`")[0]
             b = prompt.split("Response B: `")[1].split("`")[0]
             message = {"role": "assistant", "content": choose(a, b)}
-            data = json.dumps({"message": message} if ollama else {"choices": [{"message": message}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self.send_json({"message": message} if ollama else {"choices": [{"message": message}]})
 
     server = http_server(ChatHandler)
     server.bodies, server.keys = bodies, keys
