@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minigpt.linear import Linear
+
 
 def _check_dropout(dropout: float) -> None:
     if not 0.0 <= dropout < 1.0:
@@ -243,10 +245,10 @@ class MultiHeadAttention(CachedAttention):
         self.dropout_p = dropout
         self.use_sdpa = use_sdpa
 
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
+        self.W_query = Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
         self.register_buffer(
             "mask", torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), 1),

@@ -34,6 +34,7 @@ from minigpt.config import GPTConfig
 from minigpt.data import tokenize
 from minigpt.files import write_json
 from minigpt.labelled_data import Example, label_names_of
+from minigpt.linear import Linear
 from minigpt.losses import IGNORE_INDEX
 from minigpt.model import GPTModel, evaluating
 from minigpt.runtime import select_device
@@ -129,7 +130,7 @@ def make_classifier(
     """
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
-    head = nn.Linear(model.cfg.emb_dim, num_classes)
+    head = Linear(model.cfg.emb_dim, num_classes)
     model.out_head = head.to(device=model.tok_emb.weight.device, dtype=model.tok_emb.weight.dtype)
     if model.cfg.tie_weights:
         model.cfg = dataclasses.replace(model.cfg, tie_weights=False)  # a copy: others may share the config

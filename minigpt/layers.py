@@ -12,6 +12,7 @@ from torch import nn
 
 from minigpt.attention import MultiHeadAttention
 from minigpt.config import GPTConfig
+from minigpt.linear import Linear
 
 
 class LayerNorm(nn.Module):
@@ -55,9 +56,9 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            Linear(cfg.emb_dim, 4 * cfg.emb_dim),
             GELU(),
-            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
+            Linear(4 * cfg.emb_dim, cfg.emb_dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

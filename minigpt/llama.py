@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from minigpt.linear import Linear
 from minigpt.llama_layers import GroupedQueryAttention, RMSNorm, SwiGLU
 from minigpt.model import GPTModel
 from minigpt.rope import RoPE
@@ -196,7 +197,7 @@ class LlamaModel(nn.Module):
         self.rope = RoPE(cfg.head_dim, cfg.context_length, cfg.rope_theta, cfg.rope_scaling)
         self.trf_blocks = nn.ModuleList(LlamaBlock(cfg, self.rope) for _ in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.emb_dim, cfg.rms_norm_eps)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.out_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
         self.gradient_checkpointing = False

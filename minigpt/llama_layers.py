@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from minigpt.attention import CachedAttention, KVCache
+from minigpt.linear import Linear
 from minigpt.rope import RoPE
 
 
@@ -53,9 +54,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, emb_dim: int, hidden_dim: int, bias: bool = False) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(emb_dim, hidden_dim, bias=bias)
-        self.fc2 = nn.Linear(emb_dim, hidden_dim, bias=bias)
-        self.fc3 = nn.Linear(hidden_dim, emb_dim, bias=bias)
+        self.fc1 = Linear(emb_dim, hidden_dim, bias=bias)
+        self.fc2 = Linear(emb_dim, hidden_dim, bias=bias)
+        self.fc3 = Linear(hidden_dim, emb_dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc3(nn.functional.silu(self.fc1(x)) * self.fc2(x))
@@ -95,10 +96,10 @@ class GroupedQueryAttention(CachedAttention):
         self.groups = n_heads // n_kv_heads
         self.context_length = rope.context_length
         self.use_sdpa = use_sdpa
-        self.W_query = nn.Linear(d_in, n_heads * head_dim, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, n_kv_heads * head_dim, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, n_kv_heads * head_dim, bias=qkv_bias)
-        self.out_proj = nn.Linear(n_heads * head_dim, d_in, bias=qkv_bias)
+        self.W_query = Linear(d_in, n_heads * head_dim, bias=qkv_bias)
+        self.W_key = Linear(d_in, n_kv_heads * head_dim, bias=qkv_bias)
+        self.W_value = Linear(d_in, n_kv_heads * head_dim, bias=qkv_bias)
+        self.out_proj = Linear(n_heads * head_dim, d_in, bias=qkv_bias)
         self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.rope = [rope]  # shared by every block; a list keeps it out of this module's children

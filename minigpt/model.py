@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from minigpt.attention import MultiHeadAttention, padded_causal_mask
 from minigpt.config import GPTConfig
 from minigpt.layers import LayerNorm, TransformerBlock
+from minigpt.linear import Linear
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
@@ -77,7 +78,7 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.final_norm = LayerNorm(cfg.emb_dim)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.out_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             # One matrix both maps ids to vectors and scores vectors against every id.
             self.out_head.weight = self.tok_emb.weight

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from minigpt.linear import Linear
+from minigpt.linear import linear as linear_product
 from minigpt.quantization import (
     Int8Weight,
     NF4Weight,
@@ -52,7 +53,7 @@ class DequantizedMatmul(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, layer: _QuantizedLinear) -> torch.Tensor:
         ctx.layer = layer  # a reference, not a tensor: nothing of size (out, in) is kept
         ctx.x_dtype = x.dtype
-        return F.linear(x, layer.dequantized_weight())
+        return linear_product(x, layer.dequantized_weight())
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:
@@ -60,7 +61,7 @@ class DequantizedMatmul(torch.autograd.Function):
             return None, None
         # Under autocast grad_out may come in another dtype than the weight; the gradient takes x's.
         weight = ctx.layer.dequantized_weight()
-        return (grad_out @ weight.to(grad_out.dtype)).to(ctx.x_dtype), None
+        return linear_product(grad_out, weight.to(grad_out.dtype).t()).to(ctx.x_dtype), None  # grad_out @ W
 
 
 class _QuantizedLinear(nn.Module):
@@ -264,7 +265,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         raise ValueError("model has no quantized layers to dequantize")
     for name, layer in layers:
         weight = layer.dequantized_weight().to(dtype or layer.compute_dtype)
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+        linear = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                            device="meta", dtype=weight.dtype)
         linear.weight = nn.Parameter(weight)
         if layer.bias is not None:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from minigpt import hub
 from minigpt.generation import generate
 from minigpt.hf_llama import export_llama, load_llama
+from minigpt.linear import Linear
 from minigpt.llama import LlamaModel
 
 transformers = pytest.importorskip("transformers", reason="the reference implementation comes from transformers")
@@ -152,7 +153,7 @@ def test_loading_quantized_replaces_the_block_linears(tmp_path):
     directory = saved("llama-mha", tmp_path)
     full, quantized = load_llama(directory).eval(), load_llama(directory, quantize="nf4").eval()
     assert is_quantized(quantized) and isinstance(quantized.trf_blocks[0].ff.fc2, QUANTIZED_LAYERS)
-    assert type(quantized.out_head) is torch.nn.Linear  # the head stays in full precision
+    assert type(quantized.out_head) is Linear  # the head stays in full precision
     ids = random_ids(full.cfg.vocab_size)
     with torch.no_grad():
         difference = (quantized(ids) - full(ids)).abs().max()

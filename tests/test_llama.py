@@ -13,6 +13,7 @@ from torch import nn
 from minigpt.dpo import DPOLoss, sequence_logprobs
 from minigpt.generation import generate, generate_batch
 from minigpt.instruction import instruction_loss
+from minigpt.linear import Linear
 from minigpt.llama import PRESETS, LlamaConfig, LlamaModel
 from minigpt.lora import apply_lora, merge_lora
 from minigpt.losses import next_token_loss
@@ -177,7 +178,7 @@ def test_lora_trains_only_the_adapters_and_merges_to_the_same_logits():
         assert not torch.allclose(adapted, before)
         merge_lora(model)
         assert torch.allclose(model(ids), adapted, atol=1e-5)
-    assert all(type(m) is nn.Linear for name, m in model.named_modules() if name.endswith("W_query"))
+    assert all(type(m) is Linear for name, m in model.named_modules() if name.endswith("W_query"))
 
 
 def test_neftune_adds_noise_to_the_token_embedding_in_training_only():

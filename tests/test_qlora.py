@@ -32,6 +32,7 @@ from minigpt.jobs.finetune import FinetuneConfig
 from minigpt.jobs.generate import GenerateConfig, generate_text
 from minigpt.jobs.info import preset_sizes
 from minigpt.jobs.instruct import InstructConfig, finetune_instructions
+from minigpt.linear import Linear
 from minigpt.lora import LinearWithLoRA, apply_lora, load_lora, lora_disabled, merge_lora, save_lora
 from minigpt.model import GPTModel
 from minigpt.quantization import SCHEMES, quantized_bytes
@@ -267,7 +268,7 @@ def test_a_hugging_face_gpt2_loads_straight_into_a_quantized_model(scheme, tmp_p
     block_linears = [name for name, m in ours.named_modules() if isinstance(m, nn.Linear) and "trf_blocks" in name]
     assert len(block_linears) == 6 * ours.cfg.n_layers
     assert all(isinstance(quantized.get_submodule(name), QUANTIZED_LAYERS) for name in block_linears)
-    assert type(quantized.out_head) is nn.Linear and quantized.out_head.weight is quantized.tok_emb.weight
+    assert type(quantized.out_head) is Linear and quantized.out_head.weight is quantized.tok_emb.weight
     x = random_ids(ours.cfg, 2, 24)
     with torch.no_grad():
         reference, float_logits, got = hf(x).logits, ours(x), quantized(x)

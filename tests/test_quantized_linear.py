@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from minigpt.config import GPTConfig
 from minigpt.corpora import load_corpus
+from minigpt.linear import Linear
 from minigpt.model import GPTModel
 from minigpt.quantization import dequantize_int8, dequantize_nf4, quantize_int8, quantize_nf4, quantized_bytes
 from minigpt.quantized_linear import (
@@ -152,7 +153,7 @@ def test_quantize_model_replaces_the_block_linears_only():
     quantized = [name for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]
     assert len(quantized) == 6 * TINY["n_layers"]  # query, key, value, out_proj, two feed-forward
     assert all(name.startswith("trf_blocks.") for name in quantized)
-    assert type(model.out_head) is nn.Linear and type(model.tok_emb) is nn.Embedding
+    assert type(model.out_head) is Linear and type(model.tok_emb) is nn.Embedding
     assert not any(isinstance(m, nn.Linear) for m in model.trf_blocks.modules())
     assert is_quantized(model) and not is_quantized(GPTModel(TINY))
     settings = quantization_of(model)
@@ -164,7 +165,7 @@ def test_quantize_model_replaces_the_block_linears_only():
 def test_quantize_model_skip_patterns():
     model = quantize_model(GPTModel(TINY), "int8", skip=("out_head", "ff.*"))
     assert isinstance(model.trf_blocks[0].att.W_query, Linear8bit)
-    assert type(model.trf_blocks[1].ff.layers[0]) is nn.Linear
+    assert type(model.trf_blocks[1].ff.layers[0]) is Linear
     everything = quantize_model(GPTModel(TINY), "nf4-dq", skip=())
     assert isinstance(everything.out_head, Linear4bit)
 
@@ -206,7 +207,7 @@ def test_dequantize_model_gives_plain_linears_computing_the_same():
         dequantize_model(model)
         got = model(ids)
     assert not is_quantized(model)
-    assert type(model.trf_blocks[0].ff.layers[0]) is nn.Linear
+    assert type(model.trf_blocks[0].ff.layers[0]) is Linear
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no quantized layers"):
         dequantize_model(model)
