@@ -44,7 +44,8 @@ from minigpt.decoding import compile_for_decoding
 from minigpt.generation import generate_batch
 from minigpt.runtime import has_fast_bfloat16
 
-MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")
+MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm",
+            "mkldnn::_linear_pointwise")
 QUICK = dict(new_tokens=8, prompt_tokens=8, repeats=1, batch_prompts=8, batch_new_tokens=8, one_by_one_sample=2)
 
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt import GPTConfig, GPTModel
+from minigpt.linear import linear
 from minigpt.losses import calc_loss_batch, next_token_loss
 from minigpt.runtime import autocast, compile_with_loss, no_fast_bfloat16_reason, resolve_precision
 
@@ -51,13 +52,14 @@ TARGETS = {"minigpt_fp32_vs_transformers_fp32": 1.1, "minigpt_bf16_vs_transforme
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> float:
-    """FLOP/s of repeated ``n x n`` products through ``F.linear``, the kernel the layers use
-    (on CPUs without native bfloat16, ``a @ b`` in bfloat16 takes a far slower path)."""
+    """FLOP/s of repeated ``n x n`` products through :func:`minigpt.linear.linear`, the kernel
+    the layers use (oneDNN in float32, ``F.linear`` otherwise; on CPUs without native bfloat16,
+    ``a @ b`` in bfloat16 takes a far slower path)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    F.linear(a, b)  # warm-up
+    linear(a, b)  # warm-up
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        F.linear(a, b)
+        linear(a, b)
         count += 1
     return 2 * n**3 * count / (time.perf_counter() - start)
 

@@ -15,8 +15,8 @@ used anywhere (that is bfloat16 autocast's job, and it is opt-in).
 ``linear(x, weight, bias)`` is ``F.linear`` with that routing; :class:`Linear` is an
 ``nn.Linear`` calling it, so state dicts, ``isinstance`` checks, LoRA and quantization see
 an ordinary ``nn.Linear``. Everything else goes to ``F.linear`` unchanged: CUDA, other
-dtypes, autocast (which chooses the dtype itself), ``torch.compile`` (which chooses its own
-kernels) and ``torch.backends.mkldnn.enabled = False``, the switch to turn it off.
+dtypes, autocast (which chooses the dtype itself), products too small to repay oneDNN's
+fixed cost per call, and ``torch.backends.mkldnn.enabled = False``, the switch to turn it off.
 """
 
 from __future__ import annotations
@@ -28,60 +28,67 @@ import torch.nn.functional as F
 from torch import nn
 
 _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # oneDNN's inner product; "none" means no fused activation after it.
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+# Below about 2M multiply-adds (rows x in x out) oneDNN's fixed cost per call (~13 us) outweighs its speed.
+MIN_ONEDNN_MACS = 2**21
 
 
 def on_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether :func:`linear` sends this product to oneDNN (float32 tensors on a CPU, outside
-    autocast and ``torch.compile``, with oneDNN enabled) instead of ``F.linear``."""
+    """Whether :func:`linear` sends this product to oneDNN (a large enough product of float32
+    tensors on a CPU, outside autocast, with oneDNN enabled) instead of ``F.linear``."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
     return (
         _HAS_ONEDNN
         and torch.backends.mkldnn.enabled
         and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided
-                and type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
+                for t in tensors)
+        and x.numel() * weight.shape[0] >= MIN_ONEDNN_MACS
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
     )
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """``x @ W.T + b`` forward and backward on oneDNN: the two backward products are linear
-    layers too (``grad @ W`` is a linear with weight ``W.T``; ``grad.T @ x`` one with weight ``x.T``)."""
+# A custom operator rather than a plain call, so that torch.compile keeps it in its graph
+# (through the shape function below) and autograd differentiates it (through the backward below).
+@torch.library.custom_op("minigpt::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` by oneDNN's inner product: ``(..., in) -> (..., out)``."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # "none": no fused activation
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _onednn(x, weight, bias)
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        grad = grad.contiguous()  # e.g. the gradient of a sum arrives expanded, with stride 0
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _onednn(grad, weight.t(), None)  # (..., out) @ (out, in)
-        rows = grad.reshape(-1, grad.shape[-1])  # (rows, out)
-        if ctx.needs_input_grad[1]:
-            grad_weight = _onednn(rows.t(), x.reshape(-1, x.shape[-1]).t(), None)  # (out, rows) @ (rows, in)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = rows.sum(0)
-        return grad_x, grad_weight, grad_bias
+@onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _save_for_backward(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    # Both backward products are linear layers too: grad @ W has weight W.T, grad.T @ x has weight x.T.
+    x, weight = ctx.saved_tensors
+    grad = grad.contiguous()  # e.g. the gradient of a sum arrives expanded, with stride 0
+    grad_x = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = onednn_linear(grad, weight.t(), None)  # (..., out) @ (out, in)
+    rows = grad.reshape(-1, grad.shape[-1])  # (rows, out)
+    if ctx.needs_input_grad[1]:
+        grad_weight = onednn_linear(rows.t(), x.reshape(-1, x.shape[-1]).t(), None)  # (out, rows) @ (rows, in)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = rows.sum(0)
+    return grad_x, grad_weight, grad_bias
+
+
+onednn_linear.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: ``(..., in) -> (..., out)`` with ``weight: (out, in)``,
     computed by oneDNN where :func:`on_onednn` says so, with the same gradients."""
-    if not on_onednn(x, weight, bias):
-        return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return _OneDNNLinear.apply(x, weight, bias)
-    return _onednn(x, weight, bias)
+    if on_onednn(x, weight, bias):
+        return onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
