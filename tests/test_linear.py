@@ -151,3 +151,17 @@ def test_a_training_step_gives_the_gradients_of_the_blas_path(monkeypatch):
     blas = gradients()
     for name, grad in ours.items():
         torch.testing.assert_close(grad, blas[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@needs_onednn
+def test_torch_compile_keeps_the_product_in_one_graph_with_its_gradient():
+    layer = Linear(IN, OUT)
+    x = torch.randn(3, IN, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break would raise
+    out = compiled(x)
+    out.sum().backward()
+    assert torch.equal(out, layer(x))  # the same operator, compiled or not
+    grad = x.grad.clone()
+    x.grad = None
+    layer(x).sum().backward()
+    assert torch.equal(grad, x.grad)
