@@ -28,8 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 _HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-# Below about 2M multiply-adds (rows x in x out) oneDNN's fixed cost per call (~13 us) outweighs its speed.
+# oneDNN's fixed cost per call (~20 us) pays off from about 2M multiply-adds (rows x in x out), or
+# from a 1 MiB weight: streaming that from memory takes longer than the fixed cost, even for one row.
 MIN_ONEDNN_MACS = 2**21
+MIN_ONEDNN_WEIGHTS = 2**18
 
 
 def on_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
@@ -41,17 +43,21 @@ def on_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         and torch.backends.mkldnn.enabled
         and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided
                 for t in tensors)
-        and x.numel() * weight.shape[0] >= MIN_ONEDNN_MACS
+        and (weight.numel() >= MIN_ONEDNN_WEIGHTS or x.numel() * weight.shape[0] >= MIN_ONEDNN_MACS)
         and not torch.is_autocast_enabled("cpu")
     )
 
 
-# A custom operator rather than a plain call, so that torch.compile keeps it in its graph
-# (through the shape function below) and autograd differentiates it (through the backward below).
+def _inner_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # "none": no fused activation
+
+
+# A custom operator around the kernel, so that torch.compile keeps it in its graph (through the
+# shape function below) and autograd differentiates it (through the backward below).
 @torch.library.custom_op("minigpt::onednn_linear", mutates_args=())
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ weight.T + bias`` by oneDNN's inner product: ``(..., in) -> (..., out)``."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # "none": no fused activation
+    return _inner_product(x, weight, bias)
 
 
 @onednn_linear.register_fake
@@ -86,9 +92,13 @@ onednn_linear.register_autograd(_backward, setup_context=_save_for_backward)
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: ``(..., in) -> (..., out)`` with ``weight: (out, in)``,
     computed by oneDNN where :func:`on_onednn` says so, with the same gradients."""
-    if on_onednn(x, weight, bias):
+    if not on_onednn(x, weight, bias):
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
         return onednn_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+    # Inference calls the kernel itself: the operator's dispatch through Python costs ~15 % of a decoding step.
+    return _inner_product(x, weight, bias)
 
 
 class Linear(nn.Linear):
