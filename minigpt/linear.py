@@ -36,7 +36,7 @@ MIN_ONEDNN_WEIGHTS = 2**18
 
 def on_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether :func:`linear` sends this product to oneDNN (a large enough product of float32
-    tensors on a CPU, outside autocast, with oneDNN enabled) instead of ``F.linear``."""
+    tensors on a CPU, a dense weight, outside autocast, with oneDNN enabled) instead of ``F.linear``."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
     return (
         _HAS_ONEDNN
@@ -44,6 +44,9 @@ def on_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided
                 for t in tensors)
         and (weight.numel() >= MIN_ONEDNN_WEIGHTS or x.numel() * weight.shape[0] >= MIN_ONEDNN_MACS)
+        # (out, in) or its transpose, densely: other strides (the query, key and value thirds of
+        # Hugging Face GPT-2's fused c_attn) would take oneDNN's reference kernel, 100x slower.
+        and (weight.is_contiguous() or weight.t().is_contiguous())
         and not torch.is_autocast_enabled("cpu")
     )
 

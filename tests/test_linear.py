@@ -58,7 +58,19 @@ def test_strided_inputs_and_transposed_weights():
     x, weight, b = inputs((5, 2 * IN))
     x = x[:, ::2]
     weight_in_out = weight[:, :IN].t().contiguous()  # stored (in, out), as HF's Conv1D keeps it
+    assert on_onednn(x, weight_in_out.t(), b)
     assert_float32_accurate(linear(x, weight_in_out.t(), b), x, weight_in_out.t(), b)
+
+
+@needs_onednn
+def test_weights_with_gaps_between_rows_stay_with_f_linear():
+    """A third of Hugging Face GPT-2's fused (in, 3 out) c_attn, transposed, is how a loaded model's
+    query, key and value look: oneDNN would take its reference kernel for it, far slower."""
+    c_attn = torch.randn(IN, 3 * OUT)
+    query = c_attn[:, :OUT].t()  # (out, in) with strides (1, 3 out)
+    x = torch.randn(4, IN)
+    assert not on_onednn(x, query)
+    assert torch.equal(linear(x, query), F.linear(x, query))
 
 
 @needs_onednn
