@@ -82,8 +82,12 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     if ctx.needs_input_grad[0]:
         grad_x = onednn_linear(grad, weight.t(), None)  # (..., out) @ (out, in)
     rows = grad.reshape(-1, grad.shape[-1])  # (rows, out)
-    if ctx.needs_input_grad[1]:
-        grad_weight = onednn_linear(rows.t(), x.reshape(-1, x.shape[-1]).t(), None)  # (out, rows) @ (rows, in)
+    if ctx.needs_input_grad[1]:  # (out, rows) @ (rows, in)
+        inputs = x.reshape(-1, x.shape[-1])
+        if weight.shape[0] > weight.shape[1]:  # oneDNN runs faster with the larger operand as the weight
+            grad_weight = onednn_linear(inputs.t(), rows.t(), None).t()
+        else:
+            grad_weight = onednn_linear(rows.t(), inputs.t(), None)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = rows.sum(0)
     return grad_x, grad_weight, grad_bias
