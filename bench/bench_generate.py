@@ -19,9 +19,9 @@ slowly) or with ``--bf16``; ``--no-bf16`` skips them.
 ``torch.compile`` (:func:`minigpt.decoding.compile_for_decoding`) gets its own fields: the
 seconds its first call takes beyond a compiled run (compile time), and its cached batch-1
 and batched rates against eager. ``--no-compile`` skips them. The share of the profiled
-operator time spent in matrix products is reported for minigpt and transformers: where it
-is near 1 for both, batch-1 decoding is bound by streaming the weights from memory, and a
-faster implementation has little left to gain.
+operator time spent in matrix products (oneDNN's included) is reported for minigpt and
+transformers: where it is near 1, batch-1 decoding is bound by the matrix-vector kernel, and
+``weight_gb_s`` against the bandwidth probe says how far that kernel is from the memory's rate.
 
 ``--quick`` checks in seconds that everything runs (a 2-layer model, a few tokens, no
 compile unless ``--compile``): its figures mean nothing.

@@ -2,11 +2,12 @@
 
 The one idea: the same float32 arithmetic can run at very different speeds depending on
 which library's kernel computes it. PyTorch's float32 ``F.linear`` on a CPU calls the BLAS
-it was built with (Intel MKL in the pip wheels), and MKL takes its AVX2 code path on AMD
-processors. oneDNN, which PyTorch ships too, picks its kernels by instruction set alone. On
-the 2-core AMD EPYC (AVX-512) the benchmarks ran on, oneDNN is 1.7-2.9x faster at every
-shape a GPT multiplies: a batch-1 decoding step reads the weights at about 34 GB/s instead
-of 18, and a training step's matrix products run about 1.5x faster, backward included.
+it was built with (Intel MKL in the pip wheels), which on AMD processors reaches about half
+of the float32 peak (it picks its code path by vendor). oneDNN, which PyTorch ships too, picks
+its kernels by instruction set alone. On the 2-core AMD EPYC (AVX-512) the benchmarks ran on,
+oneDNN is 1.7-2.9x faster at gpt2-small's shapes: a batch-1 decoding step reads the weights
+at about 34 GB/s instead of 18, and a training step's matrix products run about 1.5x faster,
+backward included.
 
 It stays float32: only the order of the additions differs, so results agree with
 ``F.linear`` to about 1e-6 relative, as any two BLAS libraries do. No lower precision is
@@ -16,7 +17,8 @@ used anywhere (that is bfloat16 autocast's job, and it is opt-in).
 ``nn.Linear`` calling it, so state dicts, ``isinstance`` checks, LoRA and quantization see
 an ordinary ``nn.Linear``. Everything else goes to ``F.linear`` unchanged: CUDA, other
 dtypes, autocast (which chooses the dtype itself), products too small to repay oneDNN's
-fixed cost per call, and ``torch.backends.mkldnn.enabled = False``, the switch to turn it off.
+fixed cost per call, weights that are not dense, sizes that do not fit (``F.linear`` names
+them in its error), and ``torch.backends.mkldnn.enabled = False``, the switch to turn it off.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def on_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         and torch.backends.mkldnn.enabled
         and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.layout == torch.strided
                 for t in tensors)
+        # Sizes that do not fit go to F.linear, whose error names the shapes (oneDNN's names none).
+        and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
+        and (bias is None or bias.shape == weight.shape[:1])
         and (weight.numel() >= MIN_ONEDNN_WEIGHTS or x.numel() * weight.shape[0] >= MIN_ONEDNN_MACS)
         # (out, in) or its transpose, densely: other strides (the query, key and value thirds of
         # Hugging Face GPT-2's fused c_attn) would take oneDNN's reference kernel, 100x slower.

@@ -266,7 +266,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     for name, layer in layers:
         weight = layer.dequantized_weight().to(dtype or layer.compute_dtype)
         linear = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device="meta", dtype=weight.dtype)
+                        device="meta", dtype=weight.dtype)
         linear.weight = nn.Parameter(weight)
         if layer.bias is not None:
             linear.bias = nn.Parameter(layer.bias.to(weight.dtype))

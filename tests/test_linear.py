@@ -119,6 +119,20 @@ def test_only_large_float32_products_on_a_cpu_outside_autocast_go_to_onednn(monk
     assert torch.equal(linear(x, weight, b), F.linear(x, weight, b))
 
 
+@needs_onednn
+@pytest.mark.parametrize("weight_shape, bias_shape, message", [
+    ((OUT, IN // 2), None, "cannot be multiplied"),
+    ((OUT, IN), (7,), "must match the existing size"),
+], ids=["weight", "bias"])
+def test_sizes_that_do_not_fit_get_f_linears_error(weight_shape, bias_shape, message):
+    """oneDNN's own error names no shape; F.linear's says what did not fit."""
+    x = torch.randn(2, IN)
+    weight, bias = torch.randn(weight_shape), None if bias_shape is None else torch.randn(bias_shape)
+    assert not on_onednn(x, weight, bias)
+    with pytest.raises(RuntimeError, match=message):
+        linear(x, weight, bias)
+
+
 def test_autocast_still_chooses_the_dtype():
     layer = Linear(IN, OUT)
     with torch.autocast("cpu", dtype=torch.bfloat16):
