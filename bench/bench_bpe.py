@@ -19,10 +19,10 @@ import statistics
 import time
 from collections.abc import Callable
 
-from minigpt import sources
-from minigpt.bpe import BPETokenizer, gpt2_bpe_files
-from minigpt.download import fetch
-from minigpt.tokenizer import get_gpt2_tokenizer
+from minigpt.io import sources
+from minigpt.tokenizers.bpe import BPETokenizer, gpt2_bpe_files
+from minigpt.io.download import fetch
+from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
 # Both ship with minigpt: no network or data folder needed.
 CORPORA = {"the-verdict": sources.THE_VERDICT, "tinyshakespeare": sources.TINY_SHAKESPEARE}

@@ -7,14 +7,14 @@ step on ``batch`` pairs of ``tokens`` tokens is the policy's forward and backwar
 chosen and the rejected sequences (one forward over both, ``2 * batch`` rows), the
 reference's log-probabilities of the same pairs, and an AdamW step. The references:
 
-* ``deep_copy``: a frozen copy of the model (``minigpt.dpo.FrozenReference``), made after
+* ``deep_copy``: a frozen copy of the model (``minigpt.finetuning.dpo.FrozenReference``), made after
   the baseline below, so its bytes count;
 * ``adapters_off``: the policy itself with its LoRA updates switched off
-  (``minigpt.dpo.AdaptersOffReference``): no second model;
+  (``minigpt.finetuning.dpo.AdaptersOffReference``): no second model;
 * ``precomputed``: the reference's log-probabilities computed once before training (here
   before the baseline, as a run does before its first step) and carried by the batch.
 
-The yardstick is one supervised instruction step (``minigpt.instruction.instruction_loss``)
+The yardstick is one supervised instruction step (``minigpt.finetuning.instruction.instruction_loss``)
 of the same LoRA model on ``batch`` sequences of ``tokens`` tokens (the prompt's targets
 masked, as in the DPO batch). Reported for each of the four:
 
@@ -108,9 +108,9 @@ def build_policy(preset: str, rank: int):
     """The LoRA policy: the same random weights and adapters in every process."""
     import torch
 
-    from minigpt.config import GPTConfig
-    from minigpt.lora import apply_lora
-    from minigpt.model import GPTModel
+    from minigpt.models.gpt2.config import GPTConfig
+    from minigpt.lora.adapters import apply_lora
+    from minigpt.models.gpt2.model import GPTModel
 
     torch.manual_seed(0)
     model = GPTModel(GPTConfig.from_preset(preset, qkv_bias=True, tie_weights=True, drop_rate=0.0))
@@ -130,8 +130,8 @@ def batches(preset: str, vocab_size: int) -> tuple[tuple, dict]:
     ``tokens`` long, the first ``prompt`` tokens a prompt that is not scored."""
     import torch
 
-    from minigpt.instruction import TokenizedExample, collate_instructions
-    from minigpt.preference import PreferenceExample, collate_preferences
+    from minigpt.finetuning.instruction import TokenizedExample, collate_instructions
+    from minigpt.finetuning.preference import PreferenceExample, collate_preferences
 
     batch, tokens, prompt = SHAPES[preset]
     g = torch.Generator().manual_seed(1)
@@ -151,7 +151,7 @@ def precompute(model, pairs: dict) -> dict:
     what this leaves behind in memory is small)."""
     import torch
 
-    from minigpt.dpo import AdaptersOffReference
+    from minigpt.finetuning.dpo import AdaptersOffReference
 
     reference, rows = AdaptersOffReference(model), []
     for i in range(pairs["num_scored"]):
@@ -163,8 +163,8 @@ def precompute(model, pairs: dict) -> dict:
 
 def loss_for(strategy: str, model, batches_: tuple[tuple, dict, dict]):
     """``(loss function, batch)`` of one strategy; for ``deep_copy`` the copy is made here."""
-    from minigpt.dpo import AdaptersOffReference, DPOLoss, FrozenReference
-    from minigpt.instruction import instruction_loss
+    from minigpt.finetuning.dpo import AdaptersOffReference, DPOLoss, FrozenReference
+    from minigpt.finetuning.instruction import instruction_loss
 
     sft, pairs, precomputed = batches_
     if strategy == "sft":
@@ -191,7 +191,7 @@ def setup(preset: str, rank: int, threads: int | None, strategies: tuple[str, ..
 
 def step(model, optimizer, loss_fn, batch) -> float:
     """One optimizer step; returns its wall time in seconds."""
-    from minigpt.losses import loss_and_metrics
+    from minigpt.training.losses import loss_and_metrics
 
     start = time.perf_counter()
     loss, _ = loss_and_metrics(loss_fn(model, batch))

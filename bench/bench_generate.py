@@ -13,10 +13,10 @@ memory-bandwidth probe run here (a sum over a buffer far larger than the caches)
 Opt-in bfloat16 inference weights (``model.to(torch.bfloat16)``) get their own fields
 (batch 1 and batched), checked against float32: the largest logit difference on the
 prompt and the share of greedy tokens that agree. They run where the CPU computes
-bfloat16 natively (``minigpt.runtime.has_fast_bfloat16``; elsewhere it is emulated,
+bfloat16 natively (``minigpt.runtime.runtime.has_fast_bfloat16``; elsewhere it is emulated,
 slowly) or with ``--bf16``; ``--no-bf16`` skips them.
 
-``torch.compile`` (:func:`minigpt.decoding.compile_for_decoding`) gets its own fields: the
+``torch.compile`` (:func:`minigpt.generation.decoding.compile_for_decoding`) gets its own fields: the
 seconds its first call takes beyond a compiled run (compile time), and its cached batch-1
 and batched rates against eager. ``--no-compile`` skips them. The share of the profiled
 operator time spent in matrix products (oneDNN's included) is reported for minigpt and
@@ -40,9 +40,9 @@ import torch
 from common import interleaved_seconds
 
 from minigpt import GPTConfig, GPTModel, generate
-from minigpt.decoding import compile_for_decoding
-from minigpt.generation import generate_batch
-from minigpt.runtime import has_fast_bfloat16
+from minigpt.generation.decoding import compile_for_decoding
+from minigpt.generation.generate import generate_batch
+from minigpt.runtime.runtime import has_fast_bfloat16
 
 MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm",
             "mkldnn::_linear_pointwise")

@@ -5,7 +5,7 @@ Where CUDA is present (about 5 minutes on one card):
 * ``train``: gpt2-small (GPT-2 layout: query/key/value bias, tied head, dropout 0) at batch
   ``--batch`` x 1024 tokens, bfloat16 autocast, attention through PyTorch's
   ``scaled_dot_product_attention`` (minigpt's default path), fused AdamW, eager and through
-  :func:`minigpt.runtime.compile_with_loss` (model and loss in one graph, as training
+  :func:`minigpt.runtime.runtime.compile_with_loss` (model and loss in one graph, as training
   compiles). ``mfu``: achieved FLOP/s (``6 N + 12 n_layers tokens emb_dim`` per token, as
   in ``bench_train.py``) over the card's published dense bfloat16 peak (:data:`PEAKS`, by
   name; other cards: a measured bfloat16 matmul peak, said so in ``peak_source``).
@@ -39,9 +39,9 @@ import torch
 from bench_train import flops_per_token, gpt2_layout, matmul_weights, transformers_model
 
 from minigpt import GPTModel
-from minigpt.generation import generate
-from minigpt.losses import next_token_loss
-from minigpt.runtime import compile_with_loss
+from minigpt.generation.generate import generate
+from minigpt.training.losses import next_token_loss
+from minigpt.runtime.runtime import compile_with_loss
 
 # Published dense (no sparsity) bfloat16 tensor-core peaks, TFLOP/s, by a part of the card's name.
 PEAKS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0),

@@ -22,8 +22,8 @@ import torch
 from common import interleaved_seconds
 
 from minigpt import GPTConfig
-from minigpt.generation import generate
-from minigpt.llama import PRESETS, LlamaConfig, LlamaModel
+from minigpt.generation.generate import generate
+from minigpt.models.llama.model import PRESETS, LlamaConfig, LlamaModel
 
 
 def models(layers: int) -> tuple[LlamaModel, torch.nn.Module]:
@@ -31,7 +31,7 @@ def models(layers: int) -> tuple[LlamaModel, torch.nn.Module]:
     from transformers import LlamaConfig as HFConfig
     from transformers import LlamaForCausalLM
 
-    from minigpt.hf_llama import llama_to_hf
+    from minigpt.models.llama.hf_layout import llama_to_hf
 
     cfg = dataclasses.replace(LlamaConfig.from_preset("smollm2-135m"), n_layers=layers)
     torch.manual_seed(0)

@@ -53,7 +53,7 @@ def make_checkpoint(directory: Path) -> None:
     """gpt2-small-shaped random checkpoint in HF format, plus the book's ``book.pth``."""
     import torch
 
-    from minigpt.model import GPTModel
+    from minigpt.models.gpt2.model import GPTModel
 
     random_gpt2_checkpoint(directory)
 
@@ -85,11 +85,11 @@ def measure(loader: str, directory: Path) -> dict[str, object]:
     if loader == "transformers":
         from transformers import GPT2LMHeadModel
     elif loader == "minigpt":
-        import minigpt.weights  # noqa: F401  (what from_pretrained imports, counted as imports)
-        from minigpt.model import GPTModel
+        import minigpt.models.gpt2.weights  # noqa: F401  (what from_pretrained imports, counted as imports)
+        from minigpt.models.gpt2.model import GPTModel
     else:
-        from minigpt.config import GPTConfig
-        from minigpt.model import GPTModel
+        from minigpt.models.gpt2.config import GPTConfig
+        from minigpt.models.gpt2.model import GPTModel
     after_imports, _ = memory_kib()
     loading = time.perf_counter()
     if loader == "minigpt":

@@ -62,8 +62,8 @@ def measure(mode: str, directory: Path) -> dict[str, float]:
 
     import torch
 
-    from minigpt.model import GPTModel
-    from minigpt.quantized_linear import quantize_model
+    from minigpt.models.gpt2.model import GPTModel
+    from minigpt.quantization.layers import quantize_model
 
     torch.set_num_threads(1)
     base = status_kib()

@@ -46,7 +46,7 @@ MIB = 2**20
 
 
 def config(preset: str):
-    from minigpt.config import GPTConfig
+    from minigpt.models.gpt2.config import GPTConfig
 
     return GPTConfig.from_preset(preset, qkv_bias=True, tie_weights=True, drop_rate=0.0)
 
@@ -55,8 +55,8 @@ def block_bytes(preset: str) -> dict[str, int]:
     """Bytes of the blocks' weight matrices per storage format, from a meta-device model."""
     import torch
 
-    from minigpt.model import GPTModel
-    from minigpt.quantized_linear import quantize_model, weight_bytes
+    from minigpt.models.gpt2.model import GPTModel
+    from minigpt.quantization.layers import quantize_model, weight_bytes
 
     def meta_model():
         with torch.device("meta"):
@@ -74,9 +74,9 @@ def lora_step_memory(preset: str, base: str, batch: int, tokens: int, threads: i
     import torch
     from torch.nn import functional as F
 
-    from minigpt.lora import apply_lora
-    from minigpt.model import GPTModel
-    from minigpt.quantized_linear import quantize_model
+    from minigpt.lora.adapters import apply_lora
+    from minigpt.models.gpt2.model import GPTModel
+    from minigpt.quantization.layers import quantize_model
 
     torch.set_num_threads(threads)
     before_build = resident_kib()
@@ -104,7 +104,7 @@ def forward_ratios(preset: str, batch: int, tokens: int, repeats: int, threads: 
     import torch
     from torch import nn
 
-    from minigpt.quantized_linear import quantize_linear
+    from minigpt.quantization.layers import quantize_linear
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

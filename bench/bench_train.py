@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt import GPTConfig, GPTModel
-from minigpt.linear import linear
-from minigpt.losses import calc_loss_batch, next_token_loss
-from minigpt.runtime import autocast, compile_with_loss, no_fast_bfloat16_reason, resolve_precision
+from minigpt.runtime.linear import linear
+from minigpt.training.losses import calc_loss_batch, next_token_loss
+from minigpt.runtime.runtime import autocast, compile_with_loss, no_fast_bfloat16_reason, resolve_precision
 
 SHAPES = {"gpt2-small": (4, 256), "tiny": (8, 128)}  # (batch, tokens)
 TARGETS = {"minigpt_fp32_vs_transformers_fp32": 1.1, "minigpt_bf16_vs_transformers_fp32": 1.8,
@@ -52,7 +52,7 @@ TARGETS = {"minigpt_fp32_vs_transformers_fp32": 1.1, "minigpt_bf16_vs_transforme
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> float:
-    """FLOP/s of repeated ``n x n`` products through :func:`minigpt.linear.linear`, the kernel
+    """FLOP/s of repeated ``n x n`` products through :func:`minigpt.runtime.linear.linear`, the kernel
     the layers use (oneDNN in float32, ``F.linear`` otherwise; on CPUs without native bfloat16,
     ``a @ b`` in bfloat16 takes a far slower path)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -185,8 +185,8 @@ def loss_curve_deviation(steps: int, window: int = 10) -> dict:
     recipe as minigpt's training loop (its AdamW groups, warm-up + cosine, clipping at 1.0).
     Single steps can spike in one run and not the other (the trajectories part a little),
     so the target is read on the means of ``window`` consecutive steps."""
-    from minigpt.corpora import load_token_ids
-    from minigpt.optim import create_optimizer, lr_at_step
+    from minigpt.data.corpora import load_token_ids
+    from minigpt.training.optim import create_optimizer, lr_at_step
 
     ids = load_token_ids("python-docs")
     batch_size, tokens = SHAPES["tiny"]

@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from minigpt.classification import ClassificationDataset, calc_accuracy_loader, make_classifier
-from minigpt.files import atomic_write, write_text
-from minigpt.labelled_data import balance_classes, load_labelled_texts, split_examples
-from minigpt.lora import apply_lora
-from minigpt.model import GPTModel
-from minigpt.training import TrainConfig, train_model
+from minigpt.finetuning.classification import ClassificationDataset, calc_accuracy_loader, make_classifier
+from minigpt.io.files import atomic_write, write_text
+from minigpt.finetuning.labelled_data import balance_classes, load_labelled_texts, split_examples
+from minigpt.lora.adapters import apply_lora
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.training.loop import TrainConfig, train_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

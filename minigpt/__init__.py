@@ -23,9 +23,9 @@ The one exception: ``GPTModel.from_pretrained`` and ``save_pretrained`` import
 ``weights`` when called, so a model can load itself.
 """
 
-from minigpt.config import PRESETS, GPTConfig
-from minigpt.generation import generate, stream_generate, text_to_token_ids, token_ids_to_text
-from minigpt.model import GPTModel
+from minigpt.models.gpt2.config import PRESETS, GPTConfig
+from minigpt.generation.generate import generate, stream_generate, text_to_token_ids, token_ids_to_text
+from minigpt.models.gpt2.model import GPTModel
 
 __version__ = "0.1.0"
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minigpt.attention import (
+from minigpt.models.attention import (
     CausalAttention,
     MultiHeadAttention,
     MultiHeadAttentionWrapper,

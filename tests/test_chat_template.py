@@ -5,8 +5,8 @@ import json
 import jinja2
 import pytest
 
-from minigpt.chat_template import load_chat_template, render_chat
-from minigpt.hf_tokenizer import load_hf_tokenizer
+from minigpt.tokenizers.chat_template import load_chat_template, render_chat
+from minigpt.tokenizers.tokenizer_json import load_hf_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="the reference chat templates run in transformers")
 from tokenizers import AddedToken, Tokenizer, decoders, models  # noqa: E402

@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt.checkpoint import (
+from minigpt.training.checkpoint import (
     STATE_FILE,
     load_checkpoint,
     load_settings,
     save_checkpoint,
     save_settings,
 )
-from minigpt.config import GPTConfig
-from minigpt.lora import apply_lora
-from minigpt.model import GPTModel
-from minigpt.optim import create_optimizer
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.lora.adapters import apply_lora
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.training.optim import create_optimizer
 
 CFG = GPTConfig(vocab_size=64, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0)
 
@@ -133,10 +133,10 @@ def test_a_crash_after_the_commit_is_completed_by_the_next_load(tmp_path, monkey
 
 _SAVE_FOREVER = textwrap.dedent("""
     import sys, torch
-    from minigpt.checkpoint import save_checkpoint
-    from minigpt.config import GPTConfig
-    from minigpt.model import GPTModel
-    from minigpt.optim import create_optimizer
+    from minigpt.training.checkpoint import save_checkpoint
+    from minigpt.models.gpt2.config import GPTConfig
+    from minigpt.models.gpt2.model import GPTModel
+    from minigpt.training.optim import create_optimizer
     model = GPTModel(GPTConfig(vocab_size=4096, context_length=64, emb_dim=128, n_heads=2, n_layers=2))
     optimizer = create_optimizer(model, lr=1e-3)
     model(torch.zeros(1, 1, dtype=torch.long)).sum().backward()
@@ -257,7 +257,7 @@ def test_a_classifier_or_lora_model_round_trips_exactly(tmp_path, tied):
 
 
 def test_a_llama_family_model_with_lora_checkpoints_and_resumes(tmp_path):
-    from minigpt.llama import LlamaConfig, LlamaModel
+    from minigpt.models.llama.model import LlamaConfig, LlamaModel
 
     cfg = LlamaConfig(vocab_size=64, emb_dim=16, n_heads=4, n_kv_heads=2, hidden_dim=32, n_layers=1,
                       context_length=8, tie_weights=True)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from minigpt.classification import (
+from minigpt.finetuning.classification import (
     LABELS_FILE,
     ClassificationDataset,
     calc_accuracy_loader,
@@ -21,11 +21,11 @@ from minigpt.classification import (
     save_classifier,
     train_classifier,
 )
-from minigpt.config import GPTConfig
-from minigpt.labelled_data import balance_classes, load_labelled_texts, split_examples
-from minigpt.lora import apply_lora, merge_lora
-from minigpt.model import GPTModel
-from minigpt.tokenizer import PAD_TOKEN_ID, get_gpt2_tokenizer
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.finetuning.labelled_data import balance_classes, load_labelled_texts, split_examples
+from minigpt.lora.adapters import apply_lora, merge_lora
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.tokenizers.gpt2 import PAD_TOKEN_ID, get_gpt2_tokenizer
 
 # Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
 DATA_FILES = ["sms_spam/SMSSpamCollection.tsv"]

@@ -19,17 +19,17 @@ from conftest import QuietHandler
 from test_jobs import signal_after_step
 from torch import nn
 
-from minigpt import runtime
-from minigpt.classification import classify, load_classifier
+from minigpt.runtime import runtime
+from minigpt.finetuning.classification import classify, load_classifier
 from minigpt.cli import build_parser, main
-from minigpt.config import GPTConfig
-from minigpt.hub import default_weights_dir
-from minigpt.instruction import load_instruction_data
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.io.hub import default_weights_dir
+from minigpt.finetuning.instruction import load_instruction_data
 from minigpt.jobs import generate as generate_job
 from minigpt.jobs.generate import GenerateConfig
 from minigpt.jobs.pretrain import PretrainConfig
-from minigpt.model import GPTModel
-from minigpt.tokenizer import get_gpt2_tokenizer
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
 # Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
 DATA_FILES = ["sms_spam/SMSSpamCollection.tsv", "instruct/instruction-data.json"]
@@ -138,7 +138,7 @@ def test_a_prompt_longer_than_the_context_is_shortened_with_a_warning(capsys):
 def test_generate_does_not_import_the_training_code():
     code = ("import sys; from minigpt.cli import main; "
             "assert main(['generate', '--preset', 'tiny', '--max-new-tokens', '2', '--device', 'cpu']) == 0; "
-            "assert 'minigpt.training' not in sys.modules, 'training imported'")
+            "assert 'minigpt.training.loop' not in sys.modules, 'training imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                    capture_output=True, timeout=120)
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt import sources
-from minigpt.corpora import CORPORA, Corpus, list_corpora, load_corpus, load_token_ids, split_text
-from minigpt.download import PinnedFile
-from minigpt.files import cache_dir
-from minigpt.tokenizer import get_gpt2_tokenizer
+from minigpt.io import sources
+from minigpt.data.corpora import CORPORA, Corpus, list_corpora, load_corpus, load_token_ids, split_text
+from minigpt.io.download import PinnedFile
+from minigpt.io.files import cache_dir
+from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
 # Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
 DATA_FILES = ["tinyshakespeare.txt"]
@@ -73,7 +73,7 @@ def test_python_docs_needs_no_download_and_is_one_document_per_topic(monkeypatch
     def no_download(*args, **kwargs):
         raise AssertionError("python-docs must not need a download")
 
-    monkeypatch.setattr("minigpt.corpora.fetch", no_download)
+    monkeypatch.setattr("minigpt.data.corpora.fetch", no_download)
     text = load_corpus("python-docs")
     topics = pydoc_data.topics.topics
     assert len(text) > 300_000

@@ -6,9 +6,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minigpt.data import GPTDataset, create_dataloader, tokenize
-from minigpt.files import PACKAGE_DATA_DIR
-from minigpt.tokenizer import get_gpt2_tokenizer
+from minigpt.data.windows import GPTDataset, create_dataloader, tokenize
+from minigpt.io.files import PACKAGE_DATA_DIR
+from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
 
 @pytest.fixture(scope="module")

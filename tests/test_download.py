@@ -23,9 +23,11 @@ from pathlib import Path
 import pytest
 from conftest import QuietHandler
 
-from minigpt import corpora, files, sources
-from minigpt.download import PinnedFile, download, fetch
-from minigpt.files import ChecksumError, cache_dir, data_dir, sha256_of, write_bytes, write_json, write_text
+from minigpt.data import corpora
+
+from minigpt.io import files, sources
+from minigpt.io.download import PinnedFile, download, fetch
+from minigpt.io.files import ChecksumError, cache_dir, data_dir, sha256_of, write_bytes, write_json, write_text
 
 # Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
 DATA_FILES = ["SHA256SUMS", "sms_spam/SMSSpamCollection.tsv"]
@@ -394,7 +396,7 @@ def test_relative_data_dir_is_resolved_against_the_starting_directory(tmp_path):
     start = tmp_path.resolve() / "repo"
     (start / "data").mkdir(parents=True)
     (start / "notebooks").mkdir()
-    code = "import os, minigpt.files as f; os.chdir('notebooks'); print(f.data_dir())"
+    code = "import os, minigpt.io.files as f; os.chdir('notebooks'); print(f.data_dir())"
     env = {**os.environ, "MINIGPT_DATA_DIR": "data", "PYTHONPATH": str(Path(files.__file__).parents[1])}
     result = subprocess.run([sys.executable, "-c", code], cwd=start, env=env, capture_output=True, text=True,
                             check=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt.evaluation import (
+from minigpt.evaluation.comparison import (
     Comparison,
     Decoding,
     answer_prompts,
@@ -23,10 +23,10 @@ from minigpt.evaluation import (
     win_rate,
     write_golden_set,
 )
-from minigpt.instruction import generate_response, split_instruction_data
-from minigpt.model import GPTModel
-from minigpt.pairwise import PairVerdict
-from minigpt.tokenizer import PAD_TOKEN_ID, get_gpt2_tokenizer
+from minigpt.finetuning.instruction import generate_response, split_instruction_data
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.evaluation.pairwise import PairVerdict
+from minigpt.tokenizers.gpt2 import PAD_TOKEN_ID, get_gpt2_tokenizer
 
 SMALL = dict(vocab_size=50257, context_length=128, emb_dim=32, n_layers=1, n_heads=2, drop_rate=0.0, qkv_bias=False)
 ENTRIES = [{"instruction": "Name a color.", "input": "", "output": "Blue."},

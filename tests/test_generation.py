@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt.config import GPTConfig
-from minigpt.generation import (
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.generation.generate import (
     IncrementalDecoder,
     check_sampling,
     generate,
@@ -17,8 +17,8 @@ from minigpt.generation import (
     stream_generate,
     truncate_prompt,
 )
-from minigpt.model import GPTModel
-from minigpt.tokenizer import get_gpt2_tokenizer
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
 CFG = GPTConfig(vocab_size=50, context_length=12, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1)
 
@@ -53,13 +53,13 @@ def test_kv_cache_gives_exactly_the_no_cache_tokens_even_past_the_context(model,
 
 def test_prompt_longer_than_the_context_uses_its_last_tokens(model, caplog):
     long_prompt = torch.randint(0, 50, (1, 40))
-    with caplog.at_level(logging.WARNING, logger="minigpt.generation"):
+    with caplog.at_level(logging.WARNING, logger="minigpt.generation.generate"):
         out = generate(model, long_prompt, max_new_tokens=3)
     assert [r.getMessage() for r in caplog.records] == [
         "the prompt has 40 tokens, more than the context of 12: its first 28 tokens are dropped"]
     assert torch.equal(out[:, :40], long_prompt)  # the returned sequence keeps the whole prompt
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="minigpt.generation"):
+    with caplog.at_level(logging.WARNING, logger="minigpt.generation.generate"):
         again = generate(model, long_prompt[:, -12:], max_new_tokens=3)
     assert caplog.records == []  # a prompt that fits is not mentioned
     assert torch.equal(out[:, 40:], again[:, 12:])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_generation import CFG, CountingModel
 
-from minigpt.generation import generate, generate_batch, pad_prompts, stream_generate, stream_steps, token_logprobs
-from minigpt.model import GPTModel
+from minigpt.generation.generate import generate, generate_batch, pad_prompts, stream_generate, stream_steps, token_logprobs
+from minigpt.models.gpt2.model import GPTModel
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_several_end_ids_any_of_them_ends_a_row():
 
 def test_generate_batch_cuts_long_prompts_to_the_context(model, caplog):
     prompts = prompts_of_lengths(3, 40)
-    with caplog.at_level(logging.WARNING, logger="minigpt.generation"):
+    with caplog.at_level(logging.WARNING, logger="minigpt.generation.generate"):
         out = generate_batch(model, prompts, 4)
     assert [r.getMessage() for r in caplog.records] == [
         "prompt 1 has 40 tokens, more than the context of 12: its first 28 tokens are dropped"]

@@ -1,4 +1,4 @@
-"""minigpt.harness and the job behind ``minigpt eval --tasks``: lm-evaluation-harness's requests
+"""minigpt.evaluation.harness and the job behind ``minigpt eval --tasks``: lm-evaluation-harness's requests
 answered by a minigpt model.
 
 The reference is the harness's own Hugging Face backend (``HFLM``) on the same weights,
@@ -23,12 +23,12 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from minigpt.bpe import gpt2_bpe_files  # noqa: E402
-from minigpt.generation import generate  # noqa: E402
-from minigpt.harness import MiniGPTLM  # noqa: E402
-from minigpt.hf_gpt2 import export_hf  # noqa: E402
+from minigpt.tokenizers.bpe import gpt2_bpe_files  # noqa: E402
+from minigpt.generation.generate import generate  # noqa: E402
+from minigpt.evaluation.harness import MiniGPTLM  # noqa: E402
+from minigpt.models.gpt2.hf_layout import export_hf  # noqa: E402
 from minigpt.jobs.harness import HarnessConfig, _check_task_names, results_table, run_tasks  # noqa: E402
-from minigpt.model import GPTModel  # noqa: E402
+from minigpt.models.gpt2.model import GPTModel  # noqa: E402
 
 TASKS = Path(__file__).parent / "harness_tasks"
 ALL_TASKS = ["minigpt_choice", "minigpt_generate", "minigpt_perplexity"]
@@ -229,7 +229,7 @@ def test_registered_name_loads_directories(model, ours, hf_dir, tasks, tmp_path)
 @pytest.mark.slow
 def test_the_harness_command_line_sees_minigpt(model, tmp_path):
     model.save_pretrained(tmp_path / "weights")
-    command = [sys.executable, "-m", "minigpt.harness", "run", "--model", "minigpt", "--model_args",
+    command = [sys.executable, "-m", "minigpt.evaluation.harness", "run", "--model", "minigpt", "--model_args",
                f"pretrained={tmp_path / 'weights'}", "--tasks", "minigpt_choice", "--include_path", str(TASKS),
                "--device", "cpu", "--batch_size", "4"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600,
@@ -252,9 +252,9 @@ def test_bad_settings_are_named(model, settings, message):
 def test_import_without_the_harness_says_how_to_install(monkeypatch):
     for name in [n for n in sys.modules if n == "lm_eval" or n.startswith("lm_eval.")]:
         monkeypatch.setitem(sys.modules, name, None)  # as if lm-eval were not installed
-    monkeypatch.delitem(sys.modules, "minigpt.harness")
+    monkeypatch.delitem(sys.modules, "minigpt.evaluation.harness")
     with pytest.raises(ImportError, match=r'pip install "minigpt\[eval\]"'):
-        import minigpt.harness  # noqa: F401
+        import minigpt.evaluation.harness  # noqa: F401
 
 
 def test_run_tasks_job(model, tmp_path):

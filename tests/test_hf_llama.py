@@ -14,11 +14,11 @@ import torch
 from conftest import QuietHandler
 from safetensors.torch import load_file, save_file
 
-from minigpt import hub
-from minigpt.generation import generate
-from minigpt.hf_llama import export_llama, load_llama
-from minigpt.linear import Linear
-from minigpt.llama import LlamaModel
+from minigpt.io import hub
+from minigpt.generation.generate import generate
+from minigpt.models.llama.hf_layout import export_llama, load_llama
+from minigpt.runtime.linear import Linear
+from minigpt.models.llama.model import LlamaModel
 
 transformers = pytest.importorskip("transformers", reason="the reference implementation comes from transformers")
 
@@ -148,7 +148,7 @@ def test_export_round_trips_through_transformers(tmp_path, one_thread, name):
 
 
 def test_loading_quantized_replaces_the_block_linears(tmp_path):
-    from minigpt.quantized_linear import QUANTIZED_LAYERS, is_quantized
+    from minigpt.quantization.layers import QUANTIZED_LAYERS, is_quantized
 
     directory = saved("llama-mha", tmp_path)
     full, quantized = load_llama(directory).eval(), load_llama(directory, quantize="nf4").eval()
@@ -161,7 +161,7 @@ def test_loading_quantized_replaces_the_block_linears(tmp_path):
 
 
 def test_export_refuses_lora_layers(tmp_path):
-    from minigpt.lora import apply_lora
+    from minigpt.lora.adapters import apply_lora
 
     model = load_llama(saved("llama-mha", tmp_path / "in"))
     apply_lora(model, rank=2, alpha=2)

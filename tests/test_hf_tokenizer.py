@@ -8,12 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minigpt.bpe import ENDOFTEXT, bytes_to_unicode
-from minigpt.data import tokenize
-from minigpt.files import PACKAGE_DATA_DIR
-from minigpt.generation import IncrementalDecoder
-from minigpt.hf_pretokenizers import pre_tokenize, pre_tokenizer_steps
-from minigpt.hf_tokenizer import load_hf_tokenizer
+from minigpt.tokenizers.bpe import ENDOFTEXT, bytes_to_unicode
+from minigpt.data.windows import tokenize
+from minigpt.io.files import PACKAGE_DATA_DIR
+from minigpt.generation.generate import IncrementalDecoder
+from minigpt.tokenizers.pretokenizers import pre_tokenize, pre_tokenizer_steps
+from minigpt.tokenizers.tokenizer_json import load_hf_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers", reason="the reference tokenizers come from the tokenizers library")
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, trainers  # noqa: E402

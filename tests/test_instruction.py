@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from minigpt.config import GPTConfig
-from minigpt.instruction import (
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.finetuning.instruction import (
     InstructionDataset,
     TokenizedExample,
     collate_instructions,
@@ -20,9 +20,9 @@ from minigpt.instruction import (
     save_responses,
     split_instruction_data,
 )
-from minigpt.model import GPTModel
-from minigpt.tokenizer import get_gpt2_tokenizer
-from minigpt.training import TrainConfig, train_model
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
+from minigpt.training.loop import TrainConfig, train_model
 
 # Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
 DATA_FILES = ["instruct/instruction-data.json"]

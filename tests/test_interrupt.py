@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from minigpt.interrupt import GracefulInterrupt
+from minigpt.training.interrupt import GracefulInterrupt
 
 
 def _press(signum: int = signal.SIGINT) -> None:

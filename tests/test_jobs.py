@@ -11,9 +11,9 @@ import signal
 
 import pytest
 
-from minigpt import runtime
-from minigpt.classification import classify, load_classifier
-from minigpt.config import GPTConfig
+from minigpt.runtime import runtime
+from minigpt.finetuning.classification import classify, load_classifier
+from minigpt.models.gpt2.config import GPTConfig
 from minigpt.jobs.classify import ClassifyConfig, finetune_classifier
 from minigpt.jobs.dpo import DPOConfig
 from minigpt.jobs.evaluate import EvalConfig, evaluate
@@ -21,9 +21,9 @@ from minigpt.jobs.finetune import load_model
 from minigpt.jobs.info import preset_sizes
 from minigpt.jobs.instruct import InstructConfig, finetune_instructions
 from minigpt.jobs.pretrain import PretrainConfig, default_prompt, pretrain, windows, word_pair_share, words
-from minigpt.model import GPTModel
-from minigpt.tokenizer import get_gpt2_tokenizer
-from minigpt.training import TrainConfig, TrainingInterrupted
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
+from minigpt.training.loop import TrainConfig, TrainingInterrupted
 
 SMALL = GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=2,
                   drop_rate=0.0, tie_weights=True)
@@ -158,7 +158,7 @@ class signal_after_step(logging.Handler):
             os.kill(os.getpid(), self.signum)
 
     def __enter__(self):
-        self.logger = logging.getLogger("minigpt.training")
+        self.logger = logging.getLogger("minigpt.training.loop")
         self.level = self.logger.level
         self.logger.setLevel(logging.INFO)
         self.logger.addHandler(self)

@@ -4,9 +4,9 @@ and the book's split."""
 
 import pytest
 
-from minigpt import sources
-from minigpt.files import ChecksumError
-from minigpt.labelled_data import (
+from minigpt.io import sources
+from minigpt.io.files import ChecksumError
+from minigpt.finetuning.labelled_data import (
     balance_classes,
     label_names_of,
     load_labelled_texts,

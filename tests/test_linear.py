@@ -1,4 +1,4 @@
-"""minigpt.linear: nn.Linear's products on oneDNN, float32 all the way, the same gradients."""
+"""minigpt.runtime.linear: nn.Linear's products on oneDNN, float32 all the way, the same gradients."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from torch import nn
 from torch.profiler import profile
 
 from minigpt import GPTConfig, GPTModel
-from minigpt.linear import MIN_ONEDNN_MACS, MIN_ONEDNN_WEIGHTS, Linear, linear, on_onednn
-from minigpt.llama import LlamaConfig, LlamaModel
+from minigpt.runtime.linear import MIN_ONEDNN_MACS, MIN_ONEDNN_WEIGHTS, Linear, linear, on_onednn
+from minigpt.models.llama.model import LlamaConfig, LlamaModel
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 

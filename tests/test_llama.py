@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from minigpt.dpo import DPOLoss, sequence_logprobs
-from minigpt.generation import generate, generate_batch
-from minigpt.instruction import instruction_loss
-from minigpt.linear import Linear
-from minigpt.llama import PRESETS, LlamaConfig, LlamaModel
-from minigpt.lora import apply_lora, merge_lora
-from minigpt.losses import next_token_loss
-from minigpt.neftune import enable_neftune, neftune_lengths
+from minigpt.finetuning.dpo import DPOLoss, sequence_logprobs
+from minigpt.generation.generate import generate, generate_batch
+from minigpt.finetuning.instruction import instruction_loss
+from minigpt.runtime.linear import Linear
+from minigpt.models.llama.model import PRESETS, LlamaConfig, LlamaModel
+from minigpt.lora.adapters import apply_lora, merge_lora
+from minigpt.training.losses import next_token_loss
+from minigpt.finetuning.neftune import enable_neftune, neftune_lengths
 
 TINY = LlamaConfig(vocab_size=97, context_length=24, emb_dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                    rope_theta=10000.0)
@@ -232,7 +232,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_nf4_quantized_model_computes_with_its_dequantized_weights():
-    from minigpt.quantized_linear import QUANTIZED_LAYERS, dequantize_model, quantize_model
+    from minigpt.quantization.layers import QUANTIZED_LAYERS, dequantize_model, quantize_model
 
     model = tiny_model(emb_dim=64, hidden_dim=128)
     ids = ids_of(2, 12)

@@ -11,12 +11,12 @@ import math
 import pytest
 import torch
 
-from minigpt.chat_template import render_chat
-from minigpt.dpo import AdaptersOffReference, DPOLoss, pair_logprobs, precompute_reference
-from minigpt.evaluation import Decoding, answer_prompts
-from minigpt.files import PACKAGE_DATA_DIR
-from minigpt.hf_tokenizer import load_hf_tokenizer
-from minigpt.instruction import (
+from minigpt.tokenizers.chat_template import render_chat
+from minigpt.finetuning.dpo import AdaptersOffReference, DPOLoss, pair_logprobs, precompute_reference
+from minigpt.evaluation.comparison import Decoding, answer_prompts
+from minigpt.io.files import PACKAGE_DATA_DIR
+from minigpt.tokenizers.tokenizer_json import load_hf_tokenizer
+from minigpt.finetuning.instruction import (
     ALPACA,
     RESPONSE_HEADER,
     ChatTemplateFormat,
@@ -27,11 +27,11 @@ from minigpt.instruction import (
     instruction_dataloader,
     instruction_loss,
 )
-from minigpt.llama import LlamaConfig, LlamaModel
-from minigpt.lora import apply_lora
-from minigpt.neftune import enable_neftune, neftune_lengths
-from minigpt.preference import PreferenceDataset, preference_dataloader
-from minigpt.quantized_linear import QUANTIZED_LAYERS, dequantize_model, quantize_model
+from minigpt.models.llama.model import LlamaConfig, LlamaModel
+from minigpt.lora.adapters import apply_lora
+from minigpt.finetuning.neftune import enable_neftune, neftune_lengths
+from minigpt.finetuning.preference import PreferenceDataset, preference_dataloader
+from minigpt.quantization.layers import QUANTIZED_LAYERS, dequantize_model, quantize_model
 
 tokenizers = pytest.importorskip("tokenizers", reason="the test's tokenizer.json is trained by the tokenizers library")
 from tokenizers import Tokenizer, decoders, models, trainers  # noqa: E402

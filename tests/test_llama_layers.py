@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from minigpt.llama_layers import GroupedQueryAttention, RMSNorm, SwiGLU, repeat_kv
-from minigpt.rope import RoPE, inverse_frequencies, rope_inv_freq, rotate
+from minigpt.models.llama.layers import GroupedQueryAttention, RMSNorm, SwiGLU, repeat_kv
+from minigpt.models.llama.rope import RoPE, inverse_frequencies, rope_inv_freq, rotate
 
 transformers = pytest.importorskip("transformers", reason="the reference implementation comes from transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402

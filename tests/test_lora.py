@@ -8,9 +8,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from minigpt.config import GPTConfig
-from minigpt.lora import LinearWithLoRA, LoRALayer, apply_lora, load_lora, lora_disabled, merge_lora, save_lora
-from minigpt.model import GPTModel
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.lora.adapters import LinearWithLoRA, LoRALayer, apply_lora, load_lora, lora_disabled, merge_lora, save_lora
+from minigpt.models.gpt2.model import GPTModel
 
 # Tied head and qkv biases: the cases that need care.
 SMALL = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2,

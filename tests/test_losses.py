@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt.config import GPTConfig
-from minigpt.data import GPTDataset
-from minigpt.distributed import sharded_loader
-from minigpt.losses import (
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.data.windows import GPTDataset
+from minigpt.training.distributed import sharded_loader
+from minigpt.training.losses import (
     IGNORE_INDEX,
     calc_loss_batch,
     calc_loss_loader,
@@ -26,7 +26,7 @@ from minigpt.losses import (
     summed_loss_and_metrics,
     to_device,
 )
-from minigpt.model import GPTModel
+from minigpt.models.gpt2.model import GPTModel
 
 CFG = GPTConfig(vocab_size=96, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)
 

@@ -9,18 +9,18 @@ import pytest
 import torch
 from torch import nn
 
-from minigpt.config import GPTConfig
-from minigpt.instruction import (
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.finetuning.instruction import (
     InstructionDataset,
     collate_instructions,
     example_lengths,
     instruction_dataloader,
     instruction_loss,
 )
-from minigpt.losses import next_token_loss
-from minigpt.model import GPTModel
-from minigpt.neftune import disable_neftune, enable_neftune, neftune_enabled, neftune_lengths, neftune_noise
-from minigpt.training import TrainConfig, train_model
+from minigpt.training.losses import next_token_loss
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.finetuning.neftune import disable_neftune, enable_neftune, neftune_enabled, neftune_lengths, neftune_noise
+from minigpt.training.loop import TrainConfig, train_model
 
 TINY = GPTConfig(vocab_size=128, context_length=32, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.1)
 ENTRIES = [{"instruction": "Name a color.", "input": "", "output": "Blue."},

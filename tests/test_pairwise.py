@@ -12,8 +12,8 @@ import torch
 from conftest import QuietHandler
 from torch import nn
 
-from minigpt.model import GPTModel
-from minigpt.pairwise import (
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.evaluation.pairwise import (
     ChatPairJudge,
     ModelPairJudge,
     OverlapJudge,
@@ -21,8 +21,8 @@ from minigpt.pairwise import (
     pairwise_prompt,
     parse_verdict,
 )
-from minigpt.rouge import lcs_length, rouge_l, words
-from minigpt.tokenizer import get_gpt2_tokenizer
+from minigpt.evaluation.rouge import lcs_length, rouge_l, words
+from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
 ENTRY = {"instruction": "Name the capital of France.", "input": "", "output": "The capital of France is Paris."}
 GOOD, BAD = "Paris is the capital of France.", "I like turtles."

@@ -5,8 +5,8 @@ import struct
 import pytest
 from matplotlib.colors import to_rgba
 
-from minigpt import plots
-from minigpt.plots import PlotFigure, plot_accuracy, plot_losses, plot_lr, plot_preference
+from minigpt.training import plots
+from minigpt.training.plots import PlotFigure, plot_accuracy, plot_losses, plot_lr, plot_preference
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

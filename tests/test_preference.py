@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from minigpt.config import GPTConfig
-from minigpt.data import tokenize
-from minigpt.dpo import (
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.data.windows import tokenize
+from minigpt.finetuning.dpo import (
     AdaptersOffReference,
     DPOLoss,
     FrozenReference,
@@ -24,7 +24,7 @@ from minigpt.dpo import (
     precompute_reference,
     sequence_logprobs,
 )
-from minigpt.instruction import (
+from minigpt.finetuning.instruction import (
     RESPONSE_HEADER,
     InstructionDataset,
     collate_instructions,
@@ -33,11 +33,11 @@ from minigpt.instruction import (
     load_instruction_data,
     split_instruction_data,
 )
-from minigpt.lora import apply_lora
-from minigpt.losses import input_tokens, scored_targets
-from minigpt.model import GPTModel
-from minigpt.neftune import enable_neftune
-from minigpt.preference import (
+from minigpt.lora.adapters import apply_lora
+from minigpt.training.losses import input_tokens, scored_targets
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.finetuning.neftune import enable_neftune
+from minigpt.finetuning.preference import (
     PreferenceDataset,
     PreferenceExample,
     collate_preferences,
@@ -45,8 +45,8 @@ from minigpt.preference import (
     preference_dataloader,
     validate_preference_entries,
 )
-from minigpt.tokenizer import get_gpt2_tokenizer
-from minigpt.training import TrainConfig, train_model
+from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
+from minigpt.training.loop import TrainConfig, train_model
 
 # Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
 DATA_FILES = ["instruct/instruction-data-with-preference.json", "instruct/instruction-data.json"]
@@ -94,7 +94,7 @@ def test_bad_entries_are_named_by_index_and_key():
 
 def test_pairs_with_the_same_two_answers_are_dropped_with_one_warning(caplog):
     same = [{"instruction": f"i{k}", "chosen": "a", "rejected": "a"} for k in range(3)]
-    with caplog.at_level(logging.WARNING, logger="minigpt.preference"):
+    with caplog.at_level(logging.WARNING, logger="minigpt.finetuning.preference"):
         kept = validate_preference_entries([ENTRIES[0], *same, ENTRIES[1]])
     assert kept == [ENTRIES[0], ENTRIES[1]]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -113,7 +113,7 @@ def test_a_file_that_is_not_json_is_an_error_naming_the_place(tmp_path):
 
 
 def test_the_real_data_loads_and_tokenizes_as_instruction_tuning_does(data_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="minigpt.preference"):
+    with caplog.at_level(logging.WARNING, logger="minigpt.finetuning.preference"):
         data = load_preference_data()
     assert len(data) == 1094  # 1,100 entries, 6 with two identical answers
     assert "dropped 6 of 1100 pairs" in caplog.text
@@ -451,7 +451,7 @@ def test_the_reference_cache_is_reused_only_for_the_same_model_and_data(tmp_path
     # A damaged file is computed again, with a warning.
     path.write_bytes(path.read_bytes()[:20])
     fresh = PreferenceDataset(ENTRIES)
-    with caplog.at_level(logging.WARNING, logger="minigpt.dpo"):
+    with caplog.at_level(logging.WARNING, logger="minigpt.finetuning.dpo"):
         precompute_reference(base, fresh, allowed_max_length=64, cache_dir=tmp_path)
     assert "unreadable reference cache" in caplog.text and torch.equal(fresh.reference_logps, values)
 
@@ -475,7 +475,7 @@ def test_the_training_loop_records_loss_and_rewards_for_both_splits(caplog):
     train = preference_dataloader(ENTRIES, batch_size=2, shuffle=False, allowed_max_length=64)
     val = preference_dataloader(ENTRIES[:3], batch_size=2, allowed_max_length=64)
     config = TrainConfig(max_steps=4, lr=1e-2, min_lr=1e-2, warmup_steps=0, eval_every=2, eval_iter=None)
-    with caplog.at_level(logging.INFO, logger="minigpt.training"):
+    with caplog.at_level(logging.INFO, logger="minigpt.training.loop"):
         history = train_model(policy, train, val, config, device="cpu", loss_fn=DPOLoss(FrozenReference(policy)),
                               progress=False)
     assert history.steps == [0, 2, 4]

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from minigpt.llama import LlamaModel
-from minigpt.model import GPTModel
-from minigpt.pretrained import chat_template_of, is_llama, load_model, load_tokenizer
-from minigpt.quantized_linear import is_quantized
-from minigpt.tokenizer import get_gpt2_tokenizer
+from minigpt.models.llama.model import LlamaModel
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.models.loader import chat_template_of, is_llama, load_model, load_tokenizer
+from minigpt.quantization.layers import is_quantized
+from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="the reference checkpoints are written by transformers")
 tokenizers = pytest.importorskip("tokenizers", reason="the reference tokenizer is trained by the tokenizers library")

@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from minigpt.quantization import (
+from minigpt.quantization.schemes import (
     NF4_CODE,
     NF4_OFFSET,
     SCHEMES,

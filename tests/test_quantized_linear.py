@@ -9,12 +9,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from minigpt.config import GPTConfig
-from minigpt.corpora import load_corpus
-from minigpt.linear import Linear
-from minigpt.model import GPTModel
-from minigpt.quantization import dequantize_int8, dequantize_nf4, quantize_int8, quantize_nf4, quantized_bytes
-from minigpt.quantized_linear import (
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.data.corpora import load_corpus
+from minigpt.runtime.linear import Linear
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.quantization.schemes import dequantize_int8, dequantize_nf4, quantize_int8, quantize_nf4, quantized_bytes
+from minigpt.quantization.layers import (
     QUANTIZED_LAYERS,
     Linear4bit,
     Linear8bit,

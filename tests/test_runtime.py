@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from minigpt.config import GPTConfig
-from minigpt.model import GPTModel
-from minigpt.runtime import (
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.runtime.runtime import (
     PRECISIONS,
     CompiledModel,
     autocast,

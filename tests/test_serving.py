@@ -1,8 +1,8 @@
 """The OpenAI-compatible server, talked to as its users do: the official ``openai`` client
 and raw HTTP, against a real uvicorn server on a free port of 127.0.0.1.
 
-The reference for every generated text is :func:`minigpt.generation.generate` with the
-same seed and settings; for log-probabilities, :func:`minigpt.generation.token_logprobs`
+The reference for every generated text is :func:`minigpt.generation.generate.generate` with the
+same seed and settings; for log-probabilities, :func:`minigpt.generation.generate.token_logprobs`
 and lm-evaluation-harness' own parser of the ``local-completions`` backend.
 """
 
@@ -22,12 +22,12 @@ openai = pytest.importorskip("openai", reason="the serve tests talk to the serve
 httpx = pytest.importorskip("httpx", reason="raw HTTP requests need httpx")
 uvicorn = pytest.importorskip("uvicorn", reason="the server runs on uvicorn (pip install 'minigpt[serve]')")
 
-from minigpt.generation import generate, token_logprobs  # noqa: E402
-from minigpt.model import GPTModel  # noqa: E402
+from minigpt.generation.generate import generate, token_logprobs  # noqa: E402
+from minigpt.models.gpt2.model import GPTModel  # noqa: E402
 from minigpt.serving import Engine, Limits, create_app  # noqa: E402
 from minigpt.serving.formats import AlpacaFormat, PlainFormat  # noqa: E402
 from minigpt.serving.server import BackgroundServer  # noqa: E402
-from minigpt.tokenizer import get_gpt2_tokenizer  # noqa: E402
+from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer  # noqa: E402
 
 PROMPT = "Every effort moves you"
 CFG = dict(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=True)
@@ -52,7 +52,7 @@ def client(server, one_thread):
 
 
 def reference_ids(engine: Engine, ids: list[int], max_tokens: int, seed: int | None, **sampling) -> list[int]:
-    """The ids minigpt.generation.generate adds after ``ids``, up to end-of-text."""
+    """The ids minigpt.generation.generate.generate adds after ``ids``, up to end-of-text."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     out = generate(engine.model, torch.tensor([ids]), max_tokens, eos_id=engine.eos_id, generator=generator,
                    **sampling)[0, len(ids):].tolist()
@@ -60,7 +60,7 @@ def reference_ids(engine: Engine, ids: list[int], max_tokens: int, seed: int | N
 
 
 def reference(engine: Engine, ids: list[int], max_tokens: int, seed: int | None, stops=(), **sampling) -> str:
-    """What minigpt.generation.generate writes after ``ids``: cut at end-of-text and at
+    """What minigpt.generation.generate.generate writes after ``ids``: cut at end-of-text and at
     the first stop string, as the server answers."""
     text = engine.tokenizer.decode(reference_ids(engine, ids, max_tokens, seed, **sampling))
     cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
@@ -173,7 +173,7 @@ def test_lm_evaluation_harness_finds_and_uses_the_remote_tokenizer(server, engin
 
 
 def test_the_evaluation_judge_can_be_this_server(server, engine):
-    from minigpt.judges import HTTPJudge
+    from minigpt.evaluation.judges import HTTPJudge
     judge = HTTPJudge(server.base_url + "/v1/chat/completions", model="tiny-test")
     reply = judge.chat("Rate this answer from 0 to 100.")  # what `minigpt compare --judge openai:URL` sends
     ids = engine.encode(PlainFormat().render([{"role": "user", "content": "Rate this answer from 0 to 100."}]))
@@ -232,7 +232,7 @@ def test_chat_stream_sends_chunks_usage_and_done(server, client):
 
 
 def test_alpaca_format_is_the_instruction_tuning_prompt():
-    from minigpt.instruction import format_input, format_response
+    from minigpt.finetuning.instruction import format_input, format_response
     entry = {"instruction": "Name a color.", "output": "Blue."}
     rendered = AlpacaFormat().render([{"role": "user", "content": entry["instruction"]}])
     assert rendered + entry["output"] == format_input(entry) + format_response(entry)
@@ -342,8 +342,8 @@ def test_chat_format_is_read_from_the_run(tmp_path):
 
 
 def test_load_engine_with_adapter_and_quantization(tmp_path, engine, one_thread):
-    from minigpt.lora import apply_lora, save_lora
-    from minigpt.quantized_linear import is_quantized
+    from minigpt.lora.adapters import apply_lora, save_lora
+    from minigpt.quantization.layers import is_quantized
     from minigpt.serving.server import ServeConfig, load_engine
 
     engine.model.save_pretrained(tmp_path / "base")
@@ -372,8 +372,8 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 def test_a_llama_family_directory_brings_its_tokenizer_and_chat_template(tmp_path, one_thread):
     transformers = pytest.importorskip("transformers", reason="the small Llama is written by transformers")
     tokenizers = pytest.importorskip("tokenizers", reason="its tokenizer.json is trained by tokenizers")
-    from minigpt.chat_template import render_chat
-    from minigpt.corpora import load_corpus
+    from minigpt.tokenizers.chat_template import render_chat
+    from minigpt.data.corpora import load_corpus
     from minigpt.serving.server import ServeConfig, load_engine
 
     bpe = tokenizers.Tokenizer(tokenizers.models.BPE())

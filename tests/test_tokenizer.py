@@ -9,9 +9,9 @@ import pytest
 import tiktoken
 import tiktoken.load
 
-from minigpt import files
-from minigpt.files import PACKAGE_DATA_DIR, ChecksumError, cache_dir
-from minigpt.tokenizer import (
+from minigpt.io import files
+from minigpt.io.files import PACKAGE_DATA_DIR, ChecksumError, cache_dir
+from minigpt.tokenizers.gpt2 import (
     ENDOFTEXT,
     ENDOFTEXT_ID,
     PAD_TOKEN_ID,

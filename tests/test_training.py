@@ -14,19 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-import minigpt.runtime as runtime
-import minigpt.training as training
-from minigpt.checkpoint import load_checkpoint
+import minigpt.runtime.runtime as runtime
+import minigpt.training.loop as training
+from minigpt.training.checkpoint import load_checkpoint
 from minigpt.cli import main
-from minigpt.config import GPTConfig
-from minigpt.data import GPTDataset
-from minigpt.distributed import sharded_loader
-from minigpt.losses import calc_loss_loader, next_token_loss
-from minigpt.model import GPTModel, evaluating
-from minigpt.optim import create_optimizer, lr_at_step, param_groups
-from minigpt.plots import plot_losses, plot_lr
-from minigpt.runtime import default_precision, resolve_precision
-from minigpt.training import History, TrainConfig, TrainingInterrupted, train_model
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.data.windows import GPTDataset
+from minigpt.training.distributed import sharded_loader
+from minigpt.training.losses import calc_loss_loader, next_token_loss
+from minigpt.models.gpt2.model import GPTModel, evaluating
+from minigpt.training.optim import create_optimizer, lr_at_step, param_groups
+from minigpt.training.plots import plot_losses, plot_lr
+from minigpt.runtime.runtime import default_precision, resolve_precision
+from minigpt.training.loop import History, TrainConfig, TrainingInterrupted, train_model
 
 CFG = GPTConfig(vocab_size=96, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)
 
@@ -124,7 +124,7 @@ def _loss_with_metrics(model, batch):
 
 
 def test_metrics_a_loss_returns_are_recorded_per_evaluation_and_split(caplog):
-    with caplog.at_level(logging.INFO, logger="minigpt.training"):
+    with caplog.at_level(logging.INFO, logger="minigpt.training.loop"):
         model, history = _train(_config(eval_iter=None), loss_fn=_loss_with_metrics)
     assert sorted(history.metrics) == ["train/double", "train/low", "val/double", "val/low"]
     assert all(len(values) == len(history.steps) == 5 for values in history.metrics.values())

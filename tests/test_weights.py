@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_hf_gpt2 import assert_same_weights, random_ids, rewrite_checkpoint, saved_hf_model
 
-from minigpt.config import GPTConfig
-from minigpt.files import sha256_of
-from minigpt.model import GPTModel
-from minigpt.state_dict import tensor_mismatches
-from minigpt.weights import load_state, read_safetensors
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.io.files import sha256_of
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.io.state_dict import tensor_mismatches
+from minigpt.models.gpt2.weights import load_state, read_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def test_loading_imports_neither_the_compiler_nor_the_hub_client(tiny_checkpoint
     small_model().save_pretrained(tmp_path)
     code = (
         "import sys, torch\n"
-        "from minigpt.model import GPTModel\n"
+        "from minigpt.models.gpt2.model import GPTModel\n"
         "for d in sys.argv[1:]:\n"
         "    with torch.no_grad():\n"
         "        GPTModel.from_pretrained(d).eval()(torch.tensor([[1, 2, 3]]))\n"

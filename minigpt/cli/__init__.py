@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from minigpt.cli.options import Stopped, in_user_words
-from minigpt.files import ChecksumError
+from minigpt.io.files import ChecksumError
 
 # The sub-commands in the order --help lists them; each is the module minigpt.cli.<name>
 # (importing one is cheap: it imports its job only when the command runs).

@@ -17,9 +17,9 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from minigpt.runtime import PRECISIONS, default_precision, select_device
+from minigpt.runtime.runtime import PRECISIONS, default_precision, select_device
 
-TRAIN_HELP = {  # the training loop's settings (minigpt.training.TrainConfig), in the command line's words
+TRAIN_HELP = {  # the training loop's settings (minigpt.training.loop.TrainConfig), in the command line's words
     "max_steps": ("--steps", "optimizer steps"),
     "lr": ("--lr", "peak learning rate, reached after the warm-up"),
     "min_lr": ("--min-lr", "learning rate at the end of the cosine decay"),
@@ -143,7 +143,7 @@ class Stopped(Exception):
 
 
 def interruptible(job: Callable[[], Any], resume_command: str) -> Any:
-    from minigpt.training import TrainingInterrupted
+    from minigpt.training.loop import TrainingInterrupted
 
     try:
         return job()

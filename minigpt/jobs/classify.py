@@ -2,7 +2,7 @@
 
 The one idea: a pretrained GPT becomes a classifier by swapping its output head for one
 with a row per class and training on labels read at each text's last token
-(:mod:`minigpt.classification`). The job loads the texts, balances the classes, splits
+(:mod:`minigpt.finetuning.classification`). The job loads the texts, balances the classes, splits
 them 70/10/20, measures accuracy before and after, and shares its setup and finish with
 instruction tuning (:mod:`minigpt.jobs.finetune`).
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from minigpt.classification import (
+from minigpt.finetuning.classification import (
     DEFAULT_TRAINABLE,
     ClassificationDataset,
     calc_accuracy_loader,
@@ -24,9 +24,9 @@ from minigpt.classification import (
     save_classifier,
 )
 from minigpt.jobs.finetune import FinetuneConfig, add_lora, finish, job_default, setup, shuffled_loader, train
-from minigpt.labelled_data import balance_classes, load_labelled_texts, split_examples
-from minigpt.model import GPTModel
-from minigpt.plots import plot_accuracy
+from minigpt.finetuning.labelled_data import balance_classes, load_labelled_texts, split_examples
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.training.plots import plot_accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def finetune_classifier(settings: ClassifyConfig, model: GPTModel | None = None,
                         progress: bool = True) -> dict[str, Any]:
     """Fine-tune ``model`` (default: ``settings.model``) into a classifier of ``settings.data``.
 
-    ``settings.output`` receives the classifier (``minigpt.classification.save_classifier``;
+    ``settings.output`` receives the classifier (``minigpt.finetuning.classification.save_classifier``;
     LoRA merged), ``loss.png``, ``accuracy.png`` and ``metrics.json``, whose content is
     returned: the examples per split, the trainable parameters, the accuracy of each split
     before and after, and the test loss.

@@ -2,7 +2,7 @@
 
 The one idea: two numbers answer a learner who fine-tuned. The **win rate** of the
 fine-tuned candidate against its base on a golden set, judged blindly in both orders
-(:mod:`minigpt.evaluation`, :mod:`minigpt.pairwise`): above 0.5, with an interval
+(:mod:`minigpt.evaluation.comparison`, :mod:`minigpt.evaluation.pairwise`): above 0.5, with an interval
 clear of it, the candidate got better. And both models' **perplexity** on a general
 text neither trained on (WikiText-2's test split): a clear rise means the candidate
 forgot some of what pretraining taught it.
@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from minigpt.evaluation import (
+from minigpt.evaluation.comparison import (
     Comparison,
     Decoding,
     answer_prompts,
@@ -36,14 +36,14 @@ from minigpt.evaluation import (
     save_results,
     score_answers,
 )
-from minigpt.files import write_json, write_text
+from minigpt.io.files import write_json, write_text
 from minigpt.jobs.evaluate import WIKITEXT2, text_token_ids
 from minigpt.jobs.finetune import choose_prompt_format, load_model, tokenizer_of
-from minigpt.judges import ModelJudge
-from minigpt.lora import load_lora, merge_lora
-from minigpt.losses import sliding_window_perplexity
-from minigpt.pairwise import ChatPairJudge, ModelPairJudge, OverlapJudge
-from minigpt.runtime import select_device
+from minigpt.evaluation.judges import ModelJudge
+from minigpt.lora.adapters import load_lora, merge_lora
+from minigpt.training.losses import sliding_window_perplexity
+from minigpt.evaluation.pairwise import ChatPairJudge, ModelPairJudge, OverlapJudge
+from minigpt.runtime.runtime import select_device
 
 logger = logging.getLogger(__name__)
 

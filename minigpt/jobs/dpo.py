@@ -2,7 +2,7 @@
 
 The one idea: an instruction-tuned model learns *which* of two answers people prefer by
 raising the log-probability of the chosen answer relative to the rejected one, measured
-against a frozen reference, the model it started as (:mod:`minigpt.dpo`). The job splits
+against a frozen reference, the model it started as (:mod:`minigpt.finetuning.dpo`). The job splits
 the pairs 85/5/10 like instruction tuning, picks the reference one of three ways::
 
     --lora-rank R      the same model with its LoRA adapters switched off (no second copy)
@@ -24,8 +24,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from minigpt import sources
-from minigpt.dpo import (
+from minigpt.io import sources
+from minigpt.finetuning.dpo import (
     LOSS_TYPES,
     AdaptersOffReference,
     DPOLoss,
@@ -33,8 +33,8 @@ from minigpt.dpo import (
     Reference,
     precompute_reference,
 )
-from minigpt.files import write_json
-from minigpt.instruction import generate_responses, split_instruction_data
+from minigpt.io.files import write_json
+from minigpt.finetuning.instruction import generate_responses, split_instruction_data
 from minigpt.jobs.finetune import (
     FinetuneConfig,
     Run,
@@ -52,9 +52,9 @@ from minigpt.jobs.finetune import (
     train,
 )
 from minigpt.jobs.instruct import InstructConfig
-from minigpt.model import GPTModel
-from minigpt.plots import plot_preference
-from minigpt.preference import PreferenceDataset, load_preference_data
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.training.plots import plot_preference
+from minigpt.finetuning.preference import PreferenceDataset, load_preference_data
 
 logger = logging.getLogger(__name__)
 

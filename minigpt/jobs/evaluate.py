@@ -6,7 +6,7 @@ held out (the end of its corpus, the same share), cut into the same touching win
 that the number here equals the final validation loss ``pretrain`` printed
 (:func:`evaluate`). :func:`evaluate_perplexity` measures a whole text instead, with
 windows that overlap, so that every token is predicted with a long left context
-(:func:`minigpt.losses.sliding_window_perplexity`): the number to compare a model
+(:func:`minigpt.training.losses.sliding_window_perplexity`): the number to compare a model
 before and after fine-tuning on a general text (WikiText-2's test split, say).
 """
 
@@ -20,17 +20,17 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from minigpt import sources
-from minigpt.checkpoint import SETTINGS_FILE
-from minigpt.corpora import split_text
-from minigpt.data import GPTDataset
-from minigpt.download import fetch
+from minigpt.io import sources
+from minigpt.training.checkpoint import SETTINGS_FILE
+from minigpt.data.corpora import split_text
+from minigpt.data.windows import GPTDataset
+from minigpt.io.download import fetch
 from minigpt.jobs.finetune import load_model, tokenizer_of
 from minigpt.jobs.pretrain import PretrainConfig, _token_ids, windows
 from minigpt.jobs.quantize import check_quantize, quantize_field
-from minigpt.losses import PerplexityResult, calc_loss_loader, perplexity, sliding_window_perplexity
-from minigpt.runtime import select_device
-from minigpt.tokenizer import get_gpt2_tokenizer
+from minigpt.training.losses import PerplexityResult, calc_loss_loader, perplexity, sliding_window_perplexity
+from minigpt.runtime.runtime import select_device
+from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
 WIKITEXT2 = "wikitext2"  # the name of WikiText-2's test split (a pinned file) wherever a text is named
 

@@ -29,25 +29,25 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from minigpt.chat_template import CHAT_TEMPLATE_FILE
-from minigpt.checkpoint import SETTINGS_FILE, STATE_FILE, load_settings, save_settings
-from minigpt.config import PRESETS
-from minigpt.distributed import ShardSampler, rank_and_world_size
-from minigpt.files import write_bytes, write_json
-from minigpt.hub import GPT2_REPOS, LLAMA_REPOS, download_llama
-from minigpt.instruction import ALPACA, ChatTemplateFormat, PromptFormat
+from minigpt.tokenizers.chat_template import CHAT_TEMPLATE_FILE
+from minigpt.training.checkpoint import SETTINGS_FILE, STATE_FILE, load_settings, save_settings
+from minigpt.models.gpt2.config import PRESETS
+from minigpt.training.distributed import ShardSampler, rank_and_world_size
+from minigpt.io.files import write_bytes, write_json
+from minigpt.io.hub import GPT2_REPOS, LLAMA_REPOS, download_llama
+from minigpt.finetuning.instruction import ALPACA, ChatTemplateFormat, PromptFormat
 from minigpt.jobs.quantize import check_quantize, load_quantized, quantize_field
-from minigpt.lora import apply_lora, merge_lora, save_lora
-from minigpt.losses import LossFn, next_token_loss, perplexity, summed_loss_and_metrics
-from minigpt.model import GPTModel, evaluating
-from minigpt.neftune import disable_neftune, enable_neftune
-from minigpt.plots import plot_losses
-from minigpt.pretrained import TOKENIZER_FILE, chat_template_of, is_llama, load_tokenizer
-from minigpt.pretrained import load_model as load_pretrained_model
-from minigpt.quantized_linear import is_quantized, quantize_model
-from minigpt.runtime import PRECISIONS, resolve_precision, select_device
-from minigpt.tokenizer import get_gpt2_tokenizer
-from minigpt.training import History, TrainConfig, train_model
+from minigpt.lora.adapters import apply_lora, merge_lora, save_lora
+from minigpt.training.losses import LossFn, next_token_loss, perplexity, summed_loss_and_metrics
+from minigpt.models.gpt2.model import GPTModel, evaluating
+from minigpt.finetuning.neftune import disable_neftune, enable_neftune
+from minigpt.training.plots import plot_losses
+from minigpt.models.loader import TOKENIZER_FILE, chat_template_of, is_llama, load_tokenizer
+from minigpt.models.loader import load_model as load_pretrained_model
+from minigpt.quantization.layers import is_quantized, quantize_model
+from minigpt.runtime.runtime import PRECISIONS, resolve_precision, select_device
+from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
+from minigpt.training.loop import History, TrainConfig, train_model
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def is_pretrained(spec: str) -> bool:
 
 
 def load_model(spec: str, quantize: str | None = None) -> nn.Module:
-    """A GPT-2 or Llama-family name or a directory loads weights (:mod:`minigpt.pretrained`);
+    """A GPT-2 or Llama-family name or a directory loads weights (:mod:`minigpt.models.loader`);
     a GPT-2 preset name gives random ones; quantized with ``quantize`` when given."""
     if is_pretrained(spec):
         return load_pretrained_model(spec, quantize=quantize)

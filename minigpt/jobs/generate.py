@@ -1,7 +1,7 @@
 """The job behind ``minigpt generate``: continue a prompt, piece by piece.
 
 The one idea: generation is one next-token choice after another
-(:mod:`minigpt.generation`); this job only chooses the model, checks the sampling
+(:mod:`minigpt.generation.generate`); this job only chooses the model, checks the sampling
 settings before spending time on loading it, shortens a prompt longer than the model's
 context, and turns the token stream into text that never shows a character cut in half.
 It needs no training code.
@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minigpt.config import PRESETS
-from minigpt.data import tokenize
-from minigpt.decoding import compile_for_decoding
-from minigpt.generation import IncrementalDecoder, check_sampling, stream_generate, truncate_prompt
+from minigpt.models.gpt2.config import PRESETS
+from minigpt.data.windows import tokenize
+from minigpt.generation.decoding import compile_for_decoding
+from minigpt.generation.generate import IncrementalDecoder, check_sampling, stream_generate, truncate_prompt
 from minigpt.jobs.quantize import check_quantize, load_quantized, quantize_field
-from minigpt.model import GPTModel
-from minigpt.pretrained import load_tokenizer
-from minigpt.runtime import select_device
-from minigpt.tokenizer import get_gpt2_tokenizer
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.models.loader import load_tokenizer
+from minigpt.runtime.runtime import select_device
+from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The one idea: the harness owns the benchmarks (their data, prompts, few-shot examples and
 metrics) and asks a model only for log-likelihoods and continuations; minigpt answers
-them (:class:`minigpt.harness.MiniGPTLM`). This job loads the model, checks the task
+them (:class:`minigpt.evaluation.harness.MiniGPTLM`). This job loads the model, checks the task
 names before any time is spent, and hands both to ``lm_eval.simple_evaluate``.
 
 The harness is optional (``pip install "minigpt[eval]"``): it is imported only when the
@@ -22,8 +22,8 @@ from typing import Any
 
 from torch import nn
 
-from minigpt.files import write_text
-from minigpt.quantization import SCHEMES, check_scheme
+from minigpt.io.files import write_text
+from minigpt.quantization.schemes import SCHEMES, check_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def run_tasks(settings: HarnessConfig, model: nn.Module | None = None) -> dict[s
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
 
-    from minigpt.harness import MiniGPTLM
+    from minigpt.evaluation.harness import MiniGPTLM
 
     if not settings.task_names():
         raise ValueError("no tasks given: name at least one, e.g. hellaswag")

@@ -3,7 +3,7 @@
 The one idea: a model's size is its parameter count, and its memory is that count times
 the bytes of one number (4 in float32, 2 in bfloat16). Quantized (``--quantize``), the
 weight matrices of the transformer blocks take 8 bits (int8) or about 4 (nf4, nf4-dq) per
-number plus their scales (:func:`minigpt.quantization.quantized_bytes`), while the
+number plus their scales (:func:`minigpt.quantization.schemes.quantized_bytes`), while the
 embeddings, the output head, the norms and the biases stay in float32. The presets are
 built on PyTorch's ``meta`` device, which records shapes without allocating anything, so
 even GPT-2 XL is counted in an instant.
@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from minigpt.config import PRESETS, GPTConfig
-from minigpt.llama import PRESETS as LLAMA_PRESETS
-from minigpt.llama import LlamaConfig, LlamaModel
-from minigpt.model import GPTModel
-from minigpt.quantization import quantized_bytes
+from minigpt.models.gpt2.config import PRESETS, GPTConfig
+from minigpt.models.llama.model import PRESETS as LLAMA_PRESETS
+from minigpt.models.llama.model import LlamaConfig, LlamaModel
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.quantization.schemes import quantized_bytes
 
 FORMATS: tuple[str, ...] = ("float32", "bfloat16", "int8", "nf4", "nf4-dq")  # the columns of the memory table
 
@@ -51,7 +51,7 @@ def model_bytes(model: nn.Module) -> dict[str, int]:
 
 
 def preset_sizes() -> list[PresetSize]:
-    """Every preset of :data:`minigpt.config.PRESETS`, in its order."""
+    """Every preset of :data:`minigpt.models.gpt2.config.PRESETS`, in its order."""
     sizes = []
     for name in PRESETS:
         cfg = GPTConfig.from_preset(name)
@@ -63,7 +63,7 @@ def preset_sizes() -> list[PresetSize]:
 
 
 def llama_sizes() -> list[PresetSize]:
-    """The Llama-family presets (:data:`minigpt.llama.PRESETS`), as published: their heads
+    """The Llama-family presets (:data:`minigpt.models.llama.model.PRESETS`), as published: their heads
     are tied or not as the checkpoints have them, so both counts are the same."""
     sizes = []
     for name in LLAMA_PRESETS:

@@ -2,9 +2,9 @@
 
 The one idea: a GPT learns to follow instructions by training on prompts formatted the
 same way every time, each followed by the answer and an end-of-text
-(:mod:`minigpt.instruction`). The job splits the entries 85/5/10, fine-tunes (with
-NEFTune's noisy embeddings if asked, :mod:`minigpt.neftune`), answers the test prompts,
-and, given a judge (:mod:`minigpt.judges`), scores those answers. Setup and finish are
+(:mod:`minigpt.finetuning.instruction`). The job splits the entries 85/5/10, fine-tunes (with
+NEFTune's noisy embeddings if asked, :mod:`minigpt.finetuning.neftune`), answers the test prompts,
+and, given a judge (:mod:`minigpt.evaluation.judges`), scores those answers. Setup and finish are
 shared with the other fine-tuning jobs (:mod:`minigpt.jobs.finetune`).
 """
 
@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from minigpt import sources
-from minigpt.instruction import (
+from minigpt.io import sources
+from minigpt.finetuning.instruction import (
     InstructionDataset,
     generate_responses,
     instruction_dataloader,
@@ -42,8 +42,8 @@ from minigpt.jobs.finetune import (
     tokenizer_of,
     train,
 )
-from minigpt.judges import HTTPJudge, Judge, ModelJudge, judge_responses
-from minigpt.model import GPTModel
+from minigpt.evaluation.judges import HTTPJudge, Judge, ModelJudge, judge_responses
+from minigpt.models.gpt2.model import GPTModel
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The one idea: pretraining is the training loop fed with windows of one long text. The job
 chooses the text, splits it (the end is held out for validation), builds the model and
-the loaders, runs :func:`minigpt.training.train_model`, and leaves behind a run directory
+the loaders, runs :func:`minigpt.training.loop.train_model`, and leaves behind a run directory
 that ``minigpt generate``, ``minigpt eval`` and ``--resume`` read::
 
     config.json, model.safetensors, training_state.pt, history.json   the checkpoint
@@ -31,17 +31,17 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from minigpt.checkpoint import STATE_FILE, load_settings, save_settings
-from minigpt.config import PRESETS, GPTConfig
-from minigpt.corpora import load_corpus, load_token_ids, split_text
-from minigpt.data import GPTDataset
-from minigpt.distributed import init_distributed, sharded_loader
-from minigpt.files import write_text
-from minigpt.losses import calc_loss_loader, perplexity
-from minigpt.model import GPTModel, evaluating
-from minigpt.runtime import autocast, resolve_precision, select_device
-from minigpt.tokenizer import ENDOFTEXT, get_gpt2_tokenizer
-from minigpt.training import History, TrainConfig, train_model
+from minigpt.training.checkpoint import STATE_FILE, load_settings, save_settings
+from minigpt.models.gpt2.config import PRESETS, GPTConfig
+from minigpt.data.corpora import load_corpus, load_token_ids, split_text
+from minigpt.data.windows import GPTDataset
+from minigpt.training.distributed import init_distributed, sharded_loader
+from minigpt.io.files import write_text
+from minigpt.training.losses import calc_loss_loader, perplexity
+from minigpt.models.gpt2.model import GPTModel, evaluating
+from minigpt.runtime.runtime import autocast, resolve_precision, select_device
+from minigpt.tokenizers.gpt2 import ENDOFTEXT, get_gpt2_tokenizer
+from minigpt.training.loop import History, TrainConfig, train_model
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def pretrain(
 ) -> PretrainResult:
     """Pretrain a fresh model of ``settings.preset`` on ``settings.corpus`` into ``run_dir``.
 
-    ``resume=True`` continues the checkpoint there (:mod:`minigpt.checkpoint`). Under
+    ``resume=True`` continues the checkpoint there (:mod:`minigpt.training.checkpoint`). Under
     ``torchrun`` every process trains on its own share of each batch. On Ctrl-C or
     SIGTERM the loop saves a checkpoint and raises ``TrainingInterrupted``.
     """
@@ -285,7 +285,7 @@ def _pair_shares(history: History, prompt: str | None, corpus: str) -> list[floa
 
 
 def _write_figures(run_dir: Path, history: History, shares: list[float]) -> None:
-    from minigpt.plots import plot_losses, plot_lr  # matplotlib: only once there is something to draw
+    from minigpt.training.plots import plot_losses, plot_lr  # matplotlib: only once there is something to draw
 
     plot_losses(history, run_dir / "loss.png")
     plot_lr(history, run_dir / "lr.png")

@@ -1,9 +1,9 @@
 """The ``quantize`` setting the jobs share (``--quantize nf4|nf4-dq|int8``), and a model loaded with it.
 
 The one idea: every job that loads a model can load it quantized
-(:mod:`minigpt.quantized_linear`): the block linears in 4 or 8 bits, dequantized inside each
+(:mod:`minigpt.quantization.layers`): the block linears in 4 or 8 bits, dequantized inside each
 matrix product, the embeddings and the output head in full precision. Weights from a file
-are quantized layer by layer while loading (:func:`minigpt.weights.load_pretrained`);
+are quantized layer by layer while loading (:func:`minigpt.models.gpt2.weights.load_pretrained`);
 random weights of a preset are quantized once built. Fine-tuning a quantized model trains
 LoRA adapters on it (QLoRA), since the quantized weights themselves cannot train.
 """
@@ -15,10 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from minigpt.model import GPTModel
-from minigpt.pretrained import load_model
-from minigpt.quantization import SCHEMES, check_scheme
-from minigpt.quantized_linear import quantize_model
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.models.loader import load_model
+from minigpt.quantization.schemes import SCHEMES, check_scheme
+from minigpt.quantization.layers import quantize_model
 
 QUANTIZE_HELP = ("load the weights quantized: nf4 (4-bit NormalFloat, blocks of 64), nf4-dq (nf4 with its "
                  "scales quantized too) or int8 (per-row absmax); embeddings and output head stay full precision")
@@ -30,14 +30,14 @@ def quantize_field() -> Any:
 
 
 def check_quantize(scheme: str | None) -> None:
-    """``scheme`` is None or one of :data:`minigpt.quantization.SCHEMES` (the error lists them)."""
+    """``scheme`` is None or one of :data:`minigpt.quantization.schemes.SCHEMES` (the error lists them)."""
     if scheme is not None:
         check_scheme(scheme)
 
 
 def load_quantized(source: str | None, preset: str, scheme: str | None) -> nn.Module:
     """The weights of ``source`` (a GPT-2 or Llama-family name, or a directory:
-    :func:`minigpt.pretrained.load_model`), or random weights of the GPT-2 ``preset`` when
+    :func:`minigpt.models.loader.load_model`), or random weights of the GPT-2 ``preset`` when
     it is None, quantized with ``scheme`` when given."""
     if source:
         return load_model(source, quantize=scheme)

@@ -5,10 +5,10 @@ owns the model from its first token to its last: :meth:`Engine.generate` takes t
 engine's lock before the first step and releases it when the generation ends, is
 stopped, or is closed (a client that went away). Everything random comes from the
 request's own ``torch.Generator``, so a seeded request gives the same tokens whatever
-else the server is doing, and the same tokens as :func:`minigpt.generation.generate`
+else the server is doing, and the same tokens as :func:`minigpt.generation.generate.generate`
 with that seed.
 
-Text leaves through :class:`~minigpt.generation.IncrementalDecoder` (no character cut in
+Text leaves through :class:`~minigpt.generation.generate.IncrementalDecoder` (no character cut in
 half) and :class:`StopMatcher` (text that might begin a stop string is held back until
 it is known not to).
 """
@@ -22,15 +22,15 @@ from typing import Any
 
 import torch
 
-from minigpt.generation import IncrementalDecoder, stream_steps
-from minigpt.model import evaluating
+from minigpt.generation.generate import IncrementalDecoder, stream_steps
+from minigpt.models.gpt2.model import evaluating
 from minigpt.serving.formats import ChatFormat, PlainFormat
 
 
 @dataclass(frozen=True)
 class Sampling:
     """How one choice is generated: the sampling settings of
-    :func:`minigpt.generation.generate`, stop strings, and ``top_logprobs`` alternatives
+    :func:`minigpt.generation.generate.generate`, stop strings, and ``top_logprobs`` alternatives
     to report with each token (0: none)."""
 
     max_tokens: int = 16

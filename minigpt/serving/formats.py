@@ -3,13 +3,13 @@
 The one idea: a chat model is still a text continuer; what makes it answer is that the
 conversation is written the way its training examples were. Three formats:
 
-- ``alpaca``: the instruction format of :mod:`minigpt.instruction`, which instruction-tuned
+- ``alpaca``: the instruction format of :mod:`minigpt.finetuning.instruction`, which instruction-tuned
   runs (``minigpt finetune instruct`` and ``dpo``) were trained on; each earlier turn is
   one finished example (prompt, response, ``<|endoftext|>``), the last one ends at the
   response header;
 - ``plain``: a ``User:`` / ``Assistant:`` transcript, for a base model;
 - ``template``: the model's own Jinja chat template (the Llama family ships one in its
-  ``tokenizer_config.json``), rendered by :func:`minigpt.chat_template.render_chat`.
+  ``tokenizer_config.json``), rendered by :func:`minigpt.tokenizers.chat_template.render_chat`.
 
 :func:`chat_format_of` reads which one a model directory states.
 """
@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from minigpt.checkpoint import SETTINGS_FILE
-from minigpt.instruction import RESPONSE_HEADER, format_input
+from minigpt.training.checkpoint import SETTINGS_FILE
+from minigpt.finetuning.instruction import RESPONSE_HEADER, format_input
 from minigpt.jobs.dpo import DPOConfig
 from minigpt.jobs.instruct import InstructConfig
-from minigpt.tokenizer import ENDOFTEXT
+from minigpt.tokenizers.gpt2 import ENDOFTEXT
 
 FORMATS = ("alpaca", "plain", "template")
 

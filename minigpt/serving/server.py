@@ -21,20 +21,20 @@ from typing import Any
 import torch
 import uvicorn
 
-from minigpt.chat_template import render_chat
-from minigpt.config import PRESETS
-from minigpt.hub import GPT2_REPOS, LLAMA_REPOS
-from minigpt.lora import load_lora
-from minigpt.model import GPTModel
-from minigpt.pretrained import chat_template_of, load_model, load_tokenizer
-from minigpt.quantization import SCHEMES
-from minigpt.quantized_linear import quantize_model
-from minigpt.runtime import select_device
+from minigpt.tokenizers.chat_template import render_chat
+from minigpt.models.gpt2.config import PRESETS
+from minigpt.io.hub import GPT2_REPOS, LLAMA_REPOS
+from minigpt.lora.adapters import load_lora
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.models.loader import chat_template_of, load_model, load_tokenizer
+from minigpt.quantization.schemes import SCHEMES
+from minigpt.quantization.layers import quantize_model
+from minigpt.runtime.runtime import select_device
 from minigpt.serving.app import create_app
 from minigpt.serving.engine import Engine
 from minigpt.serving.formats import FORMATS, AlpacaFormat, ChatFormat, PlainFormat, TemplateFormat, chat_format_of
 from minigpt.serving.protocol import Limits
-from minigpt.tokenizer import get_gpt2_tokenizer
+from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,325 @@
+"""Fine-tuning a GPT to classify texts, e.g. SMS messages as spam or ham (book chapter 6).
+
+The one idea: a classifier is a GPT with a smaller head. The output layer that
+scored 50,257 vocabulary entries is replaced by ``Linear(emb_dim, num_classes)``,
+and a text's class is read at its **last real token**: causal attention lets only
+that position see the whole text.
+
+That makes a label just another next-token target. A classification example is
+``(input_ids, targets)`` like a pretraining one, except that ``targets`` is
+``-100`` (ignored by the loss) everywhere but the last real token, which holds
+the class id. Padding after the text is never read, so the training loop's
+ordinary next-token loss (``minigpt.training.losses.next_token_loss``) trains a
+classifier unchanged, and a padded text gets exactly the scores of the unpadded one.
+
+Reading, balancing and splitting the labelled texts is :mod:`minigpt.finetuning.labelled_data`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.data.windows import tokenize
+from minigpt.io.files import write_json
+from minigpt.finetuning.labelled_data import Example, label_names_of
+from minigpt.runtime.linear import Linear
+from minigpt.training.losses import IGNORE_INDEX
+from minigpt.models.gpt2.model import GPTModel, evaluating
+from minigpt.runtime.runtime import select_device
+from minigpt.io.state_dict import tensor_mismatches
+from minigpt.tokenizers.gpt2 import PAD_TOKEN_ID
+from minigpt.training.loop import History, TrainConfig, train_model
+from minigpt.models.gpt2.weights import CONFIG_FILE, load_state
+
+# Trained by default: the last transformer block, the final norm and the new head.
+# The book found that tuning these few layers is nearly as good as tuning everything.
+DEFAULT_TRAINABLE: tuple[str, ...] = ("trf_blocks.-1", "final_norm", "out_head")
+
+LABELS_FILE = "classifier.json"
+
+
+# --- Data ----------------------------------------------------------------------------------
+
+
+class ClassificationDataset(Dataset):
+    """Labelled texts as ``(input_ids, targets)``, both ``torch.long`` of shape ``(max_length,)``.
+
+    Each text is tokenized once and cut to its first ``max_length`` tokens (None:
+    no cut). Every example is padded with ``pad_token_id`` to the longest one, so
+    ``self.max_length`` ends up the longest tokenized length. ``targets`` is
+    ``IGNORE_INDEX`` everywhere except at the last real token, which holds the
+    class id: ``targets[length - 1] = label_names.index(label)``.
+
+    ``label_names`` fixes the class ids; give the training set's to the validation
+    and test sets so the ids agree (default: :func:`label_names_of` the examples).
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        tokenizer: Any = None,
+        max_length: int | None = None,
+        label_names: Sequence[str] | None = None,
+        pad_token_id: int = PAD_TOKEN_ID,
+    ) -> None:
+        if not examples:
+            raise ValueError("no examples to build a classification dataset from")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {max_length}")
+        self.label_names = list(label_names) if label_names is not None else label_names_of(examples)
+        class_of = {name: i for i, name in enumerate(self.label_names)}
+        self.encoded: list[list[int]] = []
+        self.labels: list[int] = []
+        for i, (text, label) in enumerate(examples):
+            if label not in class_of:
+                raise ValueError(f"example {i} has label {label!r}, not one of {self.label_names}")
+            ids = tokenize(text, tokenizer)[:max_length]
+            if not ids:
+                raise ValueError(f"example {i} has an empty text: there is no token to classify from")
+            self.encoded.append(ids)
+            self.labels.append(class_of[label])
+        self.max_length = max(len(ids) for ids in self.encoded)
+        self.pad_token_id = pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.encoded[i]
+        padding = self.max_length - len(ids)
+        input_ids = torch.tensor(ids + [self.pad_token_id] * padding)
+        targets = torch.full((self.max_length,), IGNORE_INDEX)
+        targets[len(ids) - 1] = self.labels[i]
+        return input_ids, targets
+
+    def class_counts(self) -> dict[str, int]:
+        """How many examples each class has: ``{label name: count}``."""
+        counts = Counter(self.labels)
+        return {name: counts[i] for i, name in enumerate(self.label_names)}
+
+
+# --- Model surgery -------------------------------------------------------------------------
+
+
+def make_classifier(
+    model: GPTModel,
+    num_classes: int,
+    trainable: Sequence[str] | Literal["all"] = DEFAULT_TRAINABLE,
+) -> GPTModel:
+    """Turn ``model`` (in place) into a classifier: ``(batch, tokens) -> (batch, tokens, num_classes)``.
+
+    The output head becomes a fresh ``Linear(emb_dim, num_classes)``. A head tied to
+    the token embedding is simply replaced: the embedding keeps its matrix, and
+    ``cfg.tie_weights`` becomes False (in a copy of the config). Then every
+    parameter is frozen except those of the ``trainable`` submodules, named as in
+    ``model.named_modules()`` with negative block numbers counting from the end
+    (``"trf_blocks.-1"`` is the last block); ``"all"`` trains everything.
+    Returns ``model``.
+    """
+    if num_classes < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+    head = Linear(model.cfg.emb_dim, num_classes)
+    model.out_head = head.to(device=model.tok_emb.weight.device, dtype=model.tok_emb.weight.dtype)
+    if model.cfg.tie_weights:
+        model.cfg = dataclasses.replace(model.cfg, tie_weights=False)  # a copy: others may share the config
+    set_trainable(model, trainable)
+    return model
+
+
+def set_trainable(model: nn.Module, trainable: Sequence[str] | Literal["all"]) -> None:
+    """Freeze every parameter of ``model``, then unfreeze the named submodules (or ``"all"``)."""
+    if trainable == "all":
+        model.requires_grad_(True)
+        return
+    if isinstance(trainable, str):
+        raise TypeError(f"trainable must be a list of module names or 'all', not the string {trainable!r}")
+    modules = [submodule(model, name) for name in trainable]
+    model.requires_grad_(False)
+    for module in modules:
+        module.requires_grad_(True)
+
+
+def submodule(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)``, where a negative number indexes from the end."""
+    module = model
+    for part in name.split("."):
+        if part.lstrip("-").isdigit() and isinstance(module, (nn.Sequential, nn.ModuleList)):
+            if not -len(module) <= int(part) < len(module):
+                raise ValueError(f"{name!r}: index {part} is out of range for {len(module)} modules")
+            module = module[int(part)]
+        elif part in module._modules:
+            module = module._modules[part]
+        else:
+            children = [child for child, _ in model.named_children()]
+            raise ValueError(f"the model has no submodule {name!r}; its top-level modules are {children}")
+    return module
+
+
+def last_token_logits(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``(batch, tokens, classes)`` logits and ``(batch,)`` real lengths -> ``(batch, classes)``:
+    the scores at position ``length - 1`` of each sequence, its last real token."""
+    if lengths.min() < 1 or lengths.max() > logits.shape[1]:
+        raise ValueError(f"lengths must be in [1, {logits.shape[1]}], got {lengths.tolist()}")
+    return logits[torch.arange(logits.shape[0], device=logits.device), lengths.to(logits.device) - 1]
+
+
+# --- Evaluation and training ---------------------------------------------------------------
+
+
+@torch.no_grad()
+def calc_accuracy_loader(
+    data_loader: DataLoader, model: nn.Module, device: torch.device | str, num_batches: int | None = None
+) -> float:
+    """Fraction of correctly classified examples over the first ``num_batches`` batches
+    (all when None) of ``(input_ids, targets)`` batches from :class:`ClassificationDataset`.
+
+    The prediction is the arg-max at the one position whose target is not ignored.
+    The model runs in eval mode (no dropout) and gets its previous mode back afterwards.
+    """
+    correct = total = 0
+    with evaluating(model):
+        for i, (input_ids, targets) in enumerate(data_loader):
+            if num_batches is not None and i >= num_batches:
+                break
+            logits = model(input_ids.to(device))  # (batch, tokens, classes)
+            targets = targets.to(device)
+            labelled = targets != IGNORE_INDEX  # (batch, tokens), one True per row
+            correct += int((logits[labelled].argmax(dim=-1) == targets[labelled]).sum())
+            total += int(labelled.sum())
+    if total == 0:
+        raise ValueError("the data loader gave no labelled examples")
+    return correct / total
+
+
+@dataclass
+class ClassifierTraining:
+    """What :func:`train_classifier` measured."""
+
+    history: History                  # losses every eval_every steps, from train_model
+    accuracy_before: dict[str, float]  # {"train": ..., "val": ...} with the untrained head
+    accuracy_after: dict[str, float]
+
+
+def train_classifier(
+    model: GPTModel,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    epochs: int = 5,
+    lr: float = 5e-5,
+    weight_decay: float = 0.1,
+    eval_every: int = 50,
+    eval_iter: int | None = 5,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    precision: str | None = None,
+) -> ClassifierTraining:
+    """Fine-tune a :func:`make_classifier` model for ``epochs`` passes over ``train_loader``.
+
+    This is :func:`minigpt.training.loop.train_model` unchanged: the labels are next-token
+    targets (see the module docstring), so its next-token loss is the classification
+    loss. As in the book the learning rate is constant (no warm-up, no decay); 5e-5
+    suits pretrained weights, a randomly initialised model wants about 1e-3.
+    ``precision`` is one of ``minigpt.runtime.runtime.PRECISIONS`` (None: ``TrainConfig``'s default).
+    Accuracy is measured on the whole train and validation loaders before and after.
+    """
+    device = select_device(device)
+    model.to(device)
+    before = {"train": calc_accuracy_loader(train_loader, model, device),
+              "val": calc_accuracy_loader(val_loader, model, device)}
+    settings: dict[str, Any] = {} if precision is None else {"precision": precision}
+    config = TrainConfig(max_steps=epochs * len(train_loader), lr=lr, min_lr=lr, warmup_steps=0,
+                         weight_decay=weight_decay, eval_every=eval_every, eval_iter=eval_iter, **settings)
+    history = train_model(model, train_loader, val_loader, config, device=device, progress=progress)
+    after = {"train": calc_accuracy_loader(train_loader, model, device),
+             "val": calc_accuracy_loader(val_loader, model, device)}
+    return ClassifierTraining(history, before, after)
+
+
+@torch.no_grad()
+def classify_texts(
+    texts: Sequence[str],
+    model: GPTModel,
+    tokenizer: Any = None,
+    label_names: Sequence[str] | None = None,
+    max_length: int | None = None,
+    pad_token_id: int = PAD_TOKEN_ID,
+) -> list[str] | list[int]:
+    """The predicted class of each text: a name from ``label_names``, or the class id.
+
+    Texts are cut to ``max_length`` tokens (default: the model's context length),
+    right-padded to a common length and classified at their last real token.
+    """
+    max_length = min(max_length or model.cfg.context_length, model.cfg.context_length)
+    encoded = [tokenize(text, tokenizer)[:max_length] for text in texts]
+    if not all(encoded):
+        raise ValueError("cannot classify an empty text: it has no token to classify from")
+    longest = max(len(ids) for ids in encoded)
+    input_ids = torch.tensor([ids + [pad_token_id] * (longest - len(ids)) for ids in encoded])
+    lengths = torch.tensor([len(ids) for ids in encoded])
+    with evaluating(model):
+        logits = last_token_logits(model(input_ids.to(model.device)), lengths)  # (texts, classes)
+    predicted = logits.argmax(dim=-1).tolist()
+    return [label_names[i] for i in predicted] if label_names is not None else predicted
+
+
+def classify(
+    text: str,
+    model: GPTModel,
+    tokenizer: Any = None,
+    label_names: Sequence[str] | None = None,
+    max_length: int | None = None,
+) -> str | int:
+    """The predicted class of one text (see :func:`classify_texts`)."""
+    return classify_texts([text], model, tokenizer, label_names, max_length)[0]
+
+
+# --- Saving and loading --------------------------------------------------------------------
+
+
+def save_classifier(model: GPTModel, directory: str | os.PathLike, label_names: Sequence[str]) -> None:
+    """Write the model as ``save_pretrained`` does, plus ``classifier.json`` (the label names).
+
+    The head has ``num_classes`` rows instead of ``vocab_size``, so the directory is
+    read with :func:`load_classifier`, not ``GPTModel.from_pretrained``.
+    """
+    if model.out_head.out_features != len(label_names):
+        raise ValueError(f"the head has {model.out_head.out_features} classes but {len(label_names)} "
+                         "label names were given")
+    model.save_pretrained(directory)
+    write_json(Path(directory) / LABELS_FILE, {"label_names": list(label_names)})
+
+
+def load_classifier(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPTModel, list[str]]:
+    """``(model, label_names)`` from a directory written by :func:`save_classifier`, in eval mode.
+
+    The tensors are read by the weights layer's checked loader and must match a classifier
+    of the saved config with one head row per label; a mismatch names each tensor.
+    """
+    directory = Path(directory)
+    labels_path = directory / LABELS_FILE
+    if not labels_path.is_file():
+        raise FileNotFoundError(f"{directory} has no {LABELS_FILE}; was it written by save_classifier?")
+    label_names = json.loads(labels_path.read_text(encoding="utf-8"))["label_names"]
+    cfg = GPTConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
+    state = load_state(directory)
+    model = make_classifier(GPTModel(cfg), len(label_names), trainable="all")
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    problems = tensor_mismatches(expected, state)
+    if problems:
+        raise ValueError(f"{directory} does not hold a classifier for the labels {label_names} "
+                         f"and its config ({cfg}): " + ", ".join(problems))
+    model.to(next(iter(state.values())).dtype)  # keep the saved precision
+    model.load_state_dict(state)
+    return model.to(device).eval(), label_names

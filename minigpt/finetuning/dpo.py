@@ -1,0 +1,348 @@
+"""Direct preference optimisation, DPO (Rafailov et al. 2023): learn from pairs of answers
+without a reward model.
+
+The one idea: a model's *implicit reward* for an answer ``y`` to a prompt ``x`` is how much
+more likely it makes ``y`` than a frozen reference model (the model before this training)::
+
+    reward(y) = beta * (log pi(y | x) - log ref(y | x))
+
+and DPO raises the reward of the chosen answer above the rejected one's (eq. 7)::
+
+    h    = (log pi(chosen) - log pi(rejected)) - (log ref(chosen) - log ref(rejected))
+    loss = -log sigmoid(beta * h)
+
+``beta`` sets how far the model may move from the reference: a small beta lets it drift
+further. Everything here is built from :func:`sequence_logprobs`, the log-probability of
+an answer given its prompt, summed over the answer's tokens.
+
+The reference can be a frozen copy (:class:`FrozenReference`), the same LoRA model with its
+adapters switched off (:class:`AdaptersOffReference`, no second copy in memory), or
+log-probabilities computed once before training and stored with the data
+(:func:`precompute_reference`). :class:`DPOLoss` is the loss for the shared training loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from minigpt.io.files import atomic_write
+from minigpt.lora.adapters import lora_disabled
+from minigpt.training.losses import IGNORE_INDEX, to_device
+from minigpt.models.gpt2.model import evaluating
+from minigpt.finetuning.neftune import neftune_lengths
+from minigpt.finetuning.preference import PreferenceDataset, preference_dataloader
+
+logger = logging.getLogger(__name__)
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+_CACHE_FORMAT = "minigpt-reference-logps-1"  # part of every cache key: a new format never reads an old file
+
+
+def sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """``log p(ids[:, t] | ids[:, :t])`` summed over the tokens ``t`` that ``mask`` selects:
+    ``(batch, tokens)`` ids and mask (bool or 0/1) -> ``(batch,)`` float32.
+
+    The logits at position ``t - 1`` score token ``t``, so the first token has no
+    log-probability (``mask[:, 0]`` is ignored). With ``average`` the sum is divided by
+    the number of selected tokens (0 where none is selected).
+    """
+    if ids.shape != mask.shape or ids.dim() != 2:
+        raise ValueError(f"ids and mask must have the same (batch, tokens) shape, got {tuple(ids.shape)} "
+                         f"and {tuple(mask.shape)}")
+    logits = model(ids)  # (batch, tokens, vocab)
+    scored = mask[:, 1:].bool()
+    # Row t is scored against token t + 1; unselected rows (and the last) add exactly 0.
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    targets[:, :-1] = ids[:, 1:].masked_fill(~scored, IGNORE_INDEX)
+    # float32 for the softmax even under autocast: its sums lose digits in 16 bits.
+    token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="none").view(ids.shape)
+    total = token_logps.sum(dim=1)
+    return total / scored.sum(dim=1).clamp(min=1) if average else total
+
+
+def pair_logprobs(
+    model: nn.Module, batch: Mapping[str, Any], average: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(chosen, rejected)`` log-probabilities, each ``(batch,)``, of a preference batch
+    (see :func:`minigpt.finetuning.preference.collate_preferences`), in ONE forward pass over both.
+
+    NEFTune (:mod:`minigpt.finetuning.neftune`), when on and the model is training, gets each
+    sequence's own length: up to its answer's end-of-text, padding excluded."""
+    ids, masks = [batch["chosen_ids"], batch["rejected_ids"]], [batch["chosen_mask"], batch["rejected_mask"]]
+    width = max(ids[0].shape[1], ids[1].shape[1])
+    # Padding at the end changes nothing before it (causal attention) and is never scored.
+    ids = torch.cat([F.pad(x, (0, width - x.shape[1])) for x in ids])
+    mask = torch.cat([F.pad(m.bool(), (0, width - m.shape[1]), value=False) for m in masks])
+    with neftune_lengths(model, _lengths(mask)):
+        logps = sequence_logprobs(model, ids, mask, average)
+    return logps[: len(batch["chosen_ids"])], logps[len(batch["chosen_ids"]):]
+
+
+def _lengths(mask: torch.Tensor) -> torch.Tensor:
+    """``(batch,)``: each sequence's length without padding, i.e. up to its last scored token
+    (the answer's end-of-text); the full width where the cut left nothing scored."""
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    last = (mask * positions).amax(dim=1)
+    return torch.where(last > 0, last, mask.shape[1])
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The mean preference loss over a batch of pairs, and its figures under TRL's names.
+
+    Inputs are log-probabilities ``(batch,)`` of the answers under the policy and the
+    reference. With ``h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)``:
+
+    * ``"sigmoid"`` (DPO): ``-(1 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h)``,
+      ``eps = label_smoothing``, the share of labels assumed flipped (conservative DPO);
+    * ``"ipo"`` (Azar et al. 2023): ``(h - 1 / (2 * beta)) ** 2``, meant for log-probabilities
+      *averaged* over the answer's tokens (:class:`DPOLoss` gives it those);
+    * ``"hinge"`` (SLiC): ``max(0, 1 - beta * h)``.
+
+    Metrics (detached means over the pairs): ``rewards/chosen`` = ``beta * (policy_chosen -
+    ref_chosen)``, ``rewards/rejected`` likewise, ``rewards/margins`` (their difference) and
+    ``rewards/accuracies``, the share of pairs whose chosen reward is strictly higher
+    (0 while the policy equals the reference).
+    """
+    _check_settings(beta, label_smoothing, loss_type)
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = torch.relu(1 - beta * h)
+    chosen = beta * (policy_chosen - ref_chosen).detach()
+    rejected = beta * (policy_rejected - ref_rejected).detach()
+    metrics = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+               "rewards/margins": (chosen - rejected).mean(), "rewards/accuracies": (chosen > rejected).float().mean()}
+    return losses.mean(), metrics
+
+
+def _check_settings(beta: float, label_smoothing: float, loss_type: str) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a positive number, got {beta!r}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing applies to the sigmoid loss only, not to {loss_type!r}; set it to 0")
+
+
+# --- The reference ---------------------------------------------------------------------------
+
+
+class FrozenReference:
+    """The reference as a separate model, run in eval mode without gradients.
+
+    ``copy=True`` (default): a frozen deep copy of ``model`` as it is now, so ``model`` can
+    be trained as the policy. ``copy=False``: ``model`` itself, untouched (e.g. a reference
+    loaded separately, or the model before training when precomputing). It follows the
+    batch to its device on first use.
+    """
+
+    def __init__(self, model: nn.Module, *, copy: bool = True) -> None:
+        if copy:
+            model = _deepcopy(model).requires_grad_(False).eval()
+        self.model = model
+
+    def logps(self, batch: Mapping[str, Any], average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(chosen, rejected)`` log-probabilities ``(batch,)`` under the reference."""
+        device = batch["chosen_ids"].device
+        if _device_of(self.model) != device:
+            self.model.to(device)
+        with torch.no_grad(), evaluating(self.model):
+            return pair_logprobs(self.model, batch, average)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the reference's configuration and weights."""
+        return weights_fingerprint(self.model)
+
+
+class AdaptersOffReference:
+    """The reference as the LoRA policy itself with its adapters switched off
+    (:func:`minigpt.lora.adapters.lora_disabled`): the frozen base model, with no second copy in
+    memory. Run in eval mode without gradients; ``model`` is the unwrapped policy."""
+
+    def __init__(self, model: nn.Module) -> None:
+        with lora_disabled(model):  # a model without LoRA layers raises here, saying so
+            pass
+        self.model = model
+
+    def logps(self, batch: Mapping[str, Any], average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(chosen, rejected)`` log-probabilities ``(batch,)`` under the base model."""
+        with torch.no_grad(), evaluating(self.model), lora_disabled(self.model):
+            return pair_logprobs(self.model, batch, average)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the base model's configuration and weights (the adapters left out)."""
+        return weights_fingerprint(self.model, skip=".lora.")
+
+
+Reference = FrozenReference | AdaptersOffReference
+
+
+def weights_fingerprint(model: nn.Module, skip: str | None = None) -> str:
+    """SHA-256 of ``model``'s configuration and every tensor of its state dict (names,
+    dtypes, shapes, bytes), leaving out the names that contain ``skip``."""
+    digest = hashlib.sha256(repr(getattr(model, "cfg", type(model).__name__)).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if skip is not None and skip in name:
+            continue
+        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{tensor.dtype}|{tensor.numel()}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def precompute_reference(
+    reference: Reference | nn.Module,
+    dataset: PreferenceDataset,
+    *,
+    allowed_max_length: int | None = 1024,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path | None:
+    """Compute the reference's summed log-probabilities of every pair of ``dataset`` once
+    and store them in it (:meth:`PreferenceDataset.set_reference`): its batches then
+    carry them, and :class:`DPOLoss` needs no reference model while training.
+
+    ``reference``: a reference, or a model used as it is (``FrozenReference(model,
+    copy=False)``). ``allowed_max_length`` must be the cut of the training batches.
+    ``device``: where to run it (default: where the reference's weights are).
+
+    With ``cache_dir`` (the run's folder) the values are read from, or written
+    atomically to, ``reference-logps-<key>.safetensors`` there, where the key hashes the
+    reference's weights, the dataset's token ids and the cut: another model or other data
+    never reuses the file. Returns its path (None without ``cache_dir``).
+    """
+    if isinstance(reference, nn.Module):
+        reference = FrozenReference(reference, copy=False)
+    dataset.clear_reference()
+    key = path = None
+    if cache_dir is not None:
+        key = hashlib.sha256(f"{_CACHE_FORMAT}|{reference.fingerprint()}|{dataset.fingerprint()}|"
+                             f"{allowed_max_length}".encode()).hexdigest()
+        path = Path(cache_dir) / f"reference-logps-{key[:16]}.safetensors"
+        cached = _read_cache(path, key, len(dataset))
+        if cached is not None:
+            logger.info("reference log-probabilities of %d pairs read from %s", len(dataset), path)
+            dataset.set_reference(cached, allowed_max_length)
+            return path
+    device = torch.device(device) if device is not None else _device_of(reference.model)
+    rows = []
+    for batch in preference_dataloader(dataset, batch_size=batch_size, allowed_max_length=allowed_max_length):
+        chosen, rejected = reference.logps(to_device(batch, device), average=False)
+        rows.append(torch.stack([chosen, rejected], dim=1).float().cpu())
+    logps = torch.cat(rows)
+    dataset.set_reference(logps, allowed_max_length)
+    if path is not None:
+        metadata = {"format": "pt", "key": key, "pairs": str(len(dataset)),
+                    "allowed_max_length": str(allowed_max_length)}
+        atomic_write(path, lambda tmp: save_file({"logps": logps.contiguous()}, tmp, metadata=metadata))
+        logger.info("reference log-probabilities of %d pairs written to %s", len(dataset), path)
+    return path
+
+
+def _read_cache(path: Path, key: str, pairs: int) -> torch.Tensor | None:
+    """The cached ``(pairs, 2)`` values at ``path`` if they are there, complete and for ``key``."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata, logps = f.metadata() or {}, f.get_tensor("logps")
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        logger.warning("ignoring unreadable reference cache %s (%s); computing it again", path, err)
+        return None
+    if metadata.get("key") != key or tuple(logps.shape) != (pairs, 2):
+        logger.warning("ignoring reference cache %s: it was computed for another model or data", path)
+        return None
+    return logps
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability of ``model`` to 0 (``nn.Dropout`` layers, LoRA's
+    included, and attention's fused ``dropout_p``), for good: DPO compares log-probabilities
+    of the policy with the reference's, and dropout noise would swamp the difference.
+    The mode is left alone, so training-only behaviour such as NEFTune stays on.
+    The configuration (``model.cfg.drop_rate``) is unchanged. Returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "dropout_p", None), float):
+            module.dropout_p = 0.0
+    return model
+
+
+class DPOLoss:
+    """The DPO loss for :func:`minigpt.training.loop.train_model`: ``loss_fn(model, batch) ->
+    (loss, metrics)`` on batches of :func:`minigpt.finetuning.preference.collate_preferences`.
+
+    ``reference``: a :class:`FrozenReference` or :class:`AdaptersOffReference`; a model is
+    taken as ``FrozenReference(model)`` (a frozen copy made now); None when every batch
+    carries precomputed values (:func:`precompute_reference`), which are used whenever
+    present. ``beta``, ``label_smoothing``, ``loss_type``: see :func:`dpo_loss`; for "ipo" the
+    log-probabilities are averaged over each answer's tokens. The policy's dropout is
+    switched off (:func:`disable_dropout`) at each call.
+    """
+
+    def __init__(self, reference: Reference | nn.Module | None = None, beta: float = 0.1,
+                 label_smoothing: float = 0.0, loss_type: str = "sigmoid") -> None:
+        _check_settings(beta, label_smoothing, loss_type)
+        self.reference = FrozenReference(reference) if isinstance(reference, nn.Module) else reference
+        self.beta, self.label_smoothing, self.loss_type = beta, label_smoothing, loss_type
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        disable_dropout(model)
+        average = self.loss_type == "ipo"
+        ref_chosen, ref_rejected = self.reference_logps(batch, average)
+        policy_chosen, policy_rejected = pair_logprobs(model, batch, average)
+        return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, self.label_smoothing,
+                        self.loss_type)
+
+    def reference_logps(self, batch: Mapping[str, Any], average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's ``(chosen, rejected)`` log-probabilities of ``batch``: precomputed
+        ones when the batch carries them, else from the reference model."""
+        if "ref_chosen_logps" in batch:
+            chosen, rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+            if average:  # stored as sums: divide by the same token counts as sequence_logprobs
+                chosen = chosen / batch["chosen_mask"][:, 1:].sum(dim=1).clamp(min=1)
+                rejected = rejected / batch["rejected_mask"][:, 1:].sum(dim=1).clamp(min=1)
+            return chosen, rejected
+        if self.reference is None:
+            raise ValueError("this batch carries no precomputed reference log-probabilities and DPOLoss has no "
+                             "reference model: call precompute_reference(...) on the dataset, or give a reference")
+        return self.reference.logps(batch, average)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model``, of the module itself when it is wrapped (several processes, compiled)."""
+    return copy.deepcopy(getattr(model, "module", getattr(model, "_orig_mod", model)))

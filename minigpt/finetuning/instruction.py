@@ -1,0 +1,400 @@
+"""Instruction fine-tuning: teaching a GPT to follow requests (book chapter 7).
+
+The one idea: nothing about the training changes. An instruction-following model
+is still trained to predict the next token, only on texts that all follow one
+template (Alpaca's)::
+
+    Below is an instruction that describes a task. Write a response that
+    appropriately completes the request.
+
+    ### Instruction:
+    {instruction}
+
+    ### Input:            <- only when the entry has an input
+    {input}
+
+    ### Response:
+    {output}
+
+What is new is in the batches: each text gets one ``<|endoftext|>`` appended,
+which teaches the model to stop, and is padded with more to the batch's longest;
+the targets after that appended end-of-text are set to ``-100`` so the loss
+ignores the padding. Optionally the prompt's targets are ignored too, so the
+model is graded only on its answers.
+
+After training, the model answers the prompt of each test entry
+(:func:`generate_responses`); :mod:`minigpt.evaluation.judges` rates the answers.
+
+Chat models (Llama 3, SmolLM2, Qwen3) were trained on their own format, the chat
+template their tokenizer ships: :class:`ChatTemplateFormat` turns each entry into a user
+turn and an assistant turn rendered with it (the turn's end marker then ends the text,
+instead of an appended end-of-text). The datasets take the format; Alpaca's is the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from minigpt.io import sources
+from minigpt.tokenizers.chat_template import load_chat_template, render_chat
+from minigpt.data.windows import tokenize
+from minigpt.io.download import fetch
+from minigpt.io.files import write_json
+from minigpt.generation.generate import generate
+from minigpt.training.losses import IGNORE_INDEX, next_token_loss
+from minigpt.finetuning.neftune import neftune_lengths
+from minigpt.tokenizers.gpt2 import ENDOFTEXT_ID, PAD_TOKEN_ID
+
+PROMPT_INTRO = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+RESPONSE_HEADER = "\n\n### Response:\n"
+
+# An entry: {"instruction": str, "input": str (may be empty or absent), "output": str}.
+Entry = dict[str, str]
+
+
+# --- The prompt format ---------------------------------------------------------------------
+
+
+def format_input(entry: Entry) -> str:
+    """The prompt: the introduction, the instruction and, when not empty, the input."""
+    text = f"{PROMPT_INTRO}\n\n### Instruction:\n{entry['instruction']}"
+    if entry.get("input"):
+        text += f"\n\n### Input:\n{entry['input']}"
+    return text
+
+
+def format_response(entry: Entry) -> str:
+    """What follows the prompt in a training text: the response header and the output."""
+    return f"{RESPONSE_HEADER}{entry['output']}"
+
+
+def extract_response(continuation: str, header: str = RESPONSE_HEADER) -> str:
+    """The answer in what a model wrote after the prompt, without the response header."""
+    return continuation.strip().removeprefix(header.strip()).strip()
+
+
+@dataclass(frozen=True)
+class AlpacaFormat:
+    """The book's format: :func:`format_input`, then ``header`` (:data:`RESPONSE_HEADER`: the model
+    learns to write it; preference pairs share it in the prompt) and the answer, to which the
+    tokenizer's end-of-text is appended. Only ``<|endoftext|>`` is read as a special token."""
+
+    header: ClassVar[str] = RESPONSE_HEADER
+    end_of_text: ClassVar[bool] = True
+
+    def prompt(self, entry: Entry) -> str:
+        """What the model reads before it answers."""
+        return format_input(entry)
+
+    def answer(self, entry: Entry, response: str | None = None) -> str:
+        """What follows :meth:`prompt` in a training text: the header and ``response`` (default: ``output``)."""
+        return format_response(entry if response is None else {**entry, "output": response})
+
+    def encode(self, text: str, tokenizer: Any = None) -> list[int]:
+        return tokenize(text, tokenizer)
+
+
+@dataclass(frozen=True)
+class ChatTemplateFormat:
+    """A chat model's own format: the entry as a user turn (instruction, blank line, input), the
+    answer as the assistant's, rendered with the model's chat ``template`` (``special_tokens``:
+    the tokenizer's ``special_token_names``, which templates print). The prompt is the user turn
+    and the assistant turn's opening (``add_generation_prompt``); the answer, the rest of the whole
+    conversation, ends with the template's end-of-turn: nothing is appended. Every special token
+    in the text is read as one (the template writes them on purpose)."""
+
+    template: str
+    special_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    header: ClassVar[str] = ""
+    end_of_text: ClassVar[bool] = False
+
+    @classmethod
+    def from_directory(cls, directory: str | os.PathLike, tokenizer: Any) -> ChatTemplateFormat:
+        """The chat template of a model directory, with ``tokenizer``'s special tokens."""
+        template = load_chat_template(directory)
+        if template is None:
+            raise ValueError(f"{directory} has no chat template (tokenizer_config.json's chat_template or "
+                             "chat_template.jinja): use the Alpaca format for this model")
+        return cls(template, dict(getattr(tokenizer, "special_token_names", {})))
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return render_chat(self.template, messages, add_generation_prompt=add_generation_prompt,
+                           **self.special_tokens)
+
+    def prompt(self, entry: Entry) -> str:
+        """The user turn followed by the opening of the assistant's turn."""
+        return self._render([self.user_message(entry)], add_generation_prompt=True)
+
+    def answer(self, entry: Entry, response: str | None = None) -> str:
+        """The whole conversation rendered, without its first part, :meth:`prompt`."""
+        reply = {"role": "assistant", "content": entry["output"] if response is None else response}
+        whole, prompt = self._render([self.user_message(entry), reply], False), self.prompt(entry)
+        if not whole.startswith(prompt):
+            raise ValueError("this chat template does not write a conversation as its prompt (add_generation_prompt) "
+                             f"followed by the answer: the prompt {prompt!r} does not begin {whole!r}; "
+                             "use the Alpaca format, or a template whose turns follow one another")
+        return whole[len(prompt):]
+
+    def encode(self, text: str, tokenizer: Any) -> list[int]:
+        if tokenizer is None:
+            raise ValueError("a chat template's texts need the model's own tokenizer: load_hf_tokenizer(directory)")
+        return tokenizer.encode(text, allowed_special="all")
+
+    @staticmethod
+    def user_message(entry: Entry) -> dict[str, str]:
+        content = entry["instruction"] + (f"\n\n{entry['input']}" if entry.get("input") else "")
+        return {"role": "user", "content": content}
+
+
+PromptFormat = AlpacaFormat | ChatTemplateFormat
+ALPACA = AlpacaFormat()
+
+
+def end_of_text_id(tokenizer: Any = None) -> int:
+    """The id that ends a text and pads a batch: the tokenizer's ``eot_token`` (a Hugging Face
+    tokenizer's ``eos_token``), GPT-2's ``<|endoftext|>`` (50256) without a tokenizer."""
+    return ENDOFTEXT_ID if tokenizer is None else getattr(tokenizer, "eot_token", ENDOFTEXT_ID)
+
+
+# --- Data ----------------------------------------------------------------------------------
+
+
+def load_instruction_data(path: str | os.PathLike | None = None) -> list[Entry]:
+    """The entries of a JSON file holding a list of ``{instruction, input, output}`` objects.
+
+    Without ``path``, the book's 1,100 entries (from ``MINIGPT_DATA_DIR``, the cache, or
+    downloaded; checked by SHA-256).
+    Malformed JSON, or an entry without a string ``instruction`` or ``output``, is an
+    error naming the place; ``input`` may be missing (it then counts as empty).
+    """
+    path = fetch(sources.INSTRUCTION_DATA) if path is None else Path(path)
+    return validate_entries(read_json(path), source=str(path))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON content of ``path``; malformed JSON is a ValueError naming the file, line and column."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from err
+
+
+def validate_entries(data: Any, source: str = "the data") -> list[Entry]:
+    """``data`` itself if it is a non-empty list of valid entries; otherwise a ValueError
+    that names the first bad entry by its index."""
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{source} must hold a non-empty JSON list of {{instruction, input, output}} objects")
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{source}: entry {i} is a {type(entry).__name__}, not an object")
+        for field in ("instruction", "output"):
+            if field not in entry:
+                raise ValueError(f"{source}: entry {i} has no {field!r} field (it has {sorted(entry)})")
+        for field in ("instruction", "input", "output"):
+            if field in entry and not isinstance(entry[field], str):
+                raise ValueError(f"{source}: entry {i}: {field!r} must be a string, "
+                                 f"got {type(entry[field]).__name__}")
+    return data
+
+
+def split_instruction_data(
+    data: Sequence[Entry], train_frac: float = 0.85, test_frac: float = 0.10
+) -> tuple[list[Entry], list[Entry], list[Entry]]:
+    """(train, validation, test) in file order, as the book cuts them: the first 85 %
+    train, the next 10 % test, the rest validation: 935 / 55 / 110 of 1,100 entries."""
+    if train_frac <= 0 or test_frac < 0 or train_frac + test_frac >= 1:
+        raise ValueError(f"need 0 < train_frac and train_frac + test_frac < 1, got {train_frac}, {test_frac}")
+    train_end = int(len(data) * train_frac)
+    test_end = train_end + int(len(data) * test_frac)
+    return list(data[:train_end]), list(data[test_end:]), list(data[train_end:test_end])
+
+
+class TokenizedExample(NamedTuple):
+    """The token ids of prompt + response, and how many of them are the prompt."""
+
+    ids: list[int]
+    prompt_length: int
+
+
+class InstructionDataset(Dataset):
+    """Entries tokenized once, as :class:`TokenizedExample` items.
+
+    Prompt and response are tokenized separately and concatenated, so the boundary
+    between them is exact (for masking the prompt), and the prompt's ids are the
+    same as when the model later sees the prompt alone to answer it.
+    ``prompt_format``: :data:`ALPACA` (default) or a :class:`ChatTemplateFormat`;
+    ``pad_token_id``: the tokenizer's end-of-text (:func:`end_of_text_id`), which
+    :meth:`collate_fn` appends (when the format asks for it) and pads with.
+    """
+
+    def __init__(self, data: Sequence[Entry], tokenizer: Any = None, prompt_format: PromptFormat = ALPACA) -> None:
+        validate_entries(list(data))
+        self.prompt_format, self.pad_token_id = prompt_format, end_of_text_id(tokenizer)
+        self.examples = []
+        for entry in data:
+            prompt = prompt_format.encode(prompt_format.prompt(entry), tokenizer)
+            response = prompt_format.encode(prompt_format.answer(entry), tokenizer)
+            self.examples.append(TokenizedExample(prompt + response, len(prompt)))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> TokenizedExample:
+        return self.examples[i]
+
+    def collate_fn(self, allowed_max_length: int | None = None, mask_instruction: bool = False) -> Callable:
+        """:func:`collate_instructions` with this dataset's padding id and end-of-text rule."""
+        return functools.partial(collate_instructions, pad_token_id=self.pad_token_id,
+                                 allowed_max_length=allowed_max_length, mask_instruction=mask_instruction,
+                                 end_of_text=self.prompt_format.end_of_text)
+
+
+def collate_instructions(
+    batch: Sequence[TokenizedExample | Sequence[int]],
+    pad_token_id: int = PAD_TOKEN_ID,
+    ignore_index: int = IGNORE_INDEX,
+    allowed_max_length: int | None = None,
+    mask_instruction: bool = False,
+    end_of_text: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A list of token-id sequences -> ``(inputs, targets)``, both ``(batch, tokens)`` long.
+
+    Each sequence gets one ``pad_token_id`` appended (the end-of-text the model must
+    learn to emit) and is padded with more to the longest sequence + 1; inputs drop
+    the last position and targets the first (targets are inputs shifted by one).
+    The targets after the *appended* end-of-text are ``ignore_index``: they are
+    padding. The masking goes by position, not by id, so an end-of-text that is part
+    of a text itself stays a target like any other token, and so does the appended
+    one. With ``mask_instruction`` (items must then be :class:`TokenizedExample`)
+    the targets that are prompt tokens are ignored too. ``allowed_max_length`` keeps
+    only the first that many positions (with a masked prompt longer than that,
+    nothing is left to grade). ``end_of_text=False`` appends nothing: for texts that
+    end themselves (a chat template's end-of-turn); their last token is then the last
+    target.
+
+    The book's example, ``[[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]``, gives the inputs
+    ``[5, 6, 50256, 50256, 50256]`` and targets ``[6, 50256, -100, -100, -100]``
+    for the second sequence; ``[5, 50256, 6]`` beside ``[0, 1, 2, 3, 4]`` gives the
+    targets ``[50256, 6, 50256, -100, -100]``.
+    """
+    examples = [item if isinstance(item, TokenizedExample) else TokenizedExample(list(item), 0)
+                for item in batch]
+    if mask_instruction and not all(isinstance(item, TokenizedExample) for item in batch):
+        raise ValueError("mask_instruction needs TokenizedExample items (ids and prompt length), "
+                         "e.g. from InstructionDataset")
+    end = [pad_token_id] if end_of_text else []
+    width = max(len(example.ids) + len(end) for example in examples)
+    inputs, targets = [], []
+    for ids, prompt_length in examples:
+        ids = ids + end
+        padded = torch.tensor(ids + [pad_token_id] * (width - len(ids)))
+        target = padded[1:].clone()
+        # Positions from len(ids) - 1 on predict padding; the appended end-of-text (the last of
+        # ids), which teaches the model to stop, stays a target.
+        target[len(ids) - 1:] = ignore_index
+        if mask_instruction:
+            # target[j] is token j + 1: positions before prompt_length - 1 predict prompt tokens.
+            target[: max(prompt_length - 1, 0)] = ignore_index
+        inputs.append(padded[:-1])
+        targets.append(target)
+    return torch.stack(inputs)[:, :allowed_max_length], torch.stack(targets)[:, :allowed_max_length]
+
+
+def instruction_dataloader(
+    data: Sequence[Entry],
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    allowed_max_length: int | None = 1024,
+    mask_instruction: bool = False,
+    num_workers: int = 0,
+    prompt_format: PromptFormat = ALPACA,
+) -> DataLoader:
+    """Batches of ``(inputs, targets)`` for :func:`minigpt.training.loop.train_model`."""
+    dataset = InstructionDataset(data, tokenizer, prompt_format)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      collate_fn=dataset.collate_fn(allowed_max_length, mask_instruction), num_workers=num_workers)
+
+
+def example_lengths(targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Each example's length without padding, ``(batch,)``, from the ``(batch, tokens)`` targets
+    of :func:`collate_instructions`: the position of its last scored target, plus 1.
+
+    The ids cannot tell (the padding id is end-of-text, which a text may hold too), the
+    targets can: the appended end-of-text is the last target kept, and the inputs after
+    its position are padding. A row whose targets are all ignored (a masked prompt cut by
+    ``allowed_max_length``) is real tokens only, so it counts as the full width.
+    """
+    scored = targets != ignore_index
+    positions = torch.arange(1, targets.shape[1] + 1, device=targets.device)
+    last = (scored * positions).amax(dim=1)  # 0 where nothing is scored
+    return torch.where(scored.any(dim=1), last, targets.shape[1])
+
+
+def instruction_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The loss for instruction batches ``(inputs, targets)``: the next-token loss, with each
+    example's length (:func:`example_lengths`) given to NEFTune (:mod:`minigpt.finetuning.neftune`).
+    Without NEFTune it equals :func:`minigpt.training.losses.next_token_loss`."""
+    with neftune_lengths(model, example_lengths(batch[1])):
+        return next_token_loss(model, batch)
+
+
+# --- Answering -----------------------------------------------------------------------------
+
+
+def generate_response(
+    model: torch.nn.Module, entry: Entry, tokenizer: Any, max_new_tokens: int = 256, eos_id: int | None = None,
+    prompt_format: PromptFormat = ALPACA,
+) -> str:
+    """The model's greedy answer to the entry's prompt, stopped at end-of-text (``eos_id``,
+    default the tokenizer's, :func:`end_of_text_id`)."""
+    eos_id = end_of_text_id(tokenizer) if eos_id is None else eos_id
+    prompt = torch.tensor([prompt_format.encode(prompt_format.prompt(entry), tokenizer)], device=model.device)
+    out = generate(model, prompt, max_new_tokens, eos_id=eos_id)
+    new = out[0, prompt.shape[1]:].tolist()
+    if eos_id in new:
+        new = new[: new.index(eos_id)]
+    return extract_response(tokenizer.decode(new), prompt_format.header)
+
+
+def generate_responses(
+    model: torch.nn.Module, entries: Sequence[Entry], tokenizer: Any, max_new_tokens: int = 256,
+    progress: bool = True, prompt_format: PromptFormat = ALPACA,
+) -> list[dict[str, str]]:
+    """Each entry with the model's answer added as ``model_response``."""
+    return [
+        {**entry, "model_response": generate_response(model, entry, tokenizer, max_new_tokens,
+                                                      prompt_format=prompt_format)}
+        for entry in tqdm(entries, desc="responses", disable=not progress)
+    ]
+
+
+def save_responses(
+    entries: Sequence[dict[str, str]], path: str | os.PathLike, scores: Sequence[float | None] | None = None
+) -> None:
+    """A JSON list of ``{instruction, input, output, model_response}`` (``output`` is the
+    reference answer), each with its judge ``score`` when ``scores`` are given. Written
+    atomically: an interrupted write leaves the previous file, never half of one."""
+    fields = ("instruction", "input", "output", "model_response")
+    rows = [{field: entry.get(field, "") for field in fields} for entry in entries]
+    if scores is not None:
+        if len(scores) != len(rows):
+            raise ValueError(f"{len(scores)} scores for {len(rows)} responses: give one score (or None) each")
+        for row, score in zip(rows, scores, strict=True):
+            row["score"] = score
+    write_json(path, rows)

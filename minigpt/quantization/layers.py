@@ -1,0 +1,317 @@
+"""Quantized linear layers: the weight lives in 4 or 8 bits and is dequantized inside ``forward``.
+
+The one idea: ``Linear4bit`` / ``Linear8bit`` compute ``x @ W.T + b`` like ``nn.Linear``, but
+hold only the packed weight and its scales (buffers, not parameters: they never train), and
+build the float ``W`` (in ``compute_dtype``) for the one matrix product that needs it.
+
+The memory trick that makes QLoRA worth it is in the backward pass. Autograd would keep the
+dequantized ``W`` alive until backward, one float copy of every layer at once; instead
+:class:`DequantizedMatmul` saves nothing but a reference to the layer and dequantizes again
+to compute ``grad_x = grad_out @ W``. The weight is frozen, so no gradient for ``W`` is formed;
+trainable LoRA adapters added on top (``minigpt.lora.adapters``) get theirs as usual.
+
+Workflow::
+
+    quantize_model(model, "nf4-dq")   # every nn.Linear of the blocks -> Linear4bit, in place
+    quantization_of(model)            # {"scheme": "nf4-dq", "block_size": 64, ...}
+    weight_bytes(model.trf_blocks)    # about 0.13 x the float32 bytes
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from minigpt.runtime.linear import Linear
+from minigpt.runtime.linear import linear as linear_product
+from minigpt.quantization.schemes import (
+    Int8Weight,
+    NF4Weight,
+    check_block_size,
+    check_scheme,
+    dequantize_int8,
+    dequantize_nf4,
+    quantize_int8,
+    quantize_nf4,
+)
+
+DEFAULT_SKIP: tuple[str, ...] = ("tok_emb", "pos_emb", "out_head")
+
+
+class DequantizedMatmul(torch.autograd.Function):
+    """``x @ W.T`` with ``W = layer.dequantized_weight()``, rebuilt in backward instead of saved.
+
+    ``x``: ``(..., in)`` in the layer's compute dtype -> ``(..., out)``. Gradient for ``x`` only.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: _QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer  # a reference, not a tensor: nothing of size (out, in) is kept
+        ctx.x_dtype = x.dtype
+        return linear_product(x, layer.dequantized_weight())
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        # Under autocast grad_out may come in another dtype than the weight; the gradient takes x's.
+        weight = ctx.layer.dequantized_weight()
+        return linear_product(grad_out, weight.to(grad_out.dtype).t()).to(ctx.x_dtype), None  # grad_out @ W
+
+
+class _QuantizedLinear(nn.Module):
+    """What both layers share: sizes, the frozen bias, forward, and ``nn.Linear``-like reporting."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype,
+                 device: torch.device | str | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        # A buffer, not a parameter: the whole base layer is frozen, bias included.
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., in_features) -> (..., out_features)``, computed in ``compute_dtype``, returned in x's dtype."""
+        out = DequantizedMatmul.apply(x.to(self.compute_dtype), self)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.to(x.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.buffers())).device
+
+    def quantized_bytes(self) -> int:
+        """Bytes of the stored weight (packed values and scales), the bias left out."""
+        return sum(t.nbytes for name, t in self.named_buffers() if name != "bias")
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, compute_dtype={self.compute_dtype}")
+
+
+class Linear4bit(_QuantizedLinear):
+    """An ``nn.Linear`` whose ``(out, in)`` weight is stored in blockwise NF4 (see minigpt.quantization.schemes).
+
+    Buffers: ``packed`` uint8, then either ``scales`` float32 (``nf4``) or ``scale_codes`` int8,
+    ``scale_factors`` float32 and ``scale_mean`` float32 (``nf4-dq``), and ``bias`` (or None).
+    The constructor makes empty buffers of the right shapes, ready for ``load_state_dict``;
+    :meth:`from_linear` quantizes an existing layer.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, block_size: int = 64,
+                 double_quant: bool = False, scale_block_size: int = 256,
+                 compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, out_features, bias, compute_dtype, device)
+        self.block_size = check_block_size(block_size)
+        self.scale_block_size = check_block_size(scale_block_size, "scale block size")
+        self.double_quant = double_quant
+        n_blocks = math.ceil(in_features * out_features / block_size)
+        self.register_buffer("packed", torch.zeros(n_blocks * block_size // 2, dtype=torch.uint8, device=device))
+        if double_quant:
+            self.register_buffer("scale_codes", torch.zeros(n_blocks, dtype=torch.int8, device=device))
+            n_factors = math.ceil(n_blocks / scale_block_size)
+            self.register_buffer("scale_factors", torch.ones(n_factors, device=device))
+            self.register_buffer("scale_mean", torch.zeros((), device=device))
+        else:
+            self.register_buffer("scales", torch.zeros(n_blocks, device=device))
+
+    @property
+    def scheme(self) -> str:
+        return "nf4-dq" if self.double_quant else "nf4"
+
+    @classmethod
+    def from_quantized(cls, q: NF4Weight, bias: torch.Tensor | None = None,
+                       compute_dtype: torch.dtype = torch.float32) -> Linear4bit:
+        """A layer holding ``q`` (a 2-D ``(out, in)`` weight) and a copy of ``bias``."""
+        if len(q.shape) != 2:
+            raise ValueError(f"a linear layer's weight is 2-D (out, in), got shape {q.shape}")
+        out_features, in_features = q.shape
+        layer = cls(in_features, out_features, bias is not None, block_size=q.block_size,
+                    double_quant=q.double_quant, scale_block_size=q.scale_block_size,
+                    compute_dtype=compute_dtype, device=q.packed.device)
+        for name, tensor in q.tensors().items():
+            setattr(layer, name, tensor)  # assigning a tensor to a buffer's name replaces the buffer
+        if bias is not None:
+            layer.bias = bias.detach().float().clone()
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: str = "nf4", block_size: int = 64,
+                    compute_dtype: torch.dtype = torch.float32, scale_block_size: int = 256) -> Linear4bit:
+        """Quantize ``linear``'s weight to ``scheme`` ("nf4" or "nf4-dq"), on the weight's device."""
+        if check_scheme(scheme) not in ("nf4", "nf4-dq"):
+            raise ValueError(f"Linear4bit stores 'nf4' or 'nf4-dq', not {scheme!r}; use Linear8bit for 'int8'")
+        q = quantize_nf4(linear.weight, block_size, scheme == "nf4-dq", scale_block_size)
+        return cls.from_quantized(q, linear.bias, compute_dtype)
+
+    def quantized(self) -> NF4Weight:
+        """The stored weight as an :class:`NF4Weight` (the buffers themselves, not copies)."""
+        if self.double_quant:
+            scales = (None, self.scale_codes, self.scale_factors, self.scale_mean)
+        else:
+            scales = (self.scales, None, None, None)
+        return NF4Weight(self.packed, *scales, (self.out_features, self.in_features),
+                         self.block_size, self.scale_block_size)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight, ``(out_features, in_features)`` in ``compute_dtype`` (a new tensor each call)."""
+        return dequantize_nf4(self.quantized(), self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scheme={self.scheme}, block_size={self.block_size}"
+
+
+class Linear8bit(_QuantizedLinear):
+    """An ``nn.Linear`` whose weight is stored as int8 with one float32 scale per output row.
+
+    Buffers: ``data`` int8 ``(out, in)``, ``scales`` float32 ``(out,)``, ``bias`` (or None).
+    """
+
+    scheme = "int8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, out_features, bias, compute_dtype, device)
+        self.register_buffer("data", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.zeros(out_features, device=device))
+
+    @classmethod
+    def from_quantized(cls, q: Int8Weight, bias: torch.Tensor | None = None,
+                       compute_dtype: torch.dtype = torch.float32) -> Linear8bit:
+        """A layer holding ``q`` and a copy of ``bias``."""
+        out_features, in_features = q.data.shape
+        layer = cls(in_features, out_features, bias is not None, compute_dtype=compute_dtype, device=q.data.device)
+        layer.data, layer.scales = q.data, q.scales
+        if bias is not None:
+            layer.bias = bias.detach().float().clone()
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.float32) -> Linear8bit:
+        """Quantize ``linear``'s weight to per-row int8, on the weight's device."""
+        return cls.from_quantized(quantize_int8(linear.weight), linear.bias, compute_dtype)
+
+    def quantized(self) -> Int8Weight:
+        return Int8Weight(self.data, self.scales)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight, ``(out_features, in_features)`` in ``compute_dtype`` (a new tensor each call)."""
+        return dequantize_int8(self.quantized(), self.compute_dtype)
+
+
+QUANTIZED_LAYERS: tuple[type[nn.Module], ...] = (Linear4bit, Linear8bit)
+
+
+def quantize_linear(linear: nn.Linear, scheme: str, *, block_size: int = 64, scale_block_size: int = 256,
+                    compute_dtype: torch.dtype = torch.float32) -> Linear4bit | Linear8bit:
+    """The quantized replacement of one ``nn.Linear`` (layer-by-layer loading builds on this)."""
+    if check_scheme(scheme) == "int8":
+        return Linear8bit.from_linear(linear, compute_dtype)
+    return Linear4bit.from_linear(linear, scheme, block_size, compute_dtype, scale_block_size)
+
+
+def _skipped(name: str, skip: Sequence[str]) -> bool:
+    """Whether a dotted module name is, or lies inside, or ends with one of the ``skip`` patterns."""
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p)
+               or name.startswith(p + ".") for p in skip)
+
+
+def quantize_model(model: nn.Module, scheme: str, *, skip: Sequence[str] = DEFAULT_SKIP, block_size: int = 64,
+                   scale_block_size: int = 256, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` not named in ``skip`` by its quantized layer, in place.
+
+    ``skip`` holds module-name patterns (``fnmatch``; a pattern also matches a name's dotted
+    endings and everything inside it). By default the embeddings and the output head stay in
+    full precision, as in QLoRA: they are a small part of a large model and the most sensitive.
+    Each layer is quantized on its own device and its float weight freed right after.
+    Returns ``model``.
+    """
+    check_scheme(scheme)
+    check_block_size(block_size)
+    check_block_size(scale_block_size, "scale block size")
+    if isinstance(skip, str):
+        raise TypeError(f"skip must be a list of module names, e.g. [{skip!r}], not a string")
+    if is_quantized(model):
+        raise ValueError(f"model is already quantized ({quantization_of(model)['scheme']}); "
+                         "quantize a full-precision model instead")
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(name, skip)]
+    if not names:
+        raise ValueError(f"model has no nn.Linear layer outside skip={list(skip)} to quantize")
+    for name in names:
+        quantized = quantize_linear(model.get_submodule(name), scheme, block_size=block_size,
+                                    scale_block_size=scale_block_size, compute_dtype=compute_dtype)
+        _set_submodule(model, name, quantized)
+    return model
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Put a plain ``nn.Linear`` back in place of every quantized layer, in place, holding the
+    dequantized weight (in ``dtype``, by default each layer's compute dtype) and its bias.
+
+    The rounding of quantization stays: the result computes what the quantized model
+    computes, in full precision (e.g. to merge LoRA adapters into it). Returns ``model``.
+    """
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]
+    if not layers:
+        raise ValueError("model has no quantized layers to dequantize")
+    for name, layer in layers:
+        weight = layer.dequantized_weight().to(dtype or layer.compute_dtype)
+        linear = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                        device="meta", dtype=weight.dtype)
+        linear.weight = nn.Parameter(weight)
+        if layer.bias is not None:
+            linear.bias = nn.Parameter(layer.bias.to(weight.dtype))
+        _set_submodule(model, name, linear)
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` is a quantized linear layer."""
+    return any(isinstance(m, QUANTIZED_LAYERS) for m in model.modules())
+
+
+def quantization_of(model: nn.Module) -> dict[str, Any] | None:
+    """The quantization settings of ``model`` (what a saved quantized model records), or None.
+
+    ``{"scheme", "block_size", "scale_block_size", "compute_dtype", "modules"}``; the block sizes
+    are None for int8. Raises ValueError for a model whose layers use different settings.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)}
+    if not layers:
+        return None
+    settings = {(m.scheme, getattr(m, "block_size", None), getattr(m, "scale_block_size", None),
+                 str(m.compute_dtype).removeprefix("torch.")) for m in layers.values()}
+    if len(settings) > 1:
+        raise ValueError(f"the quantized layers of this model use different settings {sorted(settings)}")
+    scheme, block_size, scale_block_size, compute_dtype = settings.pop()
+    return {"scheme": scheme, "block_size": block_size, "scale_block_size": scale_block_size,
+            "compute_dtype": compute_dtype, "modules": list(layers)}
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weight matrices of ``model``'s linear layers, as stored: float ``nn.Linear``
+    weights and quantized layers' packed values and scales (biases left out; a shared weight once)."""
+    seen: set[int] = set()
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QUANTIZED_LAYERS):
+            total += m.quantized_bytes()
+        elif isinstance(m, nn.Linear) and id(m.weight) not in seen:
+            seen.add(id(m.weight))
+            total += m.weight.nbytes
+    return total

@@ -1,0 +1,298 @@
+"""Measuring a model (book ch. 5): how surprised is it by the tokens that really come next?
+
+The one idea: the loss of one prediction is ``-log p(the true next token)``, the
+cross-entropy; a model's loss on a text is the mean over all of its predictions.
+
+* :func:`calc_loss_batch`: the book's function, one batch of ``(inputs, targets)``;
+* :data:`LossFn`: the shape of every loss the training loop can use,
+  ``loss_fn(model, batch) -> scalar``, with the batch already on the model's device
+  (:func:`to_device`). :func:`next_token_loss` is pretraining's; classification,
+  instruction and preference tuning bring their own and share the loop. A loss may
+  also return ``(scalar, metrics)``, figures to log beside it (:func:`loss_and_metrics`);
+* :func:`calc_loss_loader`, :func:`evaluate_model`: the mean over a whole loader (or its
+  first batches): every batch counts by its number of scored targets, so the result is
+  the true mean over the split, a last short batch included;
+* :func:`perplexity`: the loss as "as unsure as choosing among this many tokens";
+* :func:`sliding_window_perplexity`: the perplexity of one long text, longer than the
+  context, each token scored once with as much left context as a window allows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from minigpt.generation.generate import token_logprobs
+from minigpt.models.gpt2.model import evaluating
+
+IGNORE_INDEX = -100  # targets with this id add nothing to the loss (padding, prompts)
+
+# A loss function maps (the model, one batch from the loader, on the device) to a scalar loss,
+# or to (scalar loss, {name: figure}) with figures to record beside the loss (each a mean over the batch).
+Metrics = Mapping[str, torch.Tensor | float]
+LossFn = Callable[[nn.Module, Any], torch.Tensor | tuple[torch.Tensor, Metrics]]
+
+# Keys by which a dict batch states its own counts (see scored_targets and input_tokens).
+NUM_SCORED, NUM_TOKENS = "num_scored", "num_tokens"
+
+
+def loss_and_metrics(output: torch.Tensor | tuple[torch.Tensor, Metrics]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """What a :data:`LossFn` returned as ``(loss, metrics)``: a bare loss has no metrics."""
+    if isinstance(output, (tuple, list)):
+        loss, metrics = output
+        return loss, dict(metrics)
+    return output, {}
+
+
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` with every tensor in it moved to ``device``: a tensor, or tuples, lists and
+    dicts of them (nested); anything else is returned unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch
+
+
+def calc_loss_batch(
+    input_batch: torch.Tensor, target_batch: torch.Tensor, model: nn.Module, device: torch.device | str
+) -> torch.Tensor:
+    """Mean cross-entropy of one batch: ``(batch, tokens)`` ids and targets -> a scalar.
+
+    Every position is one prediction: the logits ``(batch, tokens, vocab)`` are flattened
+    to ``(batch * tokens, vocab)`` rows scored against the ``batch * tokens`` targets.
+    Targets equal to ``-100`` are skipped (fine-tuning marks padding and prompts so).
+    """
+    logits = model(input_batch.to(device))
+    # float32 for the softmax even under autocast: its sums lose digits in 16 bits.
+    return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.to(device).flatten(),
+                           ignore_index=IGNORE_INDEX)
+
+
+def next_token_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The default :data:`LossFn`: ``batch`` is ``(inputs, targets)``, scored by :func:`calc_loss_batch`."""
+    input_batch, target_batch = batch
+    return calc_loss_batch(input_batch, target_batch, model, input_batch.device)
+
+
+def scored_targets(batch: Any) -> int:
+    """How many predictions the mean loss of ``batch`` averages over: its targets (the
+    second item of an ``(inputs, targets, ...)`` batch, or ``batch["targets"]``) that are
+    not ``-100``. A batch of another shape counts its rows (the first tensor's length),
+    unless it is a dict that states the count itself as ``batch["num_scored"]`` (e.g. the
+    pairs of a preference batch)."""
+    if isinstance(batch, Mapping) and NUM_SCORED in batch:
+        return int(batch[NUM_SCORED])
+    if isinstance(batch, Mapping) and "targets" in batch:
+        targets = batch["targets"]
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
+        targets = batch[1]
+    else:
+        first = next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]
+        return len(first)
+    return int((targets != IGNORE_INDEX).sum())
+
+
+def input_tokens(batch: Any) -> int:
+    """How many tokens ``batch`` feeds the model: the size of its first tensor (the input ids),
+    or what a dict batch states as ``batch["num_tokens"]`` (a preference batch feeds two)."""
+    if isinstance(batch, Mapping) and NUM_TOKENS in batch:
+        return int(batch[NUM_TOKENS])
+    while not isinstance(batch, torch.Tensor):
+        batch = next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]
+    return batch.numel()
+
+
+@torch.no_grad()
+def summed_loss(
+    data_loader: Iterable,
+    model: nn.Module,
+    device: torch.device | str,
+    num_batches: int | None = None,
+    loss_fn: LossFn = next_token_loss,
+) -> tuple[float, int]:
+    """``(sum of every scored prediction's loss, number of scored predictions)`` over the
+    first ``num_batches`` batches (all when None). ``(0.0, 0)`` for an empty loader.
+
+    Sums rather than a mean, so that several processes (or splits) can be combined
+    exactly: ``sum(totals) / sum(counts)``. Batches whose targets are all ``-100`` score
+    nothing and are skipped (their mean loss would be NaN).
+    """
+    total, count, _ = summed_loss_and_metrics(data_loader, model, device, num_batches, loss_fn)
+    return total, count
+
+
+@torch.no_grad()
+def summed_loss_and_metrics(
+    data_loader: Iterable,
+    model: nn.Module,
+    device: torch.device | str,
+    num_batches: int | None = None,
+    loss_fn: LossFn = next_token_loss,
+) -> tuple[float, int, dict[str, float]]:
+    """:func:`summed_loss` plus the sums of the metrics the loss function returns beside
+    the loss, each weighted like the loss by its batch's count: ``sums[name] / count`` is
+    the metric's mean over every scored item. Empty for a loss without metrics."""
+    total, count, sums = 0.0, 0, {}
+    for i, batch in enumerate(data_loader):
+        if num_batches is not None and i >= num_batches:
+            break
+        n = scored_targets(batch)
+        if n:
+            loss, metrics = loss_and_metrics(loss_fn(model, to_device(batch, device)))
+            total += loss.item() * n
+            count += n
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * n
+    return total, count, sums
+
+
+def calc_loss_loader(
+    data_loader: Iterable,
+    model: nn.Module,
+    device: torch.device | str,
+    num_batches: int | None = None,
+    loss_fn: LossFn = next_token_loss,
+) -> float:
+    """Mean loss per scored target over the first ``num_batches`` batches: an estimate
+    over those batches, or, when ``num_batches`` is None, the loss over the whole loader.
+
+    Each batch counts by its number of scored targets (see :func:`scored_targets`), so a
+    last, shorter batch weighs what it holds and the result is the true mean over the
+    split, not a mean of batch means. An empty loader is an error: there is nothing to
+    measure.
+    """
+    total, count = summed_loss(data_loader, model, device, num_batches, loss_fn)
+    if count == 0:
+        raise ValueError(
+            "there is nothing to measure the loss on: the loader yields no batches (or only fully masked "
+            "targets). Its split is shorter than one window: use a shorter context length, give that split "
+            "a larger share of the text, or use a larger corpus")
+    return total / count
+
+
+def evaluation_scope(data_loader: Iterable, num_batches: int | None) -> str:
+    """What a loss over the first ``num_batches`` batches of ``data_loader`` measures:
+    ``"whole split"``, or ``"estimate over 5 of 12 batches"``."""
+    try:
+        total = len(data_loader)
+    except TypeError:  # a loader of unknown length
+        total = None
+    if num_batches is None or (total is not None and num_batches >= total):
+        return "whole split"
+    return f"estimate over {num_batches} of {total} batches" if total is not None else \
+        f"estimate over {num_batches} batches"
+
+
+def evaluate_model(
+    model: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    device: torch.device | str,
+    eval_iter: int | None,
+    loss_fn: LossFn = next_token_loss,
+) -> tuple[float, float]:
+    """``(train loss, validation loss)`` over ``eval_iter`` batches of each (all when
+    None), with dropout off; the model's mode is restored afterwards."""
+    with evaluating(model):
+        train_loss = calc_loss_loader(train_loader, model, device, eval_iter, loss_fn)
+        val_loss = calc_loss_loader(val_loader, model, device, eval_iter, loss_fn)
+    return train_loss, val_loss
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``: the number of tokens the model is, on average, as unsure as if
+    choosing uniformly among (50,257 for an untrained GPT-2, 1 for a perfect one)."""
+    return math.exp(loss) if loss < 709 else math.inf  # exp overflows a float beyond 709
+
+
+# --- Perplexity of a long text ---------------------------------------------------------------
+
+
+@dataclass
+class PerplexityResult:
+    """The mean loss over ``tokens`` predictions (every token of the text but the first,
+    and with ``stride == context_length`` but the first of each window), scored in
+    ``windows`` windows of at most ``context_length`` tokens moved by ``stride``."""
+
+    loss: float
+    perplexity: float
+    tokens: int
+    windows: int
+    context_length: int
+    stride: int
+
+
+def sliding_windows(num_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, end, new)`` for each window ``ids[begin:end]``: windows start every ``stride``
+    tokens, and only the ``new`` tokens at each window's end, those no earlier window
+    scored, count. The last window ends at the text's end."""
+    windows, previous_end = [], 0
+    for begin in range(0, num_tokens, stride):
+        end = min(begin + context_length, num_tokens)
+        windows.append((begin, end, end - previous_end))
+        previous_end = end
+        if end == num_tokens:
+            break
+    return windows
+
+
+def _batches(windows: Sequence[tuple[int, int, int]], batch_size: int) -> Iterator[list[tuple[int, int, int]]]:
+    """Consecutive windows of one length, at most ``batch_size`` at a time (only the last
+    window of a text may be shorter, so this costs at most one extra batch)."""
+    batch: list[tuple[int, int, int]] = []
+    for window in windows:
+        if batch and (len(batch) == batch_size or window[1] - window[0] != batch[0][1] - batch[0][0]):
+            yield batch
+            batch = []
+        batch.append(window)
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def sliding_window_perplexity(model: nn.Module, ids: Sequence[int] | torch.Tensor, context_length: int | None = None,
+                              stride: int | None = None, batch_size: int = 4,
+                              progress: bool = False) -> PerplexityResult:
+    """The perplexity of the token ids ``ids`` (``(tokens,)``), a text of any length.
+
+    The method ``transformers`` documents: windows of ``context_length`` tokens (default:
+    the model's) start every ``stride`` tokens (default: half the context); each window
+    scores only its tokens that no earlier window scored, so every token but the first is
+    predicted exactly once, with ``context_length - stride`` tokens of left context at
+    least (``stride = 1``: the most context, one window per token; ``stride =
+    context_length``: separate windows, faster and more pessimistic, whose first tokens
+    go unscored, as nothing in their window precedes them). Windows are run
+    ``batch_size`` at a time, in eval mode.
+    """
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    n = context_length or model.cfg.context_length
+    stride = stride or max(1, n // 2)
+    if not 2 <= n <= model.cfg.context_length:
+        raise ValueError(f"context_length must be in [2, {model.cfg.context_length}] (the model's), got {n}")
+    if not 1 <= stride <= n:
+        raise ValueError(f"stride must be in [1, {n}] (the context length), else tokens between windows go unscored; "
+                         f"got {stride}")
+    if len(ids) < 2:
+        raise ValueError(f"the text has {len(ids)} token(s): perplexity needs two at least")
+    windows = sliding_windows(len(ids), n, stride)
+    total, count = 0.0, 0
+    with evaluating(model):
+        for batch in tqdm(list(_batches(windows, batch_size)), desc="perplexity", disable=not progress):
+            x = torch.stack([ids[begin:end] for begin, end, _ in batch]).to(model.device)  # (batch, tokens)
+            nll = -token_logprobs(model, x)  # (batch, tokens - 1): the surprise of tokens 1..
+            for row, (begin, end, new) in zip(nll, batch, strict=True):
+                scored = min(new, end - begin - 1)  # a text's first token has nothing to predict it
+                total += row[-scored:].sum().item()
+                count += scored
+    loss = total / count
+    return PerplexityResult(loss, perplexity(loss), count, len(windows), n, stride)
