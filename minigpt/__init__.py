@@ -23,8 +23,8 @@ The one exception: ``GPTModel.from_pretrained`` and ``save_pretrained`` import
 ``weights`` when called, so a model can load itself.
 """
 
-from minigpt.models.gpt2.config import PRESETS, GPTConfig
 from minigpt.generation.generate import generate, stream_generate, text_to_token_ids, token_ids_to_text
+from minigpt.models.gpt2.config import PRESETS, GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 
 __version__ = "0.1.0"

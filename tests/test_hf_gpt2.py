@@ -204,7 +204,7 @@ def rewrite_checkpoint(source: Path, target: Path, edit_tensors=None, edit_confi
     ("reorder_and_upcast_attn", True),
     ("layer_norm_epsilon", 1e-6),
     ("n_inner", 100),
-    ("model_type", "llama"),
+    ("model_type", "gpt_neo"),
 ])
 def test_unsupported_hf_config_is_refused(hf_checkpoint, tmp_path, field, value):
     _, directory = hf_checkpoint("tiny")

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from minigpt.io import hub
 from minigpt.generation.generate import generate
-from minigpt.models.llama.hf_layout import export_llama, load_llama
+from minigpt.models.llama.hf_layout import export_llama
+from minigpt.models.loader import load
 from minigpt.runtime.linear import Linear
 from minigpt.models.llama.model import LlamaModel
 
@@ -78,7 +79,7 @@ def test_logits_equal_transformers_at_full_context(tmp_path, one_thread, name, d
     directory = saved(name, tmp_path, dtype, sharded)
     assert (directory / "model.safetensors.index.json").is_file() == sharded
     reference = reference_from(directory)  # both in float32: the bfloat16 file's values exactly
-    model = load_llama(directory, dtype=torch.float32).eval()
+    model = load(directory, dtype=torch.float32).eval()
     ids = random_ids(model.cfg.vocab_size)
     with torch.no_grad():
         expected = reference(ids).logits
@@ -90,7 +91,7 @@ def test_logits_equal_transformers_at_full_context(tmp_path, one_thread, name, d
 @pytest.mark.parametrize("name", CONFIGS)
 def test_greedy_continuations_equal_transformers_generate(tmp_path, one_thread, name):
     directory = saved(name, tmp_path)
-    reference, model = reference_from(directory), load_llama(directory).eval()
+    reference, model = reference_from(directory), load(directory).eval()
     prompt = random_ids(model.cfg.vocab_size, tokens=8)
     expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16,
                                   do_sample=False, pad_token_id=0)
@@ -101,7 +102,7 @@ def test_greedy_continuations_equal_transformers_generate(tmp_path, one_thread, 
 @pytest.mark.parametrize("name", ["smollm2", "llama3-gqa", "qwen3"])
 def test_bfloat16_logits_and_continuations_equal_transformers_bit_for_bit(tmp_path, one_thread, name):
     directory = saved(name, tmp_path, torch.bfloat16)
-    reference, model = reference_from(directory, torch.bfloat16), load_llama(directory).eval()
+    reference, model = reference_from(directory, torch.bfloat16), load(directory).eval()
     ids = random_ids(model.cfg.vocab_size)
     with torch.no_grad():
         assert torch.equal(model(ids), reference(ids).logits)
@@ -113,7 +114,7 @@ def test_bfloat16_logits_and_continuations_equal_transformers_bit_for_bit(tmp_pa
 
 def test_left_padded_batch_equals_transformers(tmp_path, one_thread):
     directory = saved("llama3-gqa", tmp_path)
-    reference, model = reference_from(directory), load_llama(directory).eval()
+    reference, model = reference_from(directory), load(directory).eval()
     ids = random_ids(512)
     mask = torch.ones_like(ids)
     mask[0, :7] = 0  # row 0 is left-padded
@@ -125,7 +126,7 @@ def test_left_padded_batch_equals_transformers(tmp_path, one_thread):
 
 def test_bfloat16_file_loads_as_bfloat16_views(tmp_path):
     directory = saved("smollm2", tmp_path, torch.bfloat16)
-    model = load_llama(directory)
+    model = load(directory)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.out_head.weight is model.tok_emb.weight  # the tied head is one tensor
     stored = load_file(directory / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]
@@ -134,7 +135,7 @@ def test_bfloat16_file_loads_as_bfloat16_views(tmp_path):
 
 @pytest.mark.parametrize("name", ["llama-mha", "qwen3"])
 def test_export_round_trips_through_transformers(tmp_path, one_thread, name):
-    model = load_llama(saved(name, tmp_path / "in")).eval()
+    model = load(saved(name, tmp_path / "in")).eval()
     model.save_pretrained(tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == CONFIGS[name][0].removesuffix("Config").lower()
@@ -151,7 +152,7 @@ def test_loading_quantized_replaces_the_block_linears(tmp_path):
     from minigpt.quantization.layers import QUANTIZED_LAYERS, is_quantized
 
     directory = saved("llama-mha", tmp_path)
-    full, quantized = load_llama(directory).eval(), load_llama(directory, quantize="nf4").eval()
+    full, quantized = load(directory).eval(), load(directory, quantize="nf4").eval()
     assert is_quantized(quantized) and isinstance(quantized.trf_blocks[0].ff.fc2, QUANTIZED_LAYERS)
     assert type(quantized.out_head) is Linear  # the head stays in full precision
     ids = random_ids(full.cfg.vocab_size)
@@ -163,7 +164,7 @@ def test_loading_quantized_replaces_the_block_linears(tmp_path):
 def test_export_refuses_lora_layers(tmp_path):
     from minigpt.lora.adapters import apply_lora
 
-    model = load_llama(saved("llama-mha", tmp_path / "in"))
+    model = load(saved("llama-mha", tmp_path / "in"))
     apply_lora(model, rank=2, alpha=2)
     with pytest.raises(ValueError, match="merge_lora"):
         export_llama(model, tmp_path / "out")
@@ -176,7 +177,7 @@ def test_missing_or_misshapen_tensors_are_named(tmp_path):
     tensors["model.norm.weight"] = torch.ones(7)
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError) as err:
-        load_llama(directory)
+        load(directory)
     assert "model.layers.1.self_attn.k_proj.weight" in str(err.value)
     assert "model.norm.weight" in str(err.value)
 
@@ -186,12 +187,12 @@ def test_truncated_file_and_missing_config_fail_clearly(tmp_path):
     weights = directory / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        load_llama(directory)
+        load(directory)
     (directory / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        load_llama(directory)
-    with pytest.raises(ValueError, match="neither a known model name"):
-        load_llama(tmp_path / "nowhere")
+        load(directory)
+    with pytest.raises(ValueError, match="nowhere'. no such directory"):
+        load(tmp_path / "nowhere")
 
 
 def test_unsupported_variant_is_refused_by_name(tmp_path):
@@ -200,7 +201,7 @@ def test_unsupported_variant_is_refused_by_name(tmp_path):
     config["hidden_act"] = "gelu"
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
-        load_llama(directory)
+        load(directory)
 
 
 # ---------------------------------------------------------------------------- names on the hub
@@ -209,7 +210,7 @@ def test_a_known_name_in_the_data_dir_loads_without_network(tmp_path, monkeypatc
     saved("smollm2", tmp_path / "smollm2-135m")
     monkeypatch.setenv("MINIGPT_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert load_llama("smollm2-135m").cfg.n_kv_heads == 3
+    assert load("smollm2-135m").cfg.n_kv_heads == 3
 
 
 def test_gated_model_without_a_token_says_how_to_get_access(tmp_path, monkeypatch):
@@ -302,7 +303,7 @@ def test_a_name_downloads_its_pinned_commit_weights_and_tokenizer_only(tmp_path,
     assert not (directory / "README.md").exists() and not (directory / "model.onnx").exists()
     commit = hub.LLAMA_REPOS["smollm2-135m"][1]
     assert all(commit in path for _, path in server.requests)  # never "main": always the pinned commit
-    assert load_llama("smollm2-135m", weights_dir=tmp_path / "weights").cfg.n_heads == 9
+    assert load("smollm2-135m", weights_dir=tmp_path / "weights").cfg.n_heads == 9
     server.requests.clear()
     hub.download_llama("smollm2-135m", tmp_path / "weights", progress=False)
     assert server.requests == []  # a complete earlier download is used without asking the hub

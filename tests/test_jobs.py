@@ -10,18 +10,19 @@ import os
 import signal
 
 import pytest
+import torch
 
-from minigpt.runtime import runtime
 from minigpt.finetuning.classification import classify, load_classifier
-from minigpt.models.gpt2.config import GPTConfig
 from minigpt.jobs.classify import ClassifyConfig, finetune_classifier
 from minigpt.jobs.dpo import DPOConfig
 from minigpt.jobs.evaluate import EvalConfig, evaluate
-from minigpt.jobs.finetune import load_model
 from minigpt.jobs.info import preset_sizes
 from minigpt.jobs.instruct import InstructConfig, finetune_instructions
 from minigpt.jobs.pretrain import PretrainConfig, default_prompt, pretrain, windows, word_pair_share, words
+from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
+from minigpt.models.loader import load
+from minigpt.runtime import runtime
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 from minigpt.training.loop import TrainConfig, TrainingInterrupted
 
@@ -172,12 +173,13 @@ class signal_after_step(logging.Handler):
 # ----------------------------------------------------------------------- fine-tuning
 
 
-def test_load_model_takes_a_name_a_directory_or_a_preset(tmp_path):
+def test_load_takes_a_name_a_directory_or_a_preset(tmp_path):
     GPTModel(SMALL).save_pretrained(tmp_path)
-    assert load_model(str(tmp_path)).cfg == SMALL
-    assert load_model("tiny").cfg == GPTConfig.from_preset("tiny")
-    with pytest.raises(ValueError, match="neither a GPT-2 name .* a directory, nor a preset"):
-        load_model("gpt2-tiny")
+    assert load(str(tmp_path)).cfg == SMALL
+    assert load("tiny").cfg == GPTConfig.from_preset("tiny")
+    with pytest.raises(ValueError, match="not a model minigpt knows: did you mean 'gpt2-small'.* smollm2-135m"):
+        load("gpt2-smal")
+    assert load("random:smollm2-135m", dtype=torch.bfloat16).tok_emb.weight.dtype == torch.bfloat16
 
 
 def spam_like(tmp_path, rows: int = 40):

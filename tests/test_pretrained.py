@@ -7,7 +7,8 @@ import torch
 
 from minigpt.models.llama.model import LlamaModel
 from minigpt.models.gpt2.model import GPTModel
-from minigpt.models.loader import chat_template_of, is_llama, load_model, load_tokenizer
+from minigpt.models.loader import chat_template_of, load, load_tokenizer, resolve
+from minigpt.models.registry import family_of_name
 from minigpt.quantization.layers import is_quantized
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
@@ -51,8 +52,8 @@ def _gpt2_dir(tmp_path):
 
 def test_a_llama_directory_loads_as_llama_with_the_logits_of_transformers(tmp_path, one_thread):
     directory, reference = _llama_dir(tmp_path, with_tokenizer=False)
-    assert is_llama(directory)
-    model = load_model(directory)
+    assert resolve(directory).family.name == "llama"
+    model = load(directory)
     assert isinstance(model, LlamaModel)
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -61,10 +62,11 @@ def test_a_llama_directory_loads_as_llama_with_the_logits_of_transformers(tmp_pa
 
 def test_a_gpt2_directory_loads_as_gpt2_and_quantized_on_request(tmp_path, one_thread):
     directory = _gpt2_dir(tmp_path)
-    assert not is_llama(directory) and not is_llama("gpt2-small") and is_llama("smollm2-135m")
-    assert isinstance(load_model(directory), GPTModel)
-    assert is_quantized(load_model(directory, quantize="nf4"))
-    assert isinstance(load_model(_llama_dir(tmp_path, with_tokenizer=False)[0], quantize="nf4"), LlamaModel)
+    assert resolve(directory).family.name == "gpt2"
+    assert family_of_name("gpt2-small").name == "gpt2" and family_of_name("smollm2-135m").name == "llama"
+    assert isinstance(load(directory), GPTModel)
+    assert is_quantized(load(directory, quantize="nf4"))
+    assert isinstance(load(_llama_dir(tmp_path, with_tokenizer=False)[0], quantize="nf4"), LlamaModel)
 
 
 def test_tokenizer_and_template_follow_the_model(tmp_path):

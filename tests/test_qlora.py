@@ -39,7 +39,8 @@ from minigpt.quantization.schemes import SCHEMES, quantized_bytes
 from minigpt.quantization.layers import QUANTIZED_LAYERS, Linear4bit, Linear8bit, is_quantized, quantize_model
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 from minigpt.training.loop import TrainingInterrupted
-from minigpt.models.gpt2.weights import load_config, load_state
+from minigpt.models.gpt2.weights import load_config
+from minigpt.training.checkpoint import load_state
 
 SMALL = GPTConfig(vocab_size=97, context_length=16, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
                   qkv_bias=True, tie_weights=True)

@@ -21,7 +21,7 @@ from minigpt.jobs.generate import GenerateConfig, generate_text
 from minigpt.jobs.instruct import InstructConfig, finetune_instructions
 from minigpt.models.llama.model import LlamaConfig, LlamaModel
 from minigpt.models.gpt2.model import GPTModel
-from minigpt.models.loader import load_model
+from minigpt.models.loader import load
 from minigpt.quantization.layers import is_quantized, quantize_model
 
 
@@ -58,7 +58,7 @@ def test_generate_uses_the_model_s_own_tokenizer_quantized(llama_dir):
     settings = GenerateConfig(model=str(llama_dir), prompt="Hello", max_new_tokens=4, quantize="nf4", device="cpu")
     text = generate_text(settings)
     tokenizer = load_hf_tokenizer(llama_dir)
-    model = quantize_model(load_model(llama_dir), "nf4").eval()
+    model = quantize_model(load(llama_dir), "nf4").eval()
     ids = torch.tensor([tokenizer.encode("Hello", allowed_special="all")])
     expected = model(ids).argmax(-1)[0, -1].item()  # the first greedy token
     assert text.prompt == "Hello" and "".join(text.pieces).startswith(tokenizer.decode([expected]))
@@ -72,7 +72,7 @@ def test_qlora_instruction_tuning_then_dpo_on_a_llama_directory(llama_dir, tmp_p
                               batch_size=4, lr=1e-3, max_new_tokens=3, device="cpu", lora_rank=4, quantize="nf4")
     metrics = finetune_instructions(instruct, progress=False)
     assert metrics["responses"] == 2
-    tuned = load_model(tmp_path / "instruct")  # its tokenizer and template were copied next to it
+    tuned = load(tmp_path / "instruct")  # its tokenizer and template were copied next to it
     assert isinstance(tuned, LlamaModel) and not is_quantized(tuned)
     tokenizer = load_hf_tokenizer(tmp_path / "instruct")
     chat = ChatTemplateFormat.from_directory(tmp_path / "instruct", tokenizer)
@@ -85,4 +85,4 @@ def test_qlora_instruction_tuning_then_dpo_on_a_llama_directory(llama_dir, tmp_p
                     device="cpu", lora_rank=2, quantize="nf4-dq")
     metrics = finetune_dpo(dpo, progress=False)
     assert metrics["reference"] == "adapters off" and metrics["val_before"]["rewards/margins"] == 0.0
-    assert isinstance(load_model(tmp_path / "dpo"), LlamaModel)
+    assert isinstance(load(tmp_path / "dpo"), LlamaModel)

@@ -22,7 +22,8 @@ from minigpt.models.gpt2.config import GPTConfig
 from minigpt.data.windows import GPTDataset
 from minigpt.training.distributed import sharded_loader
 from minigpt.training.losses import calc_loss_loader, next_token_loss
-from minigpt.models.gpt2.model import GPTModel, evaluating
+from minigpt.models.base import evaluating
+from minigpt.models.gpt2.model import GPTModel
 from minigpt.training.optim import create_optimizer, lr_at_step, param_groups
 from minigpt.training.plots import plot_losses, plot_lr
 from minigpt.runtime.runtime import default_precision, resolve_precision

@@ -22,7 +22,8 @@ from minigpt.models.gpt2.config import GPTConfig
 from minigpt.io.files import sha256_of
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.io.state_dict import tensor_mismatches
-from minigpt.models.gpt2.weights import load_state, read_safetensors
+from minigpt.io.weight_files import read_safetensors
+from minigpt.training.checkpoint import load_state
 
 REPO = Path(__file__).resolve().parents[1]
 

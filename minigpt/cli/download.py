@@ -8,15 +8,16 @@ HELP = "download OpenAI's GPT-2 weights or a Llama-family checkpoint (SmolLM2, Q
 
 
 def add(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
-    from minigpt.io.hub import GPT2_REPOS, LLAMA_REPOS, default_weights_dir
+    from minigpt.io.hub import default_weights_dir
+    from minigpt.models.registry import known_names
 
-    p.add_argument("name", choices=[*GPT2_REPOS, *LLAMA_REPOS])
+    p.add_argument("name", choices=known_names())
     p.add_argument("--weights-dir", help=f"where to keep them (default: {default_weights_dir()})")
 
 
 def run(args: argparse.Namespace) -> int:
-    from minigpt.io.hub import GPT2_REPOS, download_gpt2, download_llama
+    from minigpt.models.registry import family_of_name
 
-    download = download_gpt2 if args.name in GPT2_REPOS else download_llama
-    print(f"{args.name} is in {download(args.name, args.weights_dir)}")
+    directory = family_of_name(args.name).download(args.name, args.weights_dir)
+    print(f"{args.name} is in {directory}")
     return 0

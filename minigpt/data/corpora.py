@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from minigpt.io import sources
 from minigpt.data.windows import tokenize
+from minigpt.io import sources
 from minigpt.io.download import PinnedFile, fetch
 from minigpt.io.files import atomic_write, cache_dir
 from minigpt.tokenizers.gpt2 import ENDOFTEXT, get_gpt2_tokenizer

@@ -1,1 +1,3 @@
-"""Is the fine-tuned model better, and did it forget? Perplexity, judges, the pairwise win rate, ROUGE-L, the lm-eval bridge."""
+"""Is the fine-tuned model better, and did it forget? Perplexity, judges, the pairwise win rate,
+ROUGE-L, the lm-eval bridge.
+"""

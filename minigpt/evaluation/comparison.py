@@ -35,8 +35,8 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm import tqdm
 
-from minigpt.io.files import atomic_write
-from minigpt.generation.generate import check_sampling, generate_batch
+from minigpt.evaluation.pairwise import Outcome, PairJudge, PairVerdict, judge_both_orders
+from minigpt.evaluation.rouge import words
 from minigpt.finetuning.instruction import (
     ALPACA,
     Entry,
@@ -47,9 +47,9 @@ from minigpt.finetuning.instruction import (
     load_instruction_data,
     split_instruction_data,
 )
-from minigpt.evaluation.pairwise import Outcome, PairJudge, PairVerdict, judge_both_orders
+from minigpt.generation.generate import check_sampling, generate_batch
+from minigpt.io.files import atomic_write
 from minigpt.training.plots import BEFORE_COLOR, TRAIN_COLOR, VAL_COLOR, new_figure, save_figure
-from minigpt.evaluation.rouge import words
 
 OUTCOME_VALUE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 

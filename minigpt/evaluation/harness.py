@@ -47,7 +47,7 @@ except ImportError as err:  # an optional dependency: say how to get it
 
 from minigpt.data.windows import tokenize
 from minigpt.generation.generate import check_sampling, pad_prompts, stream_generate, token_logprobs
-from minigpt.models.loader import load_model, load_tokenizer
+from minigpt.models.loader import load, load_tokenizer
 from minigpt.quantization.layers import quantization_of
 from minigpt.runtime.runtime import select_device
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
@@ -67,7 +67,7 @@ class MiniGPTLM(TemplateLM):
     """lm-evaluation-harness's language-model interface over a minigpt model.
 
     ``pretrained`` is a model already built (its device kept unless ``device`` is given) or
-    what :func:`minigpt.models.loader.load_model` loads: a GPT-2 or Llama-family name
+    what :func:`minigpt.models.load` loads: a GPT-2 or Llama-family name
     (``gpt2-small``, ``smollm2-135m``), a Hugging Face directory, a weights or run directory.
     ``tokenizer`` needs tiktoken's interface (when unset: the model's own). ``batch_size`` requests are scored at
     once; ``max_length`` shortens the context the model reads (its ``context_length`` when
@@ -94,7 +94,7 @@ class MiniGPTLM(TemplateLM):
                                  "already built with minigpt.quantization.layers.quantize_model")
             model = pretrained if device is None else pretrained.to(select_device(device))
         else:
-            model = load_model(pretrained, quantize=quantize, device=select_device(device))
+            model = load(pretrained, quantize=quantize, device=select_device(device))
         if dtype is not None:
             if dtype not in DTYPES:
                 raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -279,7 +279,8 @@ def _whole_number(name: str, value: int | str) -> int:
     return number
 
 
-if __name__ == "__main__":  # python -m minigpt.evaluation.harness ...: the harness's own command line, minigpt registered
+# python -m minigpt.evaluation.harness ...: the harness's own command line, minigpt registered
+if __name__ == "__main__":
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from minigpt.data.windows import tokenize
 from minigpt.finetuning.instruction import RESPONSE_HEADER, Entry, format_input
-from minigpt.models.gpt2.model import GPTModel, evaluating
+from minigpt.models.base import evaluating
+from minigpt.models.gpt2.model import GPTModel
 
 MAX_SCORE = 100
 

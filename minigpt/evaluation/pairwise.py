@@ -27,10 +27,11 @@ from typing import Any, Literal, NamedTuple, Protocol
 import torch
 
 from minigpt.data.windows import tokenize
-from minigpt.finetuning.instruction import RESPONSE_HEADER, Entry, format_input
 from minigpt.evaluation.judges import HTTPJudge
-from minigpt.models.gpt2.model import GPTModel, evaluating
 from minigpt.evaluation.rouge import rouge_l
+from minigpt.finetuning.instruction import RESPONSE_HEADER, Entry, format_input
+from minigpt.models.base import evaluating
+from minigpt.models.gpt2.model import GPTModel
 
 Verdict = Literal["A", "B", "tie"]
 Outcome = Literal["win", "tie", "loss"]  # for the candidate

@@ -30,18 +30,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from minigpt.models.gpt2.config import GPTConfig
 from minigpt.data.windows import tokenize
-from minigpt.io.files import write_json
 from minigpt.finetuning.labelled_data import Example, label_names_of
-from minigpt.runtime.linear import Linear
-from minigpt.training.losses import IGNORE_INDEX
-from minigpt.models.gpt2.model import GPTModel, evaluating
-from minigpt.runtime.runtime import select_device
+from minigpt.io.files import write_json
 from minigpt.io.state_dict import tensor_mismatches
+from minigpt.io.weight_files import CONFIG_FILE
+from minigpt.models.base import evaluating
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.models.gpt2.model import GPTModel
+from minigpt.runtime.linear import Linear
+from minigpt.runtime.runtime import select_device
 from minigpt.tokenizers.gpt2 import PAD_TOKEN_ID
+from minigpt.training.checkpoint import load_state
 from minigpt.training.loop import History, TrainConfig, train_model
-from minigpt.models.gpt2.weights import CONFIG_FILE, load_state
+from minigpt.training.losses import IGNORE_INDEX
 
 # Trained by default: the last transformer block, the final norm and the new head.
 # The book found that tuning these few layers is nearly as good as tuning everything.

@@ -38,12 +38,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from minigpt.io.files import atomic_write
-from minigpt.lora.adapters import lora_disabled
-from minigpt.training.losses import IGNORE_INDEX, to_device
-from minigpt.models.gpt2.model import evaluating
 from minigpt.finetuning.neftune import neftune_lengths
 from minigpt.finetuning.preference import PreferenceDataset, preference_dataloader
+from minigpt.io.files import atomic_write
+from minigpt.lora.adapters import lora_disabled
+from minigpt.models.base import evaluating
+from minigpt.training.losses import IGNORE_INDEX, to_device
 
 logger = logging.getLogger(__name__)
 

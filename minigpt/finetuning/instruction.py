@@ -46,15 +46,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from minigpt.io import sources
-from minigpt.tokenizers.chat_template import load_chat_template, render_chat
 from minigpt.data.windows import tokenize
+from minigpt.finetuning.neftune import neftune_lengths
+from minigpt.generation.generate import generate
+from minigpt.io import sources
 from minigpt.io.download import fetch
 from minigpt.io.files import write_json
-from minigpt.generation.generate import generate
-from minigpt.training.losses import IGNORE_INDEX, next_token_loss
-from minigpt.finetuning.neftune import neftune_lengths
+from minigpt.tokenizers.chat_template import load_chat_template, render_chat
 from minigpt.tokenizers.gpt2 import ENDOFTEXT_ID, PAD_TOKEN_ID
+from minigpt.training.losses import IGNORE_INDEX, next_token_loss
 
 PROMPT_INTRO = (
     "Below is an instruction that describes a task. "

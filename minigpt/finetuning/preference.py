@@ -28,12 +28,12 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from minigpt.io import sources
-from minigpt.io.download import fetch
 from minigpt.finetuning.instruction import ALPACA, PromptFormat, read_json
 from minigpt.finetuning.instruction import end_of_text_id as _end_of_text_id
-from minigpt.training.losses import NUM_SCORED, NUM_TOKENS
+from minigpt.io import sources
+from minigpt.io.download import fetch
 from minigpt.tokenizers.gpt2 import PAD_TOKEN_ID
+from minigpt.training.losses import NUM_SCORED, NUM_TOKENS
 
 logger = logging.getLogger(__name__)
 

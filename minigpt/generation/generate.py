@@ -33,7 +33,8 @@ from typing import Any, TypeVar
 import torch
 from tqdm import tqdm  # plain text: no widget library needed in notebooks
 
-from minigpt.models.gpt2.model import GPTModel, check_token_ids, evaluating
+from minigpt.models.base import check_token_ids, evaluating
+from minigpt.models.gpt2.model import GPTModel
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from minigpt.io.files import START_DIR, ChecksumError, data_dir, sha256_of
-from minigpt.models.gpt2.hf_layout import CONFIG_FILE, WEIGHTS_FILE
+from minigpt.io.weight_files import CONFIG_FILE, WEIGHTS_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from minigpt.finetuning.classification import (
     make_classifier,
     save_classifier,
 )
-from minigpt.jobs.finetune import FinetuneConfig, add_lora, finish, job_default, setup, shuffled_loader, train
 from minigpt.finetuning.labelled_data import balance_classes, load_labelled_texts, split_examples
-from minigpt.models.gpt2.model import GPTModel
+from minigpt.jobs.finetune import FinetuneConfig, add_lora, finish, job_default, setup, shuffled_loader, train
+from minigpt.models.base import CausalLM
 from minigpt.training.plots import plot_accuracy
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class ClassifyConfig(FinetuneConfig):
                 raise ValueError(f"{name} must be at least 1, got {value}")
 
 
-def finetune_classifier(settings: ClassifyConfig, model: GPTModel | None = None, *, resume: bool = False,
+def finetune_classifier(settings: ClassifyConfig, model: CausalLM | None = None, *, resume: bool = False,
                         progress: bool = True) -> dict[str, Any]:
     """Fine-tune ``model`` (default: ``settings.model``) into a classifier of ``settings.data``.
 

@@ -36,14 +36,15 @@ from minigpt.evaluation.comparison import (
     save_results,
     score_answers,
 )
+from minigpt.evaluation.judges import ModelJudge
+from minigpt.evaluation.pairwise import ChatPairJudge, ModelPairJudge, OverlapJudge
 from minigpt.io.files import write_json, write_text
 from minigpt.jobs.evaluate import WIKITEXT2, text_token_ids
-from minigpt.jobs.finetune import choose_prompt_format, load_model, tokenizer_of
-from minigpt.evaluation.judges import ModelJudge
+from minigpt.jobs.finetune import choose_prompt_format
 from minigpt.lora.adapters import load_lora, merge_lora
-from minigpt.training.losses import sliding_window_perplexity
-from minigpt.evaluation.pairwise import ChatPairJudge, ModelPairJudge, OverlapJudge
+from minigpt.models.loader import load, load_tokenizer
 from minigpt.runtime.runtime import select_device
+from minigpt.training.losses import sliding_window_perplexity
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def make_judges(settings: CompareConfig, device: Any) -> tuple[Any, Any, str]:
         judge = OverlapJudge(settings.margin)
         return judge, judge.score, f"ROUGE-L overlap (margin {settings.margin:g})"
     if kind == "minigpt":
-        model, own = load_model(target).to(device).eval(), tokenizer_of(target)  # the judge reads its own tokens
+        model, own = load(target).to(device).eval(), load_tokenizer(target)  # the judge reads its own tokens
         return ModelPairJudge(model, own), ModelJudge(model, own), f"minigpt {target}"
     url = chat_endpoint(kind, target)
     judge = ChatPairJudge(url, settings.judge_model, api_key=os.environ.get(settings.api_key_env))
@@ -150,7 +151,7 @@ def make_judges(settings: CompareConfig, device: Any) -> tuple[Any, Any, str]:
 
 def load_candidate(settings: CompareConfig) -> nn.Module:
     """The candidate model, its LoRA adapter loaded and merged when one is given."""
-    model = load_model(settings.candidate or settings.base)
+    model = load(settings.candidate or settings.base)
     if settings.adapter:
         load_lora(model, settings.adapter)
         merge_lora(model)  # answers and perplexity then run at the base model's speed
@@ -165,11 +166,11 @@ def compare(settings: CompareConfig, progress: bool = True) -> CompareResult:
         raise ValueError("give the fine-tuned model: candidate (a run directory) or adapter (a LoRA file), or both")
     device, output = select_device(s.device), Path(s.output)
     # Both models read the base's tokenizer (a fine-tune keeps it); the Llama family answers in its chat template.
-    tokenizer = tokenizer_of(s.base)
+    tokenizer = load_tokenizer(s.base)
     prompt_format = choose_prompt_format("auto", s.candidate or s.base, tokenizer)
     entries = (read_golden_set(s.golden) if s.golden else golden_from_instructions())[:s.limit]
     judge, scorer, judge_name = make_judges(s, device)
-    models = {"base": load_model(s.base).to(device).eval(), "candidate": load_candidate(s).to(device).eval()}
+    models = {"base": load(s.base).to(device).eval(), "candidate": load_candidate(s).to(device).eval()}
     logger.info("%d golden prompts | base %s | candidate %s | judge %s", len(entries), s.base,
                 s.candidate or f"{s.base} + {s.adapter}", judge_name)
     answers = {role: answer_prompts(model, entries, tokenizer, s.decoding(), progress, prompt_format)

@@ -24,7 +24,6 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from minigpt.io import sources
 from minigpt.finetuning.dpo import (
     LOSS_TYPES,
     AdaptersOffReference,
@@ -33,8 +32,10 @@ from minigpt.finetuning.dpo import (
     Reference,
     precompute_reference,
 )
-from minigpt.io.files import write_json
 from minigpt.finetuning.instruction import generate_responses, split_instruction_data
+from minigpt.finetuning.preference import PreferenceDataset, load_preference_data
+from minigpt.io import sources
+from minigpt.io.files import write_json
 from minigpt.jobs.finetune import (
     FinetuneConfig,
     Run,
@@ -52,9 +53,8 @@ from minigpt.jobs.finetune import (
     train,
 )
 from minigpt.jobs.instruct import InstructConfig
-from minigpt.models.gpt2.model import GPTModel
+from minigpt.models.base import CausalLM
 from minigpt.training.plots import plot_preference
-from minigpt.finetuning.preference import PreferenceDataset, load_preference_data
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def answers(run: Run, entries: list[dict[str, str]]) -> list[str]:
     return [response["model_response"] for response in responses]
 
 
-def finetune_dpo(settings: DPOConfig, model: GPTModel | None = None, *, resume: bool = False,
+def finetune_dpo(settings: DPOConfig, model: CausalLM | None = None, *, resume: bool = False,
                  progress: bool = True) -> dict[str, Any]:
     """Align ``model`` (default: ``settings.model``) with the preference pairs of ``settings.data``.
 

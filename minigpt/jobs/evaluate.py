@@ -20,17 +20,17 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from minigpt.io import sources
-from minigpt.training.checkpoint import SETTINGS_FILE
 from minigpt.data.corpora import split_text
 from minigpt.data.windows import GPTDataset
+from minigpt.io import sources
 from minigpt.io.download import fetch
-from minigpt.jobs.finetune import load_model, tokenizer_of
 from minigpt.jobs.pretrain import PretrainConfig, _token_ids, windows
 from minigpt.jobs.quantize import check_quantize, quantize_field
-from minigpt.training.losses import PerplexityResult, calc_loss_loader, perplexity, sliding_window_perplexity
+from minigpt.models.loader import load, load_tokenizer
 from minigpt.runtime.runtime import select_device
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
+from minigpt.training.checkpoint import SETTINGS_FILE
+from minigpt.training.losses import PerplexityResult, calc_loss_loader, perplexity, sliding_window_perplexity
 
 WIKITEXT2 = "wikitext2"  # the name of WikiText-2's test split (a pinned file) wherever a text is named
 
@@ -93,8 +93,8 @@ def evaluate(settings: EvalConfig) -> EvalResult:
     run = PretrainConfig.load(settings.checkpoint) if is_run else PretrainConfig()
     corpus = settings.corpus or run.corpus
     device = select_device(settings.device)
-    model = load_model(settings.checkpoint, settings.quantize).to(device).eval()
-    ids = _token_ids(corpus, tokenizer_of(settings.checkpoint))
+    model = load(settings.checkpoint, quantize=settings.quantize).to(device).eval()
+    ids = _token_ids(corpus, load_tokenizer(settings.checkpoint))
     part = "whole corpus"
     if not settings.whole:
         _, ids = split_text(ids, 1 - run.val_ratio)  # the part pretrain held out
@@ -125,7 +125,7 @@ def evaluate_perplexity(settings: EvalConfig, progress: bool = True) -> Perplexi
     if settings.perplexity is None:
         raise ValueError("perplexity names no text: give a corpus name, a text file or wikitext2")
     device = select_device(settings.device)
-    model = load_model(settings.checkpoint, settings.quantize).to(device).eval()
-    ids = text_token_ids(settings.perplexity, tokenizer_of(settings.checkpoint), settings.max_tokens)
+    model = load(settings.checkpoint, quantize=settings.quantize).to(device).eval()
+    ids = text_token_ids(settings.perplexity, load_tokenizer(settings.checkpoint), settings.max_tokens)
     return sliding_window_perplexity(model, ids, settings.context_length, settings.stride, settings.batch_size,
                                      progress=progress)

@@ -26,35 +26,26 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from minigpt.tokenizers.chat_template import CHAT_TEMPLATE_FILE
-from minigpt.training.checkpoint import SETTINGS_FILE, STATE_FILE, load_settings, save_settings
-from minigpt.models.gpt2.config import PRESETS
-from minigpt.training.distributed import ShardSampler, rank_and_world_size
-from minigpt.io.files import write_bytes, write_json
-from minigpt.io.hub import GPT2_REPOS, LLAMA_REPOS, download_llama
 from minigpt.finetuning.instruction import ALPACA, ChatTemplateFormat, PromptFormat
-from minigpt.jobs.quantize import check_quantize, load_quantized, quantize_field
-from minigpt.lora.adapters import apply_lora, merge_lora, save_lora
-from minigpt.training.losses import LossFn, next_token_loss, perplexity, summed_loss_and_metrics
-from minigpt.models.gpt2.model import GPTModel, evaluating
 from minigpt.finetuning.neftune import disable_neftune, enable_neftune
-from minigpt.training.plots import plot_losses
-from minigpt.models.loader import TOKENIZER_FILE, chat_template_of, is_llama, load_tokenizer
-from minigpt.models.loader import load_model as load_pretrained_model
+from minigpt.io.files import write_bytes, write_json
+from minigpt.jobs.quantize import check_quantize, quantize_field
+from minigpt.lora.adapters import apply_lora, merge_lora, save_lora
+from minigpt.models.base import CausalLM, evaluating
+from minigpt.models.loader import chat_template_of, load, load_tokenizer, resolve
 from minigpt.quantization.layers import is_quantized, quantize_model
 from minigpt.runtime.runtime import PRECISIONS, resolve_precision, select_device
-from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
+from minigpt.training.checkpoint import SETTINGS_FILE, STATE_FILE, load_settings, save_settings
+from minigpt.training.distributed import ShardSampler, rank_and_world_size
 from minigpt.training.loop import History, TrainConfig, train_model
+from minigpt.training.losses import LossFn, next_token_loss, perplexity, summed_loss_and_metrics
+from minigpt.training.plots import plot_losses
 
 logger = logging.getLogger(__name__)
 
 Settings = TypeVar("Settings", bound="FinetuneConfig")
-# What a Llama-family model directory needs besides its weights to be read again (tokenizer, chat format).
-TOKENIZER_FILES: tuple[str, ...] = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json",
-                                    CHAT_TEMPLATE_FILE)
 PROMPT_FORMATS: tuple[str, ...] = ("auto", "alpaca", "chat")
 
 
@@ -133,25 +124,10 @@ def check_neftune_alpha(alpha: float | None) -> None:
         raise ValueError(f"neftune_alpha must be more than 0 (the paper uses 5 to 15), got {alpha}")
 
 
-def is_pretrained(spec: str) -> bool:
-    """Whether ``spec`` names weights to load (a GPT-2 or Llama-family name, or a path), not a preset."""
-    return spec in GPT2_REPOS or spec in LLAMA_REPOS or Path(spec).exists()
 
 
-def load_model(spec: str, quantize: str | None = None) -> nn.Module:
-    """A GPT-2 or Llama-family name or a directory loads weights (:mod:`minigpt.models.loader`);
-    a GPT-2 preset name gives random ones; quantized with ``quantize`` when given."""
-    if is_pretrained(spec):
-        return load_pretrained_model(spec, quantize=quantize)
-    if spec in PRESETS:
-        return load_quantized(None, spec, quantize)
-    raise ValueError(f"model {spec!r} is neither a GPT-2 name ({', '.join(GPT2_REPOS)}), a Llama-family name "
-                     f"({', '.join(LLAMA_REPOS)}), a directory, nor a preset ({', '.join(PRESETS)})")
 
 
-def tokenizer_of(spec: str) -> Any:
-    """The tokenizer of the model ``spec`` names: its own for loaded weights, GPT-2's for a preset."""
-    return load_tokenizer(spec) if is_pretrained(spec) else get_gpt2_tokenizer()
 
 
 def prompt_format_field() -> Any:
@@ -172,7 +148,7 @@ def choose_prompt_format(name: str, spec: str, tokenizer: Any) -> PromptFormat:
     """The format ``name`` (see :func:`prompt_format_field`) for the model ``spec``: its chat
     template (``chat``, or ``auto`` where it has one) or the book's Alpaca template."""
     check_prompt_format(name)
-    template = None if name == "alpaca" or not is_pretrained(spec) else chat_template_of(spec)
+    template = None if name == "alpaca" else chat_template_of(spec)
     if name == "chat" and template is None:
         raise ValueError(f"{spec} has no chat template (tokenizer_config.json's chat_template or "
                          "chat_template.jinja): use prompt_format alpaca for this model")
@@ -189,13 +165,13 @@ class Run:
     output: Path
     device: torch.device
     tokenizer: Any
-    model: nn.Module  # a GPTModel or a LlamaModel
+    model: CausalLM
     resume: bool
     progress: bool
     prompt_format: PromptFormat = ALPACA  # how prompts and answers become texts (instruction and preference data)
 
 
-def setup(settings: FinetuneConfig, model: GPTModel | None = None, *, resume: bool = False,
+def setup(settings: FinetuneConfig, model: CausalLM | None = None, *, resume: bool = False,
           progress: bool = True) -> Run:
     """Seed, device, the model (``settings.model`` unless one is given; quantized when
     ``settings.quantize`` asks, a given model too unless it already is) and its tokenizer.
@@ -203,10 +179,10 @@ def setup(settings: FinetuneConfig, model: GPTModel | None = None, *, resume: bo
     torch.manual_seed(settings.seed)  # a preset's random weights and a new head come from it
     device = select_device(settings.device)
     if model is None:
-        model = load_model(settings.model, settings.quantize)
+        model = load(settings.model, quantize=settings.quantize)
     elif settings.quantize and not is_quantized(model):
         quantize_model(model, settings.quantize)
-    return Run(settings, Path(settings.output), device, tokenizer_of(settings.model), model, resume, progress)
+    return Run(settings, Path(settings.output), device, load_tokenizer(settings.model), model, resume, progress)
 
 
 def add_lora(run: Run) -> None:
@@ -218,14 +194,14 @@ def add_lora(run: Run) -> None:
 
 
 def copy_tokenizer_files(spec: str, output: Path) -> None:
-    """Copy a Llama-family model's tokenizer files (:data:`TOKENIZER_FILES`) next to the tuned
-    weights, so the output loads with its tokenizer and chat template (GPT-2's is built in)."""
-    if not is_llama(spec):
+    """Copy the files a model of ``spec``'s family needs beside its weights to be read again
+    (a Llama-family ``tokenizer.json`` and chat template; none for GPT-2, whose encoding is built in)."""
+    source = resolve(spec)
+    if source.directory is None or source.directory.resolve() == output.resolve():
         return
-    source = download_llama(spec) if spec in LLAMA_REPOS else Path(spec)
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file() and source.resolve() != output.resolve():
-            write_bytes(output / name, (source / name).read_bytes())
+    for name in source.family.tokenizer_files:
+        if (source.directory / name).is_file():
+            write_bytes(output / name, (source.directory / name).read_bytes())
 
 
 def shuffled_loader(dataset: Dataset, batch_size: int, seed: int, *, drop_last: bool,
@@ -283,7 +259,7 @@ def split_scores(run: Run, loader: DataLoader, loss_fn: LossFn = next_token_loss
 
 
 def finish(run: Run, history: History, test_loader: DataLoader, metrics: dict[str, Any],
-           save: Callable[[GPTModel, Path], None], *, loss_fn: LossFn = next_token_loss,
+           save: Callable[[CausalLM, Path], None], *, loss_fn: LossFn = next_token_loss,
            adapter: str | None = None) -> dict[str, Any]:
     """Test loss, LoRA merged, ``save(model, output)``, ``loss.png`` and ``metrics.json``
     (written last and atomically: its presence means the job completed; the checkpoint's

@@ -15,15 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minigpt.models.gpt2.config import PRESETS
 from minigpt.data.windows import tokenize
 from minigpt.generation.decoding import compile_for_decoding
 from minigpt.generation.generate import IncrementalDecoder, check_sampling, stream_generate, truncate_prompt
-from minigpt.jobs.quantize import check_quantize, load_quantized, quantize_field
-from minigpt.models.gpt2.model import GPTModel
-from minigpt.models.loader import load_tokenizer
+from minigpt.jobs.quantize import check_quantize, quantize_field
+from minigpt.models.base import CausalLM
+from minigpt.models.gpt2.config import PRESETS
+from minigpt.models.loader import RANDOM, load, load_tokenizer
 from minigpt.runtime.runtime import select_device
-from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +78,12 @@ def generate_text(settings: GenerateConfig) -> Generation:
     """Load the model, shorten the prompt to its context, and start generating."""
     device = select_device(settings.device)
     torch.manual_seed(settings.seed)  # random weights of a preset, and the sampling
-    source = settings.model or settings.checkpoint
-    model = load_quantized(source, settings.preset, settings.quantize)
+    spec = settings.model or settings.checkpoint or RANDOM + settings.preset
+    model = load(spec, quantize=settings.quantize)
     model.to(device).eval()
     if settings.compile:
         model = compile_for_decoding(model)  # the prompt and the one-token step: two graphs, not one per token
-    tokenizer = load_tokenizer(source) if source else get_gpt2_tokenizer()  # the model's own
+    tokenizer = load_tokenizer(spec)  # the model's own
     context = model.cfg.context_length
     ids, dropped = truncate_prompt(tokenize(settings.prompt, tokenizer), context)
     if dropped:
@@ -94,7 +93,7 @@ def generate_text(settings: GenerateConfig) -> Generation:
     return Generation(tokenizer.decode(ids), dropped, _pieces(model, idx, settings, tokenizer))
 
 
-def _pieces(model: GPTModel, idx: torch.Tensor, s: GenerateConfig, tokenizer) -> Iterator[str]:
+def _pieces(model: CausalLM, idx: torch.Tensor, s: GenerateConfig, tokenizer) -> Iterator[str]:
     decoder = IncrementalDecoder(tokenizer)  # holds back the bytes of a split character
     for token in stream_generate(model, idx, s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                                  top_p=s.top_p, use_cache=s.cache, eos_id=tokenizer.eot_token):

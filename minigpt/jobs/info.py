@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from minigpt.models.gpt2.config import PRESETS, GPTConfig
+from minigpt.models.gpt2.model import GPTModel
 from minigpt.models.llama.model import PRESETS as LLAMA_PRESETS
 from minigpt.models.llama.model import LlamaConfig, LlamaModel
-from minigpt.models.gpt2.model import GPTModel
 from minigpt.quantization.schemes import quantized_bytes
 
 FORMATS: tuple[str, ...] = ("float32", "bfloat16", "int8", "nf4", "nf4-dq")  # the columns of the memory table

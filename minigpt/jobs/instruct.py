@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from minigpt.io import sources
+from minigpt.evaluation.judges import HTTPJudge, Judge, ModelJudge, judge_responses
 from minigpt.finetuning.instruction import (
     InstructionDataset,
     generate_responses,
@@ -25,6 +25,7 @@ from minigpt.finetuning.instruction import (
     save_responses,
     split_instruction_data,
 )
+from minigpt.io import sources
 from minigpt.jobs.finetune import (
     FinetuneConfig,
     Run,
@@ -34,16 +35,14 @@ from minigpt.jobs.finetune import (
     choose_prompt_format,
     finish,
     job_default,
-    load_model,
     neftune_field,
     prompt_format_field,
     setup,
     shuffled_loader,
-    tokenizer_of,
     train,
 )
-from minigpt.evaluation.judges import HTTPJudge, Judge, ModelJudge, judge_responses
-from minigpt.models.gpt2.model import GPTModel
+from minigpt.models.base import CausalLM
+from minigpt.models.loader import load, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -89,13 +88,13 @@ class InstructConfig(FinetuneConfig):
 def make_judge(settings: InstructConfig, run: Run) -> Judge | None:
     """The judge the settings name: a model on this run's device, an HTTP endpoint, or None."""
     if settings.judge_model:
-        return ModelJudge(load_model(settings.judge_model).to(run.device), tokenizer_of(settings.judge_model))
+        return ModelJudge(load(settings.judge_model).to(run.device), load_tokenizer(settings.judge_model))
     if settings.judge_url:
         return HTTPJudge(settings.judge_url, settings.judge_name, api_key=os.environ.get("OPENAI_API_KEY"))
     return None
 
 
-def finetune_instructions(settings: InstructConfig, model: GPTModel | None = None, judge: Judge | None = None,
+def finetune_instructions(settings: InstructConfig, model: CausalLM | None = None, judge: Judge | None = None,
                           *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Instruction-tune ``model`` (default: ``settings.model``) on ``settings.data``.
 

@@ -31,17 +31,18 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from minigpt.training.checkpoint import STATE_FILE, load_settings, save_settings
-from minigpt.models.gpt2.config import PRESETS, GPTConfig
 from minigpt.data.corpora import load_corpus, load_token_ids, split_text
 from minigpt.data.windows import GPTDataset
-from minigpt.training.distributed import init_distributed, sharded_loader
 from minigpt.io.files import write_text
-from minigpt.training.losses import calc_loss_loader, perplexity
-from minigpt.models.gpt2.model import GPTModel, evaluating
+from minigpt.models.base import evaluating
+from minigpt.models.gpt2.config import PRESETS, GPTConfig
+from minigpt.models.gpt2.model import GPTModel
 from minigpt.runtime.runtime import autocast, resolve_precision, select_device
 from minigpt.tokenizers.gpt2 import ENDOFTEXT, get_gpt2_tokenizer
+from minigpt.training.checkpoint import STATE_FILE, load_settings, save_settings
+from minigpt.training.distributed import init_distributed, sharded_loader
 from minigpt.training.loop import History, TrainConfig, train_model
+from minigpt.training.losses import calc_loss_loader, perplexity
 
 logger = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 The one idea: every job that loads a model can load it quantized
 (:mod:`minigpt.quantization.layers`): the block linears in 4 or 8 bits, dequantized inside each
 matrix product, the embeddings and the output head in full precision. Weights from a file
-are quantized layer by layer while loading (:func:`minigpt.models.gpt2.weights.load_pretrained`);
-random weights of a preset are quantized once built. Fine-tuning a quantized model trains
+are quantized layer by layer while loading (:func:`minigpt.models.load`), random weights of a
+preset once built. Fine-tuning a quantized model trains
 LoRA adapters on it (QLoRA), since the quantized weights themselves cannot train.
 """
 
@@ -13,12 +13,7 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Any
 
-from torch import nn
-
-from minigpt.models.gpt2.model import GPTModel
-from minigpt.models.loader import load_model
 from minigpt.quantization.schemes import SCHEMES, check_scheme
-from minigpt.quantization.layers import quantize_model
 
 QUANTIZE_HELP = ("load the weights quantized: nf4 (4-bit NormalFloat, blocks of 64), nf4-dq (nf4 with its "
                  "scales quantized too) or int8 (per-row absmax); embeddings and output head stay full precision")
@@ -33,13 +28,3 @@ def check_quantize(scheme: str | None) -> None:
     """``scheme`` is None or one of :data:`minigpt.quantization.schemes.SCHEMES` (the error lists them)."""
     if scheme is not None:
         check_scheme(scheme)
-
-
-def load_quantized(source: str | None, preset: str, scheme: str | None) -> nn.Module:
-    """The weights of ``source`` (a GPT-2 or Llama-family name, or a directory:
-    :func:`minigpt.models.loader.load_model`), or random weights of the GPT-2 ``preset`` when
-    it is None, quantized with ``scheme`` when given."""
-    if source:
-        return load_model(source, quantize=scheme)
-    model = GPTModel(preset)
-    return quantize_model(model, scheme) if scheme else model

@@ -43,9 +43,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minigpt.io.files import atomic_write
+from minigpt.io.state_dict import tensor_mismatches
 from minigpt.lora.targets import DEFAULT_TARGETS, LINEAR_LAYERS, match_targets
 from minigpt.quantization.layers import QUANTIZED_LAYERS, dequantize_model, is_quantized
-from minigpt.io.state_dict import tensor_mismatches
 
 logger = logging.getLogger(__name__)
 

@@ -1,91 +1,170 @@
-"""One door to every pretrained model minigpt knows: GPT-2 or the Llama family, with its tokenizer.
+"""The one door to every model: ``load(spec)`` for a name, a directory, a run or a preset.
 
-The one idea: a model is named by a known name (``gpt2-small``, ``smollm2-135m``, ...) or a
-directory, and what it *is* follows from that name or from the directory's ``config.json``
-(``model_type`` ``"llama"``/``"qwen3"`` is the Llama family, anything else GPT-2). Its text
-goes through the tokenizer it was trained with: the directory's own ``tokenizer.json`` (read by
-the from-scratch BPE, :mod:`minigpt.tokenizers.tokenizer_json`) or, for GPT-2, tiktoken's GPT-2 encoding.
+The one idea: what a model *is* follows from its ``spec``, and from nothing else.
 
-    model = load_model("smollm2-135m", quantize="nf4")    # (batch, tokens) ids -> (batch, tokens, vocab)
+- a published name (``gpt2-small``, ``smollm2-135m-instruct`` ...): found locally or downloaded
+  by its family, then read as a directory;
+- a directory (a Hugging Face checkpoint, or a minigpt run): its ``config.json`` names the family;
+- a ``.pth`` state dict (the book's format), with ``cfg=``;
+- a preset (``tiny``, or ``random:gpt2-small`` where the preset is also a published name):
+  random weights of that shape.
+
+Then, in this order: ``dtype`` converts the weights, ``quantize`` replaces the block linears
+layer by layer (the float weights are still the file's pages, so there is never a second float
+copy in memory), ``adapter`` adds a saved LoRA adapter, and the model moves to ``device``.
+
+    model = load("smollm2-135m", quantize="nf4")     # (batch, tokens) ids -> (batch, tokens, vocab)
     tokenizer = load_tokenizer("smollm2-135m")
     template = chat_template_of("smollm2-135m-instruct")   # Jinja text, or None
+
+Every family's model class also gets ``Model.from_pretrained(spec, **options)`` (this
+function) and ``model.save_pretrained(directory)`` here, where the families are known.
 """
 
 from __future__ import annotations
 
-import json
+import difflib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from minigpt.tokenizers.chat_template import load_chat_template
-from minigpt.models.llama.hf_layout import load_llama
-from minigpt.tokenizers.tokenizer_json import load_hf_tokenizer
-from minigpt.io.hub import GPT2_REPOS, LLAMA_REPOS, download_llama
-from minigpt.models.llama.model import MODEL_TYPES
-from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
-from minigpt.models.gpt2.weights import CONFIG_FILE, load_pretrained
+from minigpt.io.weight_files import CONFIG_FILE, read_config_json
+from minigpt.lora.adapters import load_lora
+from minigpt.models.base import CausalLM, Family
+from minigpt.models.registry import (
+    FAMILIES,
+    family_of,
+    family_of_config,
+    family_of_name,
+    family_of_preset,
+    known_names,
+    known_presets,
+)
+from minigpt.quantization.checkpoint import quantize_loaded
+from minigpt.quantization.schemes import check_scheme
 
-TOKENIZER_FILE = "tokenizer.json"
-
-
-def is_llama(name_or_path: str | os.PathLike) -> bool:
-    """Whether ``name_or_path`` names a Llama-family checkpoint (a known name, or a directory
-    whose ``config.json`` has a Llama-family ``model_type``)."""
-    if str(name_or_path) in LLAMA_REPOS:
-        return True
-    config = Path(name_or_path) / CONFIG_FILE
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text(encoding="utf-8")).get("model_type") in MODEL_TYPES
-    except (json.JSONDecodeError, AttributeError):
-        return False  # the GPT-2 loader reports a broken config with its own clear error
+RANDOM = "random:"  # spec prefix: random weights of a preset that is also a published name
+STATE_DICT_SUFFIXES = (".pth", ".pt")
 
 
-def load_model(name_or_path: str | os.PathLike, *, quantize: str | None = None, device: str | torch.device = "cpu",
-               weights_dir: str | os.PathLike | None = None, progress: bool = True) -> nn.Module:
-    """A GPT-2 (:class:`~minigpt.models.gpt2.model.GPTModel`) or Llama-family (:class:`~minigpt.models.llama.model.LlamaModel`)
-    model from a known name or a directory; ``quantize`` (``"nf4"``, ``"nf4-dq"``, ``"int8"``)
-    loads its blocks' linear layers quantized."""
-    if is_llama(name_or_path):
-        return load_llama(name_or_path, quantize=quantize, device=device, weights_dir=weights_dir,
-                          progress=progress)
-    return load_pretrained(name_or_path, device=device, weights_dir=weights_dir, progress=progress, quantize=quantize)
+@dataclass(frozen=True)
+class Source:
+    """What a spec names: a family, and the local directory of its weights or the preset of random ones."""
+
+    family: Family
+    directory: Path | None = None
+    preset: str | None = None
 
 
-def _directory(name_or_path: str | os.PathLike, weights_dir: str | os.PathLike | None, progress: bool) -> Path | None:
-    """The local directory of a Llama-family name or path (downloading it if needed), else None."""
-    if str(name_or_path) in LLAMA_REPOS:
-        return download_llama(str(name_or_path), weights_dir, progress=progress)
-    path = Path(name_or_path)
-    return path if path.is_dir() else None
+def resolve(spec: str | os.PathLike, *, weights_dir: str | os.PathLike | None = None,
+            progress: bool = True) -> Source:
+    """The family and local directory (downloading a published name) or preset that ``spec`` names.
+
+    A published name always means the published checkpoint: write ``./gpt2-small`` for a
+    local directory of that name, and ``random:gpt2-small`` for random weights of its shape.
+    """
+    text = str(spec)
+    if text.startswith(RANDOM):
+        preset = text.removeprefix(RANDOM)
+        family = family_of_preset(preset)
+        if family is None:
+            raise ValueError(f"{text!r}: no preset {preset!r}; presets: {', '.join(known_presets())}")
+        return Source(family, preset=preset)
+    family = family_of_name(text)
+    if family is not None:
+        return Source(family, directory=family.download(text, weights_dir, progress=progress))
+    path = Path(spec)
+    if path.is_dir():
+        return Source(family_of_config(read_config_json(path), str(path / CONFIG_FILE)), directory=path)
+    family = family_of_preset(text)
+    if family is not None:
+        return Source(family, preset=text)
+    raise ValueError(_unknown_spec_message(text))
 
 
-def load_tokenizer(name_or_path: str | os.PathLike, *, weights_dir: str | os.PathLike | None = None,
+def _unknown_spec_message(text: str) -> str:
+    names = known_names() + known_presets()
+    close = difflib.get_close_matches(text, names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    if os.sep in text or text.startswith("."):
+        return f"{text!r}: no such directory (a model directory holds {CONFIG_FILE}); {hint}".rstrip("; ")
+    published = known_names()
+    own_presets = [name for name in known_presets() if name not in published]
+    return (f"{text!r} is not a model minigpt knows: {hint}give a published name ({', '.join(published)}), "
+            f"a preset for random weights ({', '.join(own_presets)}, or {RANDOM}NAME for a published shape), "
+            f"or a directory with {CONFIG_FILE}")
+
+
+def load(spec: str | os.PathLike, *, quantize: str | None = None, adapter: str | os.PathLike | None = None,
+         device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         weights_dir: str | os.PathLike | None = None, progress: bool = True, cfg: Any = None) -> CausalLM:
+    """The model ``spec`` names (see the module docstring), optionally converted to ``dtype``,
+    quantized (``"nf4"``, ``"nf4-dq"``, ``"int8"``), with a LoRA ``adapter`` file, on ``device``.
+
+    ``weights_dir`` and ``progress`` go to the download of a published name; ``cfg`` is the
+    config of a ``.pth`` state dict, which holds tensors only.
+    """
+    if quantize is not None:
+        check_scheme(quantize)  # before any download
+    model = _weights(spec, cfg, weights_dir, progress)
+    if dtype is not None:
+        model.to(dtype)  # floating-point tensors only: a saved quantized model keeps its packed codes
+    if quantize is not None:
+        quantize_loaded(model, quantize, str(spec))
+    if adapter is not None:
+        load_lora(model, adapter)
+    return model.to(device)
+
+
+def _weights(spec: str | os.PathLike, cfg: Any, weights_dir: str | os.PathLike | None, progress: bool) -> CausalLM:
+    path = Path(spec)
+    if path.suffix in STATE_DICT_SUFFIXES and path.is_file():
+        readers = [family for family in FAMILIES if family.load_file is not None]
+        return readers[0].load_file(path, cfg)
+    if cfg is not None:
+        raise ValueError(f"cfg= is only for {'/'.join(STATE_DICT_SUFFIXES)} state dicts; {spec} brings its own "
+                         f"{CONFIG_FILE}")
+    source = resolve(spec, weights_dir=weights_dir, progress=progress)
+    if source.directory is None:
+        return source.family.build(source.preset)
+    return source.family.load_directory(source.directory)
+
+
+def load_tokenizer(spec: str | os.PathLike, *, weights_dir: str | os.PathLike | None = None,
                    progress: bool = True) -> Any:
-    """The tokenizer a model was trained with: its directory's ``tokenizer.json`` for the Llama
-    family (an error if it has none), tiktoken's GPT-2 encoding for GPT-2 names and directories.
-
-    Either has ``encode(text, allowed_special=...)``, ``decode(ids)``, ``decode_bytes(ids)``,
-    ``eot_token`` and ``n_vocab``."""
-    if str(name_or_path) in GPT2_REPOS or not is_llama(name_or_path):
-        return get_gpt2_tokenizer()
-    directory = _directory(name_or_path, weights_dir, progress)
-    if directory is None or not (directory / TOKENIZER_FILE).is_file():
-        raise FileNotFoundError(f"{name_or_path} has no {TOKENIZER_FILE}: copy the tokenizer files of the model it "
-                                "was fine-tuned from (tokenizer.json, tokenizer_config.json) into it")
-    return load_hf_tokenizer(directory)
+    """The tokenizer the model ``spec`` was trained with: GPT-2's encoding for GPT-2, a Llama-family
+    directory's own ``tokenizer.json`` (an error where it has none). Either has ``encode(text,
+    allowed_special=...)``, ``decode(ids)``, ``decode_bytes(ids)``, ``eot_token`` and ``n_vocab``."""
+    source = resolve(spec, weights_dir=weights_dir, progress=progress)
+    return source.family.tokenizer(source.directory)
 
 
-def chat_template_of(name_or_path: str | os.PathLike, *, weights_dir: str | os.PathLike | None = None,
+def chat_template_of(spec: str | os.PathLike, *, weights_dir: str | os.PathLike | None = None,
                      progress: bool = True) -> str | None:
-    """The Jinja chat template a Llama-family checkpoint ships (``tokenizer_config.json`` or
-    ``chat_template.jinja``), or None: GPT-2 and base models have none."""
-    if str(name_or_path) in GPT2_REPOS or not is_llama(name_or_path):
-        return None
-    directory = _directory(name_or_path, weights_dir, progress)
-    return None if directory is None else load_chat_template(directory)
+    """The Jinja chat template the model ``spec`` ships (``tokenizer_config.json`` or
+    ``chat_template.jinja``), or None: GPT-2, base models and random weights have none."""
+    source = resolve(spec, weights_dir=weights_dir, progress=progress)
+    return source.family.chat_template(source.directory)
+
+
+def save_pretrained(model: CausalLM, directory: str | os.PathLike) -> Path:
+    """Write ``model`` in the format ``load`` reads back, each file atomically."""
+    return family_of(model).save_pretrained(model, directory)
+
+
+def _from_pretrained(cls: type, spec: str | os.PathLike, **options: Any) -> CausalLM:
+    """``GPTModel.from_pretrained(spec, **options)``: :func:`load`, checked to be of that class."""
+    model = load(spec, **options)
+    if not isinstance(model, cls):
+        raise TypeError(f"{spec} holds a {type(model).__name__}, not a {cls.__name__}: use minigpt.models.load")
+    return model
+
+
+# The familiar methods, installed here where the families are known (a family's model module
+# cannot import this loader, which imports it): one delegate each, no second loader.
+for _family in FAMILIES:
+    _family.model_class.from_pretrained = classmethod(_from_pretrained)
+    _family.model_class.save_pretrained = _family.save_pretrained

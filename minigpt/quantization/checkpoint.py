@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minigpt.quantization.schemes import check_scheme
+from minigpt.io.state_dict import tensor_mismatches
 from minigpt.quantization.layers import (
     QUANTIZED_LAYERS,
     Linear4bit,
@@ -31,7 +31,7 @@ from minigpt.quantization.layers import (
     quantization_of,
     quantize_model,
 )
-from minigpt.io.state_dict import tensor_mismatches
+from minigpt.quantization.schemes import check_scheme
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from minigpt.runtime.linear import Linear
-from minigpt.runtime.linear import linear as linear_product
 from minigpt.quantization.schemes import (
     Int8Weight,
     NF4Weight,
@@ -39,6 +37,8 @@ from minigpt.quantization.schemes import (
     quantize_int8,
     quantize_nf4,
 )
+from minigpt.runtime.linear import Linear
+from minigpt.runtime.linear import linear as linear_product
 
 DEFAULT_SKIP: tuple[str, ...] = ("tok_emb", "pos_emb", "out_head")
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from minigpt.generation.generate import IncrementalDecoder, stream_steps
-from minigpt.models.gpt2.model import evaluating
+from minigpt.models.base import evaluating
 from minigpt.serving.formats import ChatFormat, PlainFormat
 
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from minigpt.training.checkpoint import SETTINGS_FILE
 from minigpt.finetuning.instruction import RESPONSE_HEADER, format_input
 from minigpt.jobs.dpo import DPOConfig
 from minigpt.jobs.instruct import InstructConfig
 from minigpt.tokenizers.gpt2 import ENDOFTEXT
+from minigpt.training.checkpoint import SETTINGS_FILE
 
 FORMATS = ("alpaca", "plain", "template")
 

@@ -21,19 +21,15 @@ from typing import Any
 import torch
 import uvicorn
 
-from minigpt.tokenizers.chat_template import render_chat
 from minigpt.models.gpt2.config import PRESETS
-from minigpt.io.hub import GPT2_REPOS, LLAMA_REPOS
-from minigpt.lora.adapters import load_lora
-from minigpt.models.gpt2.model import GPTModel
-from minigpt.models.loader import chat_template_of, load_model, load_tokenizer
+from minigpt.models.loader import RANDOM, chat_template_of, load, load_tokenizer
 from minigpt.quantization.schemes import SCHEMES
-from minigpt.quantization.layers import quantize_model
 from minigpt.runtime.runtime import select_device
 from minigpt.serving.app import create_app
 from minigpt.serving.engine import Engine
 from minigpt.serving.formats import FORMATS, AlpacaFormat, ChatFormat, PlainFormat, TemplateFormat, chat_format_of
 from minigpt.serving.protocol import Limits
+from minigpt.tokenizers.chat_template import render_chat
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -80,17 +76,6 @@ class ServeConfig:
         return Limits(max_tokens=self.max_tokens, max_n=self.max_n)
 
 
-def _load_model(s: ServeConfig) -> torch.nn.Module:
-    if s.model is None:
-        torch.manual_seed(s.seed)
-        model = GPTModel(s.preset)
-        return quantize_model(model, s.quantize) if s.quantize else model
-    if s.model not in GPT2_REPOS and s.model not in LLAMA_REPOS and not Path(s.model).exists():
-        raise FileNotFoundError(f"model {s.model!r} is neither a known name ({', '.join([*GPT2_REPOS, *LLAMA_REPOS])}) "
-                                "nor an existing directory")
-    return load_model(s.model, quantize=s.quantize)
-
-
 def _tokenizer_and_format(s: ServeConfig) -> tuple[Any, ChatFormat]:
     """The model's own tokenizer, and its own chat template (the Llama family) or the format the
     run states (Alpaca for instruction-tuned runs, else plain)."""
@@ -109,12 +94,10 @@ def _tokenizer_and_format(s: ServeConfig) -> tuple[Any, ChatFormat]:
 def load_engine(settings: ServeConfig) -> Engine:
     """The model the settings name, on the best device, with its tokenizer and chat format."""
     s = settings
-    model = _load_model(s)
+    torch.manual_seed(s.seed)  # the random weights of a preset
+    model = load(s.model or RANDOM + s.preset, quantize=s.quantize, adapter=s.adapter, device=select_device(s.device))
+    model.eval()
     tokenizer, chat_format = _tokenizer_and_format(s)
-    if s.adapter:
-        report = load_lora(model, s.adapter)
-        logger.info("adapter %s: %s", s.adapter, report)
-    model.to(select_device(s.device)).eval()
     name = s.name or (Path(s.model).name if s.model else f"{s.preset}-random")
     engine = Engine(model, tokenizer, name=name, chat_format=chat_format)
     logger.info("model %s: %s parameters, context %d, chat format %s", name, f"{model.num_parameters():,}",

@@ -7,8 +7,8 @@ the random number generators (dropout draws from them).
 
 A run directory holds::
 
-    config.json, model.safetensors   the model (minigpt.models.gpt2.weights): GPTModel.from_pretrained(run_dir)
-                                     for a GPT; a classifier's or LoRA's tensors are saved as they are
+    config.json, model.safetensors   the model (as the model's family writes it): minigpt.models.load(run_dir)
+                                     reads a finished run; a classifier's or LoRA's tensors are saved as they are
     training_state.pt                optimizer, loss scaler, step, data position, RNG states
     history.json                     the losses recorded so far
     settings.json                    the run's settings, so that resuming needs no arguments
@@ -35,11 +35,19 @@ import torch
 from torch import nn
 
 from minigpt.io.files import write_json
-from minigpt.models.gpt2.hf_layout import write_checkpoint
-from minigpt.models.gpt2.model import GPTModel
-from minigpt.runtime.runtime import rng_state, set_rng_state
 from minigpt.io.state_dict import tensor_mismatches
-from minigpt.models.gpt2.weights import CONFIG_FILE, WEIGHTS_FILE, load_config, load_state, save_pretrained, stored_once
+from minigpt.io.weight_files import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    dtype_problems,
+    read_config_json,
+    read_safetensors,
+    stored_once,
+    write_checkpoint,
+)
+from minigpt.models.registry import family_of
+from minigpt.quantization.checkpoint import QUANTIZATION_KEY
+from minigpt.runtime.runtime import rng_state, set_rng_state
 
 STATE_FILE = "training_state.pt"
 HISTORY_FILE = "history.json"
@@ -103,13 +111,9 @@ def save_checkpoint(
 
 
 def _save_model(model: nn.Module, directory: Path) -> None:
-    """A GPT in minigpt's format (``GPTModel.from_pretrained`` reads a run directory); another
-    family (the Llama models) with its Hugging Face ``config.json`` and our tensor names. Either
-    way a classifier's head, LoRA's tensors and quantized layers are saved as they are."""
-    if isinstance(model, GPTModel):
-        save_pretrained(model, directory)
-    else:
-        write_checkpoint(directory, stored_once(model.state_dict()), model.cfg.to_hf())
+    """The model's config as its family writes it, and its tensors under our names: a classifier's
+    head, LoRA's tensors and quantized layers are saved as they are."""
+    write_checkpoint(directory, stored_once(model.state_dict()), family_of(model).checkpoint_config(model))
 
 
 def _finish_commit(run_dir: Path) -> None:
@@ -165,13 +169,28 @@ def load_checkpoint(
                          tokens_seen=state["tokens_seen"], history=history)
 
 
+def load_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a minigpt directory's ``model.safetensors`` (memory-mapped), checked:
+    a readable file whose tensors share one dtype (those of quantized layers, which its config
+    lists, left out: packed codes are integers). Names and shapes are the caller's to check
+    (a classifier's head differs from a language model's)."""
+    directory = Path(directory)
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS_FILE}; is it a directory written by save_pretrained?")
+    state = read_safetensors(path)
+    config = read_config_json(directory) if (directory / CONFIG_FILE).is_file() else {}
+    quantized = tuple(name + "." for name in (config.get(QUANTIZATION_KEY) or {}).get("layers", ()))
+    problems = dtype_problems({k: v for k, v in state.items() if not k.startswith(quantized)})
+    if problems:
+        raise ValueError(f"{path}: " + ", ".join(problems))
+    return state
+
+
 def _load_model(run_dir: Path, model: nn.Module) -> None:
     """Put the checkpoint's tensors into ``model``, whatever was done to it: a classifier's
     smaller head and LoRA's extra tensors load as they were saved, every name and shape checked."""
-    if isinstance(model, GPTModel):
-        saved_cfg = load_config(run_dir)
-    else:
-        saved_cfg = type(model.cfg).from_hf(json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")))
+    saved_cfg = family_of(model).read_config(run_dir)
     if saved_cfg != model.cfg:
         raise ValueError(f"{run_dir} holds a model with {saved_cfg}, but the model to resume is {model.cfg}")
     state = dict(load_state(run_dir))

@@ -34,9 +34,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm  # plain text: no widget library needed in notebooks
 
+from minigpt.generation.generate import check_sampling, generate, text_to_token_ids, token_ids_to_text
+from minigpt.models.base import check_token_ids, evaluating
+from minigpt.runtime.runtime import (
+    PRECISIONS,
+    autocast,
+    compile_with_loss,
+    grad_scaler,
+    resolve_precision,
+    select_device,
+)
 from minigpt.training.checkpoint import load_checkpoint, save_checkpoint
 from minigpt.training.distributed import mean_over_ranks, rank_and_world_size, rng_state_of_all_ranks, sum_over_ranks
-from minigpt.generation.generate import check_sampling, generate, text_to_token_ids, token_ids_to_text
 from minigpt.training.history import History, TrainingInterrupted
 from minigpt.training.interrupt import GracefulInterrupt
 from minigpt.training.losses import (
@@ -49,9 +58,7 @@ from minigpt.training.losses import (
     summed_loss_and_metrics,
     to_device,
 )
-from minigpt.models.gpt2.model import check_token_ids, evaluating
 from minigpt.training.optim import create_optimizer, lr_at_step
-from minigpt.runtime.runtime import PRECISIONS, autocast, compile_with_loss, grad_scaler, resolve_precision, select_device
 
 __all__ = ["History", "TrainConfig", "TrainingInterrupted", "train_model"]
 

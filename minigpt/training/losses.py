@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from minigpt.generation.generate import token_logprobs
-from minigpt.models.gpt2.model import evaluating
+from minigpt.models.base import evaluating
 
 IGNORE_INDEX = -100  # targets with this id add nothing to the loss (padding, prompts)
 

@@ -7,8 +7,8 @@ correspondence with our parameter names; :func:`hf_to_minigpt` and :func:`minigp
 apply it in each direction, and :func:`config_from_hf` / :func:`config_to_hf` translate the
 config. :func:`export_hf` writes a directory that ``transformers`` loads with our logits.
 
-minigpt's own checkpoints use the same two file names (:data:`CONFIG_FILE`,
-:data:`WEIGHTS_FILE`), written by :func:`write_checkpoint`, the one writer of both formats.
+Both formats use the same two file names and the one writer,
+:func:`minigpt.io.weight_files.write_checkpoint`.
 """
 
 from __future__ import annotations
@@ -21,15 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from minigpt.io.weight_files import write_checkpoint
 from minigpt.models.gpt2.config import GPTConfig
-from minigpt.io.files import atomic_write, write_json
 from minigpt.models.gpt2.model import GPTModel
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-SHARD_INDEX_FILE = "model.safetensors.index.json"  # transformers splits large checkpoints
 
 # The one mapping between Hugging Face GPT-2 tensors and our parameters ({i}: block index).
 # how: "=" same tensor; "T" transposed, because HF's Conv1D stores (in, out) while
@@ -180,17 +175,6 @@ def config_to_hf(cfg: GPTConfig) -> dict[str, Any]:
         "resid_pdrop": cfg.drop_rate, "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate,
         "tie_word_embeddings": cfg.tie_weights,
     }
-
-
-def write_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                     config: Mapping[str, Any]) -> Path:
-    """Write ``model.safetensors`` (``tensors``, moved to the CPU) and ``config.json`` into
-    ``directory``, each atomically: a crash leaves the old file or none, never half of one."""
-    directory = Path(directory)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_json(directory / CONFIG_FILE, dict(config))
-    return directory
 
 
 def export_hf(model: GPTModel, directory: str | os.PathLike) -> Path:

@@ -6,26 +6,31 @@ A checkpoint directory holds ``config.json`` (read by :meth:`LlamaConfig.from_hf
 used as it is (``transformers``' ``nn.Linear`` stores ``(out, in)`` like ours), so
 loading only renames. As for GPT-2 (:mod:`minigpt.models.gpt2.weights`), the files are memory-mapped,
 the model is built on the ``meta`` device and its parameters *are* the file's tensors:
-loading never holds two copies (unless ``dtype`` asks for a conversion).
+loading never holds two copies.
 
-:func:`load_llama` takes a directory or a known name (``smollm2-135m`` ..., found or
-downloaded by :func:`minigpt.io.hub.download_llama`); :func:`export_llama` writes a directory
-that ``transformers`` loads with the same logits.
+:func:`load_directory` reads a directory (names and downloads are the one loader's,
+:func:`minigpt.models.load`); :func:`export_llama` writes a directory that ``transformers``
+loads with the same logits.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from minigpt.models.gpt2.hf_layout import CONFIG_FILE, write_checkpoint
-from minigpt.io.hub import LLAMA_REPOS, download_llama
-from minigpt.models.llama.model import LlamaConfig, LlamaModel
+from minigpt.io.weight_files import (
+    CONFIG_FILE,
+    check_tensors,
+    drop_tied_head,
+    on_meta,
+    read_config_json,
+    read_weights,
+    write_checkpoint,
+)
+from minigpt.models.llama.model import MODEL_TYPES, LlamaConfig, LlamaModel
 from minigpt.models.llama.rope import RoPE
-from minigpt.models.gpt2.weights import check_tensors, drop_tied_head, on_meta, read_weights
 
 # minigpt parameter                 Hugging Face tensor ({i}: block index)
 HF_TO_MINIGPT: tuple[tuple[str, str], ...] = (
@@ -60,41 +65,18 @@ def name_map(cfg: LlamaConfig, ours: set[str] | None = None) -> dict[str, str]:
     return {k: v for k, v in rows.items() if ours is None or k in ours}
 
 
-def load_llama(name_or_path: str | os.PathLike, *, dtype: torch.dtype | None = None, quantize: str | None = None,
-               device: str | torch.device = "cpu", weights_dir: str | os.PathLike | None = None,
-               progress: bool = True) -> LlamaModel:
-    """A :class:`LlamaModel` from a Hugging Face directory or a known name (see :data:`minigpt.io.hub.LLAMA_REPOS`).
-
-    ``dtype`` converts the weights (default: the file's dtype, e.g. bfloat16); ``quantize``
-    (``"nf4"``, ``"nf4-dq"``, ``"int8"``) replaces the blocks' linear layers after loading.
-    """
-    path = Path(name_or_path)
-    if str(name_or_path) in LLAMA_REPOS:
-        path = download_llama(str(name_or_path), weights_dir, progress=progress)
-    elif not path.is_dir():
-        raise ValueError(f"{str(name_or_path)!r} is neither a known model name ({', '.join(LLAMA_REPOS)}) "
-                         f"nor a directory with {CONFIG_FILE}")
-    model = _load_directory(path, dtype)
-    if quantize is not None:
-        from minigpt.quantization.layers import quantize_model
-
-        quantize_model(model, quantize)
-    return model.to(device)
+def is_llama_config(config: dict) -> bool:
+    """Whether a ``config.json`` describes a Llama-family model (``model_type`` ``llama`` or ``qwen3``)."""
+    return config.get("model_type") in MODEL_TYPES
 
 
 def read_config(directory: Path) -> LlamaConfig:
     """The :class:`LlamaConfig` of a directory's ``config.json``, with errors naming the file."""
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; is it a weights directory?")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON: {err}") from err
-    return LlamaConfig.from_hf(config, source=str(config_path))
+    return LlamaConfig.from_hf(read_config_json(directory), source=str(directory / CONFIG_FILE))
 
 
-def _load_directory(directory: Path, dtype: torch.dtype | None) -> LlamaModel:
+def load_directory(directory: Path) -> LlamaModel:
+    """A :class:`LlamaModel` whose parameters *are* the directory's tensors (in the file's dtype)."""
     cfg = read_config(directory)
     tensors = dict(read_weights(directory))
     source = str(directory)
@@ -107,7 +89,7 @@ def _load_directory(directory: Path, dtype: torch.dtype | None) -> LlamaModel:
         names.pop("out_head.weight")
     shapes = model.state_dict()
     check_tensors({theirs: tuple(shapes[ours].shape) for ours, theirs in names.items()}, tensors, source, cfg)
-    state = {ours: tensors[theirs] if dtype is None else tensors[theirs].to(dtype) for ours, theirs in names.items()}
+    state = {ours: tensors[theirs] for ours, theirs in names.items()}
     model.load_state_dict(state, strict=not cfg.tie_weights, assign=True)
     if cfg.tie_weights:
         model.out_head.weight = model.tok_emb.weight  # assign replaced the shared Parameter

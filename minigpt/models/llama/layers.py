@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from minigpt.models.attention import CachedAttention, KVCache
-from minigpt.runtime.linear import Linear
 from minigpt.models.llama.rope import RoPE
+from minigpt.runtime.linear import Linear
 
 
 class RMSNorm(nn.Module):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,10 +26,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minigpt.runtime.linear import Linear
+from minigpt.models.decoder import Decoder
 from minigpt.models.llama.layers import GroupedQueryAttention, RMSNorm, SwiGLU
-from minigpt.models.gpt2.model import GPTModel
 from minigpt.models.llama.rope import RoPE
+from minigpt.runtime.linear import Linear
 
 _SMOLLM2 = dict(model_type="llama", vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
                 rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
@@ -182,7 +181,7 @@ class LlamaBlock(nn.Module):
         return x + self.ff(self.norm2(x))
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(Decoder):
     """A Llama-family language model; ``cfg`` is a :class:`LlamaConfig`, a Hugging Face
     ``config.json`` dict, or a preset name."""
 
@@ -239,14 +238,6 @@ class LlamaModel(nn.Module):
             x = x[:, -logits_to_keep:]
         return self.out_head(self.final_norm(x))
 
-    # Checking ids, turning left padding into positions and a mask, counting parameters and
-    # finding the device are the same as GPT-2's.
-    _check_ids = GPTModel._check_ids
-    _positions_and_mask = GPTModel._positions_and_mask
-    _full_mask = GPTModel._full_mask
-    num_parameters = GPTModel.num_parameters
-    device = GPTModel.device
-
     def reset_kv_cache(self) -> None:
         """Empty every block's KV cache; the next cached call starts at position 0."""
         self.cache_pos = 0
@@ -263,17 +254,3 @@ class LlamaModel(nn.Module):
         """Bytes the KV cache holds per token of one sequence: keys and values of every layer."""
         itemsize = self.tok_emb.weight.element_size()
         return 2 * self.cfg.n_layers * self.cfg.n_kv_heads * self.cfg.head_dim * itemsize
-
-    # minigpt.models.llama.hf_layout builds on this module: these two methods import it when called.
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write the Hugging Face format (``config.json`` + ``model.safetensors``), see :mod:`minigpt.models.llama.hf_layout`."""
-        from minigpt.models.llama.hf_layout import export_llama
-
-        export_llama(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> LlamaModel:
-        """Load a Hugging Face directory or a known name (see :func:`minigpt.models.llama.hf_layout.load_llama`)."""
-        from minigpt.models.llama.hf_layout import load_llama
-
-        return load_llama(name_or_path, **kwargs)

@@ -1,0 +1,95 @@
+"""What every decoder here shares around its blocks: checking ids, positions, padding, counting.
+
+The one idea: left padding is handled once, for every family. A batch of prompts of different
+lengths is left-padded and comes with an ``attention_mask`` (1 real, 0 padding); each row's
+positions then count its real tokens only, and no query attends a padded key, so every row gets
+the logits it would get alone. With the KV cache the mask of the tokens already fed is kept
+(``_past_mask``), so a cached step may pass the mask of its new tokens only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minigpt.models.attention import padded_causal_mask
+from minigpt.models.base import check_token_ids
+
+
+class Decoder(nn.Module):
+    """Base class of :class:`~minigpt.models.gpt2.model.GPTModel` and
+    :class:`~minigpt.models.llama.model.LlamaModel`: a subclass sets ``cfg`` and ``tok_emb`` and
+    calls :meth:`_check_ids` and :meth:`_positions_and_mask` at the start of its forward."""
+
+    cache_pos: int = 0  # absolute position of the next token fed with use_cache=True
+    _past_mask: torch.Tensor | None = None  # (batch, cache_pos) real tokens, once padding was seen
+
+    def _positions_and_mask(
+        self, in_idx: torch.Tensor, start: int, use_cache: bool, attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions ``(tokens,)`` or ``(batch, tokens)`` and the allowed query-key pairs
+        ``(batch, 1, tokens, start + tokens)`` (``None``: no padding, plain causal attention)."""
+        batch, num_tokens = in_idx.shape
+        past = self._past_mask if use_cache and start else None
+        if attention_mask is None and past is None:
+            return torch.arange(start, start + num_tokens, device=in_idx.device), None
+        real = self._full_mask(attention_mask, past, batch, start, num_tokens, in_idx.device)
+        if use_cache:
+            self._past_mask = real
+        # A row's first real token gets position 0 however many pads precede it.
+        positions = (real.cumsum(-1) - 1).clamp(min=0)[:, start:]
+        return positions, padded_causal_mask(real, num_tokens)
+
+    def _full_mask(
+        self, attention_mask: torch.Tensor | None, past: torch.Tensor | None,
+        batch: int, start: int, num_tokens: int, device: torch.device,
+    ) -> torch.Tensor:
+        """The ``(batch, start + tokens)`` bool mask of real tokens, the past part taken
+        from ``attention_mask`` when it covers it, else from the cache (or all real)."""
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (
+                num_tokens, start + num_tokens):
+            raise ValueError(
+                f"attention_mask must have shape (batch, cached + new tokens) = ({batch}, {start + num_tokens})"
+                f"{f' or ({batch}, {num_tokens})' if start else ''}, got {tuple(attention_mask.shape)}"
+            )
+        mask = attention_mask.to(device=device, dtype=torch.bool)
+        if mask.shape[1] == start + num_tokens:
+            return mask
+        if past is None:
+            past = torch.ones(batch, start, dtype=torch.bool, device=device)
+        return torch.cat([past, mask], dim=1)
+
+    def _check_ids(self, in_idx: torch.Tensor, start: int) -> None:
+        if not isinstance(in_idx, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} expects a tensor of token ids, got {type(in_idx).__name__}")
+        if in_idx.dtype.is_floating_point or in_idx.dtype.is_complex or in_idx.dtype == torch.bool:
+            raise TypeError(
+                f"{type(self).__name__} expects integer token ids (torch.long), got dtype {in_idx.dtype}; "
+                "convert with ids.long() if these really are ids"
+            )
+        if in_idx.dim() != 2:
+            raise ValueError(
+                f"{type(self).__name__} expects ids of shape (batch, tokens), got shape {tuple(in_idx.shape)}; "
+                "add a batch dimension with ids.unsqueeze(0)"
+            )
+        limit = self.cfg.context_length
+        if start + in_idx.shape[1] > limit:
+            raise ValueError(
+                f"{in_idx.shape[1]} tokens (after {start} cached) exceed context_length={limit}; "
+                f"keep only the last {limit - start} tokens, e.g. ids[:, -{limit - start}:]"
+            )
+        # On a GPU reading the ids' values waits for the device (and breaks a torch.compile
+        # graph), so there the entry points (a prompt, a batch) call check_token_ids once.
+        if in_idx.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_token_ids(in_idx, self.cfg.vocab_size)
+
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameter count; a tied output head is counted once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device
