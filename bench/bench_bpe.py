@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 
 from minigpt.io import sources
-from minigpt.tokenizers.bpe import BPETokenizer, gpt2_bpe_files
 from minigpt.io.download import fetch
+from minigpt.tokenizers.bpe import BPETokenizer, gpt2_bpe_files
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
 # Both ship with minigpt: no network or data folder needed.

@@ -108,8 +108,8 @@ def build_policy(preset: str, rank: int):
     """The LoRA policy: the same random weights and adapters in every process."""
     import torch
 
-    from minigpt.models.gpt2.config import GPTConfig
     from minigpt.lora.adapters import apply_lora
+    from minigpt.models.gpt2.config import GPTConfig
     from minigpt.models.gpt2.model import GPTModel
 
     torch.manual_seed(0)

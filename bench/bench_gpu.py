@@ -40,8 +40,8 @@ from bench_train import flops_per_token, gpt2_layout, matmul_weights, transforme
 
 from minigpt import GPTModel
 from minigpt.generation.generate import generate
-from minigpt.training.losses import next_token_loss
 from minigpt.runtime.runtime import compile_with_loss
+from minigpt.training.losses import next_token_loss
 
 # Published dense (no sparsity) bfloat16 tensor-core peaks, TFLOP/s, by a part of the card's name.
 PEAKS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0),

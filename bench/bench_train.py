@@ -43,8 +43,8 @@ from torch import nn
 
 from minigpt import GPTConfig, GPTModel
 from minigpt.runtime.linear import linear
-from minigpt.training.losses import calc_loss_batch, next_token_loss
 from minigpt.runtime.runtime import autocast, compile_with_loss, no_fast_bfloat16_reason, resolve_precision
+from minigpt.training.losses import calc_loss_batch, next_token_loss
 
 SHAPES = {"gpt2-small": (4, 256), "tiny": (8, 128)}  # (batch, tokens)
 TARGETS = {"minigpt_fp32_vs_transformers_fp32": 1.1, "minigpt_bf16_vs_transformers_fp32": 1.8,

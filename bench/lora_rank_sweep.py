@@ -33,8 +33,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from minigpt.finetuning.classification import ClassificationDataset, calc_accuracy_loader, make_classifier
-from minigpt.io.files import atomic_write, write_text
 from minigpt.finetuning.labelled_data import balance_classes, load_labelled_texts, split_examples
+from minigpt.io.files import atomic_write, write_text
 from minigpt.lora.adapters import apply_lora
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.training.loop import TrainConfig, train_model

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from minigpt.tokenizers.bpe import ENDOFTEXT, GPT2_SPLIT_PATTERN, BPETokenizer, _merge, bytes_to_unicode, gpt2_bpe_files
 from minigpt.io.files import PACKAGE_DATA_DIR, cache_dir
+from minigpt.tokenizers.bpe import ENDOFTEXT, GPT2_SPLIT_PATTERN, BPETokenizer, _merge, bytes_to_unicode, gpt2_bpe_files
 
 # The autouse fixtures of conftest.py only set environment variables, which need no reset
 # between the examples of one test.

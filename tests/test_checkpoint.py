@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from minigpt.lora.adapters import apply_lora
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.models.gpt2.model import GPTModel
 from minigpt.training.checkpoint import (
     STATE_FILE,
     load_checkpoint,
@@ -22,9 +25,6 @@ from minigpt.training.checkpoint import (
     save_checkpoint,
     save_settings,
 )
-from minigpt.models.gpt2.config import GPTConfig
-from minigpt.lora.adapters import apply_lora
-from minigpt.models.gpt2.model import GPTModel
 from minigpt.training.optim import create_optimizer
 
 CFG = GPTConfig(vocab_size=64, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0)

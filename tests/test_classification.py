@@ -21,9 +21,9 @@ from minigpt.finetuning.classification import (
     save_classifier,
     train_classifier,
 )
-from minigpt.models.gpt2.config import GPTConfig
 from minigpt.finetuning.labelled_data import balance_classes, load_labelled_texts, split_examples
 from minigpt.lora.adapters import apply_lora, merge_lora
+from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.tokenizers.gpt2 import PAD_TOKEN_ID, get_gpt2_tokenizer
 

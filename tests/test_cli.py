@@ -19,16 +19,16 @@ from conftest import QuietHandler
 from test_jobs import signal_after_step
 from torch import nn
 
-from minigpt.runtime import runtime
-from minigpt.finetuning.classification import classify, load_classifier
 from minigpt.cli import build_parser, main
-from minigpt.models.gpt2.config import GPTConfig
-from minigpt.io.hub import default_weights_dir
+from minigpt.finetuning.classification import classify, load_classifier
 from minigpt.finetuning.instruction import load_instruction_data
+from minigpt.io.hub import default_weights_dir
 from minigpt.jobs import generate as generate_job
 from minigpt.jobs.generate import GenerateConfig
 from minigpt.jobs.pretrain import PretrainConfig
+from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
+from minigpt.runtime import runtime
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
 # Files this module reads from the data folder (not shipped); tests that need them skip, naming them.

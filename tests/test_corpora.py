@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt.io import sources
 from minigpt.data.corpora import CORPORA, Corpus, list_corpora, load_corpus, load_token_ids, split_text
+from minigpt.io import sources
 from minigpt.io.download import PinnedFile
 from minigpt.io.files import cache_dir
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer

@@ -24,7 +24,6 @@ import pytest
 from conftest import QuietHandler
 
 from minigpt.data import corpora
-
 from minigpt.io import files, sources
 from minigpt.io.download import PinnedFile, download, fetch
 from minigpt.io.files import ChecksumError, cache_dir, data_dir, sha256_of, write_bytes, write_json, write_text

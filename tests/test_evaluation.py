@@ -23,9 +23,9 @@ from minigpt.evaluation.comparison import (
     win_rate,
     write_golden_set,
 )
+from minigpt.evaluation.pairwise import PairVerdict
 from minigpt.finetuning.instruction import generate_response, split_instruction_data
 from minigpt.models.gpt2.model import GPTModel
-from minigpt.evaluation.pairwise import PairVerdict
 from minigpt.tokenizers.gpt2 import PAD_TOKEN_ID, get_gpt2_tokenizer
 
 SMALL = dict(vocab_size=50257, context_length=128, emb_dim=32, n_layers=1, n_heads=2, drop_rate=0.0, qkv_bias=False)

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt.models.gpt2.config import GPTConfig
 from minigpt.generation.generate import (
     IncrementalDecoder,
     check_sampling,
@@ -17,6 +16,7 @@ from minigpt.generation.generate import (
     stream_generate,
     truncate_prompt,
 )
+from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 

@@ -8,7 +8,14 @@ import pytest
 import torch
 from test_generation import CFG, CountingModel
 
-from minigpt.generation.generate import generate, generate_batch, pad_prompts, stream_generate, stream_steps, token_logprobs
+from minigpt.generation.generate import (
+    generate,
+    generate_batch,
+    pad_prompts,
+    stream_generate,
+    stream_steps,
+    token_logprobs,
+)
 from minigpt.models.gpt2.model import GPTModel
 
 

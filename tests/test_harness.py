@@ -23,12 +23,12 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from minigpt.tokenizers.bpe import gpt2_bpe_files  # noqa: E402
-from minigpt.generation.generate import generate  # noqa: E402
 from minigpt.evaluation.harness import MiniGPTLM  # noqa: E402
-from minigpt.models.gpt2.hf_layout import export_hf  # noqa: E402
+from minigpt.generation.generate import generate  # noqa: E402
 from minigpt.jobs.harness import HarnessConfig, _check_task_names, results_table, run_tasks  # noqa: E402
+from minigpt.models.gpt2.hf_layout import export_hf  # noqa: E402
 from minigpt.models.gpt2.model import GPTModel  # noqa: E402
+from minigpt.tokenizers.bpe import gpt2_bpe_files  # noqa: E402
 
 TASKS = Path(__file__).parent / "harness_tasks"
 ALL_TASKS = ["minigpt_choice", "minigpt_generate", "minigpt_perplexity"]

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minigpt.cli import main as cli_main
-from minigpt.models.gpt2.config import GPTConfig
 from minigpt.generation.generate import generate
+from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.hf_layout import HF_TO_MINIGPT, export_hf, hf_shapes, minigpt_to_hf
 from minigpt.models.gpt2.model import GPTModel
 

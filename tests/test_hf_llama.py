@@ -14,12 +14,12 @@ import torch
 from conftest import QuietHandler
 from safetensors.torch import load_file, save_file
 
-from minigpt.io import hub
 from minigpt.generation.generate import generate
+from minigpt.io import hub
 from minigpt.models.llama.hf_layout import export_llama
+from minigpt.models.llama.model import LlamaModel
 from minigpt.models.loader import load
 from minigpt.runtime.linear import Linear
-from minigpt.models.llama.model import LlamaModel
 
 transformers = pytest.importorskip("transformers", reason="the reference implementation comes from transformers")
 

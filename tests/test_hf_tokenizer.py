@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minigpt.tokenizers.bpe import ENDOFTEXT, bytes_to_unicode
 from minigpt.data.windows import tokenize
-from minigpt.io.files import PACKAGE_DATA_DIR
 from minigpt.generation.generate import IncrementalDecoder
+from minigpt.io.files import PACKAGE_DATA_DIR
+from minigpt.tokenizers.bpe import ENDOFTEXT, bytes_to_unicode
 from minigpt.tokenizers.pretokenizers import pre_tokenize, pre_tokenizer_steps
 from minigpt.tokenizers.tokenizer_json import load_hf_tokenizer
 

@@ -18,8 +18,8 @@ import pytest
 from conftest import QuietHandler
 from test_hf_gpt2 import SHAPES, TOL, max_logit_diff, random_ids, rewrite_checkpoint, saved_hf_model
 
-from minigpt.io import hub
 from minigpt.cli import main as cli_main
+from minigpt.io import hub
 from minigpt.io.files import ChecksumError, sha256_of
 from minigpt.io.hub import default_weights_dir, download_gpt2
 from minigpt.models.gpt2.model import GPTModel

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from minigpt.models.gpt2.config import GPTConfig
 from minigpt.finetuning.instruction import (
     InstructionDataset,
     TokenizedExample,
@@ -20,6 +19,7 @@ from minigpt.finetuning.instruction import (
     save_responses,
     split_instruction_data,
 )
+from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 from minigpt.training.loop import TrainConfig, train_model

@@ -12,17 +12,16 @@ import pytest
 import torch
 from test_jobs import signal_after_step
 
-from minigpt.finetuning import neftune
-
-from minigpt.io import sources
 from minigpt.cli import build_parser, main
-from minigpt.models.gpt2.config import GPTConfig
+from minigpt.finetuning import neftune
+from minigpt.finetuning.neftune import neftune_enabled
+from minigpt.finetuning.preference import load_preference_data
+from minigpt.io import sources
 from minigpt.jobs.dpo import DPOConfig, finetune_dpo
 from minigpt.jobs.instruct import InstructConfig, finetune_instructions
 from minigpt.lora.adapters import load_lora, merge_lora
+from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
-from minigpt.finetuning.neftune import neftune_enabled
-from minigpt.finetuning.preference import load_preference_data
 from minigpt.training.loop import TrainingInterrupted
 
 # Files this module reads from the data folder (not shipped); tests that need them skip, naming them.

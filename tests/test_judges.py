@@ -8,9 +8,9 @@ import torch
 from conftest import QuietHandler
 from torch import nn
 
-from minigpt.models.gpt2.config import GPTConfig
-from minigpt.finetuning.instruction import format_input
 from minigpt.evaluation.judges import HTTPJudge, ModelJudge, judge_prompt, judge_responses, parse_score
+from minigpt.finetuning.instruction import format_input
+from minigpt.models.gpt2.config import GPTConfig
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
 ENTRY = {"instruction": "Name a color.", "input": "", "output": "Blue."}

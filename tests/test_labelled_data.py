@@ -4,8 +4,6 @@ and the book's split."""
 
 import pytest
 
-from minigpt.io import sources
-from minigpt.io.files import ChecksumError
 from minigpt.finetuning.labelled_data import (
     balance_classes,
     label_names_of,
@@ -14,6 +12,8 @@ from minigpt.finetuning.labelled_data import (
     read_sms_spam,
     split_examples,
 )
+from minigpt.io import sources
+from minigpt.io.files import ChecksumError
 
 # Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
 DATA_FILES = ["sms_spam/SMSSpamCollection.tsv"]

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from minigpt.finetuning.dpo import DPOLoss, sequence_logprobs
-from minigpt.generation.generate import generate, generate_batch
 from minigpt.finetuning.instruction import instruction_loss
-from minigpt.runtime.linear import Linear
-from minigpt.models.llama.model import PRESETS, LlamaConfig, LlamaModel
-from minigpt.lora.adapters import apply_lora, merge_lora
-from minigpt.training.losses import next_token_loss
 from minigpt.finetuning.neftune import enable_neftune, neftune_lengths
+from minigpt.generation.generate import generate, generate_batch
+from minigpt.lora.adapters import apply_lora, merge_lora
+from minigpt.models.llama.model import PRESETS, LlamaConfig, LlamaModel
+from minigpt.runtime.linear import Linear
+from minigpt.training.losses import next_token_loss
 
 TINY = LlamaConfig(vocab_size=97, context_length=24, emb_dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                    rope_theta=10000.0)

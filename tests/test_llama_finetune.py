@@ -11,11 +11,8 @@ import math
 import pytest
 import torch
 
-from minigpt.tokenizers.chat_template import render_chat
-from minigpt.finetuning.dpo import AdaptersOffReference, DPOLoss, pair_logprobs, precompute_reference
 from minigpt.evaluation.comparison import Decoding, answer_prompts
-from minigpt.io.files import PACKAGE_DATA_DIR
-from minigpt.tokenizers.tokenizer_json import load_hf_tokenizer
+from minigpt.finetuning.dpo import AdaptersOffReference, DPOLoss, pair_logprobs, precompute_reference
 from minigpt.finetuning.instruction import (
     ALPACA,
     RESPONSE_HEADER,
@@ -27,11 +24,14 @@ from minigpt.finetuning.instruction import (
     instruction_dataloader,
     instruction_loss,
 )
-from minigpt.models.llama.model import LlamaConfig, LlamaModel
-from minigpt.lora.adapters import apply_lora
 from minigpt.finetuning.neftune import enable_neftune, neftune_lengths
 from minigpt.finetuning.preference import PreferenceDataset, preference_dataloader
+from minigpt.io.files import PACKAGE_DATA_DIR
+from minigpt.lora.adapters import apply_lora
+from minigpt.models.llama.model import LlamaConfig, LlamaModel
 from minigpt.quantization.layers import QUANTIZED_LAYERS, dequantize_model, quantize_model
+from minigpt.tokenizers.chat_template import render_chat
+from minigpt.tokenizers.tokenizer_json import load_hf_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers", reason="the test's tokenizer.json is trained by the tokenizers library")
 from tokenizers import Tokenizer, decoders, models, trainers  # noqa: E402

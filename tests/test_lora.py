@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from minigpt.models.gpt2.config import GPTConfig
 from minigpt.lora.adapters import LinearWithLoRA, LoRALayer, apply_lora, load_lora, lora_disabled, merge_lora, save_lora
+from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 
 # Tied head and qkv biases: the cases that need care.

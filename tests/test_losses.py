@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt.models.gpt2.config import GPTConfig
 from minigpt.data.windows import GPTDataset
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.models.gpt2.model import GPTModel
 from minigpt.training.distributed import sharded_loader
 from minigpt.training.losses import (
     IGNORE_INDEX,
@@ -26,7 +27,6 @@ from minigpt.training.losses import (
     summed_loss_and_metrics,
     to_device,
 )
-from minigpt.models.gpt2.model import GPTModel
 
 CFG = GPTConfig(vocab_size=96, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from minigpt.models.base import check_token_ids, evaluating
 from minigpt.models.gpt2.config import PRESETS, GPTConfig
 from minigpt.models.gpt2.layers import GELU, FeedForward, LayerNorm, TransformerBlock
-from minigpt.models.base import check_token_ids, evaluating
 from minigpt.models.gpt2.model import GPTModel
 
 SMALL = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from minigpt.models.gpt2.config import GPTConfig
 from minigpt.finetuning.instruction import (
     InstructionDataset,
     collate_instructions,
@@ -17,10 +16,11 @@ from minigpt.finetuning.instruction import (
     instruction_dataloader,
     instruction_loss,
 )
-from minigpt.training.losses import next_token_loss
-from minigpt.models.gpt2.model import GPTModel
 from minigpt.finetuning.neftune import disable_neftune, enable_neftune, neftune_enabled, neftune_lengths, neftune_noise
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.models.gpt2.model import GPTModel
 from minigpt.training.loop import TrainConfig, train_model
+from minigpt.training.losses import next_token_loss
 
 TINY = GPTConfig(vocab_size=128, context_length=32, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.1)
 ENTRIES = [{"instruction": "Name a color.", "input": "", "output": "Blue."},

@@ -12,7 +12,6 @@ import torch
 from conftest import QuietHandler
 from torch import nn
 
-from minigpt.models.gpt2.model import GPTModel
 from minigpt.evaluation.pairwise import (
     ChatPairJudge,
     ModelPairJudge,
@@ -22,6 +21,7 @@ from minigpt.evaluation.pairwise import (
     parse_verdict,
 )
 from minigpt.evaluation.rouge import lcs_length, rouge_l, words
+from minigpt.models.gpt2.model import GPTModel
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
 ENTRY = {"instruction": "Name the capital of France.", "input": "", "output": "The capital of France is Paris."}

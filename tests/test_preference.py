@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from minigpt.models.gpt2.config import GPTConfig
 from minigpt.data.windows import tokenize
 from minigpt.finetuning.dpo import (
     AdaptersOffReference,
@@ -33,9 +32,6 @@ from minigpt.finetuning.instruction import (
     load_instruction_data,
     split_instruction_data,
 )
-from minigpt.lora.adapters import apply_lora
-from minigpt.training.losses import input_tokens, scored_targets
-from minigpt.models.gpt2.model import GPTModel
 from minigpt.finetuning.neftune import enable_neftune
 from minigpt.finetuning.preference import (
     PreferenceDataset,
@@ -45,8 +41,12 @@ from minigpt.finetuning.preference import (
     preference_dataloader,
     validate_preference_entries,
 )
+from minigpt.lora.adapters import apply_lora
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.models.gpt2.model import GPTModel
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 from minigpt.training.loop import TrainConfig, train_model
+from minigpt.training.losses import input_tokens, scored_targets
 
 # Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
 DATA_FILES = ["instruct/instruction-data-with-preference.json", "instruct/instruction-data.json"]

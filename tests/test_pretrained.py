@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from minigpt.models.llama.model import LlamaModel
 from minigpt.models.gpt2.model import GPTModel
+from minigpt.models.llama.model import LlamaModel
 from minigpt.models.loader import chat_template_of, load, load_tokenizer, resolve
 from minigpt.models.registry import family_of_name
 from minigpt.quantization.layers import is_quantized

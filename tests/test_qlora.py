@@ -22,9 +22,8 @@ from test_jobs import signal_after_step, spam_like
 from test_jobs_dpo import preference_file
 from torch import nn
 
-from minigpt.finetuning.classification import load_classifier
-from minigpt.models.gpt2.config import GPTConfig
 from minigpt.data.windows import tokenize
+from minigpt.finetuning.classification import load_classifier
 from minigpt.generation.generate import generate
 from minigpt.jobs.classify import ClassifyConfig, finetune_classifier
 from minigpt.jobs.dpo import DPOConfig, finetune_dpo
@@ -32,15 +31,16 @@ from minigpt.jobs.finetune import FinetuneConfig
 from minigpt.jobs.generate import GenerateConfig, generate_text
 from minigpt.jobs.info import preset_sizes
 from minigpt.jobs.instruct import InstructConfig, finetune_instructions
-from minigpt.runtime.linear import Linear
 from minigpt.lora.adapters import LinearWithLoRA, apply_lora, load_lora, lora_disabled, merge_lora, save_lora
+from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
-from minigpt.quantization.schemes import SCHEMES, quantized_bytes
-from minigpt.quantization.layers import QUANTIZED_LAYERS, Linear4bit, Linear8bit, is_quantized, quantize_model
-from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
-from minigpt.training.loop import TrainingInterrupted
 from minigpt.models.gpt2.weights import load_config
+from minigpt.quantization.layers import QUANTIZED_LAYERS, Linear4bit, Linear8bit, is_quantized, quantize_model
+from minigpt.quantization.schemes import SCHEMES, quantized_bytes
+from minigpt.runtime.linear import Linear
+from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 from minigpt.training.checkpoint import load_state
+from minigpt.training.loop import TrainingInterrupted
 
 SMALL = GPTConfig(vocab_size=97, context_length=16, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
                   qkv_bias=True, tie_weights=True)

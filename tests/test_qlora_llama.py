@@ -12,17 +12,17 @@ import torch
 from test_jobs_dpo import preference_file
 from test_llama_finetune import CHATML, TINY, model_dir, trained  # noqa: F401 - trained is a fixture
 
-from minigpt.models.llama.hf_layout import export_llama
-from minigpt.tokenizers.tokenizer_json import load_hf_tokenizer
 from minigpt.finetuning.instruction import ALPACA, ChatTemplateFormat, generate_response
 from minigpt.jobs.dpo import DPOConfig, finetune_dpo
 from minigpt.jobs.finetune import choose_prompt_format
 from minigpt.jobs.generate import GenerateConfig, generate_text
 from minigpt.jobs.instruct import InstructConfig, finetune_instructions
-from minigpt.models.llama.model import LlamaConfig, LlamaModel
 from minigpt.models.gpt2.model import GPTModel
+from minigpt.models.llama.hf_layout import export_llama
+from minigpt.models.llama.model import LlamaConfig, LlamaModel
 from minigpt.models.loader import load
 from minigpt.quantization.layers import is_quantized, quantize_model
+from minigpt.tokenizers.tokenizer_json import load_hf_tokenizer
 
 
 @pytest.fixture(autouse=True)

@@ -9,11 +9,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from minigpt.models.gpt2.config import GPTConfig
 from minigpt.data.corpora import load_corpus
-from minigpt.runtime.linear import Linear
+from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
-from minigpt.quantization.schemes import dequantize_int8, dequantize_nf4, quantize_int8, quantize_nf4, quantized_bytes
 from minigpt.quantization.layers import (
     QUANTIZED_LAYERS,
     Linear4bit,
@@ -25,6 +23,8 @@ from minigpt.quantization.layers import (
     quantize_model,
     weight_bytes,
 )
+from minigpt.quantization.schemes import dequantize_int8, dequantize_nf4, quantize_int8, quantize_nf4, quantized_bytes
+from minigpt.runtime.linear import Linear
 
 logger = logging.getLogger(__name__)
 

@@ -372,9 +372,9 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 def test_a_llama_family_directory_brings_its_tokenizer_and_chat_template(tmp_path, one_thread):
     transformers = pytest.importorskip("transformers", reason="the small Llama is written by transformers")
     tokenizers = pytest.importorskip("tokenizers", reason="its tokenizer.json is trained by tokenizers")
-    from minigpt.tokenizers.chat_template import render_chat
     from minigpt.data.corpora import load_corpus
     from minigpt.serving.server import ServeConfig, load_engine
+    from minigpt.tokenizers.chat_template import render_chat
 
     bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
     bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -16,18 +16,18 @@ import torch
 
 import minigpt.runtime.runtime as runtime
 import minigpt.training.loop as training
-from minigpt.training.checkpoint import load_checkpoint
 from minigpt.cli import main
-from minigpt.models.gpt2.config import GPTConfig
 from minigpt.data.windows import GPTDataset
-from minigpt.training.distributed import sharded_loader
-from minigpt.training.losses import calc_loss_loader, next_token_loss
 from minigpt.models.base import evaluating
+from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
+from minigpt.runtime.runtime import default_precision, resolve_precision
+from minigpt.training.checkpoint import load_checkpoint
+from minigpt.training.distributed import sharded_loader
+from minigpt.training.loop import History, TrainConfig, TrainingInterrupted, train_model
+from minigpt.training.losses import calc_loss_loader, next_token_loss
 from minigpt.training.optim import create_optimizer, lr_at_step, param_groups
 from minigpt.training.plots import plot_losses, plot_lr
-from minigpt.runtime.runtime import default_precision, resolve_precision
-from minigpt.training.loop import History, TrainConfig, TrainingInterrupted, train_model
 
 CFG = GPTConfig(vocab_size=96, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.1)
 

@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_hf_gpt2 import assert_same_weights, random_ids, rewrite_checkpoint, saved_hf_model
 
-from minigpt.models.gpt2.config import GPTConfig
 from minigpt.io.files import sha256_of
-from minigpt.models.gpt2.model import GPTModel
 from minigpt.io.state_dict import tensor_mismatches
 from minigpt.io.weight_files import read_safetensors
+from minigpt.models.gpt2.config import GPTConfig
+from minigpt.models.gpt2.model import GPTModel
 from minigpt.training.checkpoint import load_state
 
 REPO = Path(__file__).resolve().parents[1]

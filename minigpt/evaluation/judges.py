@@ -22,8 +22,7 @@ from tqdm import tqdm
 
 from minigpt.data.windows import tokenize
 from minigpt.finetuning.instruction import RESPONSE_HEADER, Entry, format_input
-from minigpt.models.base import evaluating
-from minigpt.models.gpt2.model import GPTModel
+from minigpt.models.base import CausalLM, evaluating
 
 MAX_SCORE = 100
 
@@ -105,7 +104,7 @@ class ModelJudge:
     between 80 and 90 gives 85. Prompts longer than the context keep their end.
     """
 
-    def __init__(self, model: GPTModel, tokenizer: Any) -> None:
+    def __init__(self, model: CausalLM, tokenizer: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.score_ids = torch.tensor([tokenize(str(n), tokenizer)[0] for n in range(MAX_SCORE + 1)])
 

@@ -30,8 +30,7 @@ from minigpt.data.windows import tokenize
 from minigpt.evaluation.judges import HTTPJudge
 from minigpt.evaluation.rouge import rouge_l
 from minigpt.finetuning.instruction import RESPONSE_HEADER, Entry, format_input
-from minigpt.models.base import evaluating
-from minigpt.models.gpt2.model import GPTModel
+from minigpt.models.base import CausalLM, evaluating
 
 Verdict = Literal["A", "B", "tie"]
 Outcome = Literal["win", "tie", "loss"]  # for the candidate
@@ -84,7 +83,7 @@ class ModelPairJudge:
     keep their end.
     """
 
-    def __init__(self, model: GPTModel, tokenizer: Any) -> None:
+    def __init__(self, model: CausalLM, tokenizer: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.choice_ids = [tokenize(letter, tokenizer)[0] for letter in ("A", "B")]
 

@@ -35,7 +35,7 @@ from minigpt.finetuning.labelled_data import Example, label_names_of
 from minigpt.io.files import write_json
 from minigpt.io.state_dict import tensor_mismatches
 from minigpt.io.weight_files import CONFIG_FILE
-from minigpt.models.base import evaluating
+from minigpt.models.base import CausalLM, evaluating
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.runtime.linear import Linear
@@ -116,10 +116,10 @@ class ClassificationDataset(Dataset):
 
 
 def make_classifier(
-    model: GPTModel,
+    model: CausalLM,
     num_classes: int,
     trainable: Sequence[str] | Literal["all"] = DEFAULT_TRAINABLE,
-) -> GPTModel:
+) -> CausalLM:
     """Turn ``model`` (in place) into a classifier: ``(batch, tokens) -> (batch, tokens, num_classes)``.
 
     The output head becomes a fresh ``Linear(emb_dim, num_classes)``. A head tied to
@@ -215,7 +215,7 @@ class ClassifierTraining:
 
 
 def train_classifier(
-    model: GPTModel,
+    model: CausalLM,
     train_loader: DataLoader,
     val_loader: DataLoader,
     epochs: int = 5,
@@ -252,7 +252,7 @@ def train_classifier(
 @torch.no_grad()
 def classify_texts(
     texts: Sequence[str],
-    model: GPTModel,
+    model: CausalLM,
     tokenizer: Any = None,
     label_names: Sequence[str] | None = None,
     max_length: int | None = None,
@@ -278,7 +278,7 @@ def classify_texts(
 
 def classify(
     text: str,
-    model: GPTModel,
+    model: CausalLM,
     tokenizer: Any = None,
     label_names: Sequence[str] | None = None,
     max_length: int | None = None,
@@ -290,7 +290,7 @@ def classify(
 # --- Saving and loading --------------------------------------------------------------------
 
 
-def save_classifier(model: GPTModel, directory: str | os.PathLike, label_names: Sequence[str]) -> None:
+def save_classifier(model: CausalLM, directory: str | os.PathLike, label_names: Sequence[str]) -> None:
     """Write the model as ``save_pretrained`` does, plus ``classifier.json`` (the label names).
 
     The head has ``num_classes`` rows instead of ``vocab_size``, so the directory is

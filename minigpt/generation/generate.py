@@ -33,8 +33,7 @@ from typing import Any, TypeVar
 import torch
 from tqdm import tqdm  # plain text: no widget library needed in notebooks
 
-from minigpt.models.base import check_token_ids, evaluating
-from minigpt.models.gpt2.model import GPTModel
+from minigpt.models.base import CausalLM, check_token_ids, evaluating
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +234,7 @@ def _step(logits: torch.Tensor, next_id: torch.Tensor, top_logprobs: int) -> Ste
 
 @torch.no_grad()
 def stream_steps(
-    model: GPTModel, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
+    model: CausalLM, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, eos_id: EosIds = None,
     use_cache: bool = True, generator: torch.Generator | None = None, *,
     top_logprobs: int = 0, attention_mask: torch.Tensor | None = None,
@@ -290,7 +289,7 @@ def stream_steps(
 
 
 def stream_generate(
-    model: GPTModel, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
+    model: CausalLM, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, eos_id: EosIds = None,
     use_cache: bool = True, generator: torch.Generator | None = None, *, attention_mask: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
@@ -301,7 +300,7 @@ def stream_generate(
 
 
 def generate(
-    model: GPTModel, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
+    model: CausalLM, idx: torch.Tensor, max_new_tokens: int, context_size: int | None = None,
     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, eos_id: EosIds = None,
     use_cache: bool = True, generator: torch.Generator | None = None, *, attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -316,7 +315,7 @@ def generate(
 
 
 def generate_batch(
-    model: GPTModel,
+    model: CausalLM,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
@@ -362,7 +361,7 @@ def generate_batch(
     return answers
 
 
-def _generate_padded(model: GPTModel, prompts: list[list[int]], max_new_tokens: int, use_cache: bool,
+def _generate_padded(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, use_cache: bool,
                      sampling: dict[str, Any]) -> list[list[int]]:
     """One batch of prompts that fit the context -> the new ids of each row."""
     ids, mask = pad_prompts(prompts, pad_id=(sampling["eos_id"] or [0])[0])
@@ -375,7 +374,7 @@ def _generate_padded(model: GPTModel, prompts: list[list[int]], max_new_tokens: 
 
 @torch.no_grad()
 def token_logprobs(
-    model: GPTModel, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, return_greedy: bool = False,
+    model: CausalLM, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, return_greedy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``(batch, tokens)`` ids -> ``(batch, tokens - 1)``: ``log P(ids[t] | ids[:t])`` for ``t >= 1``.
 

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from minigpt.data.corpora import load_corpus, load_token_ids, split_text
 from minigpt.data.windows import GPTDataset
 from minigpt.io.files import write_text
-from minigpt.models.base import evaluating
+from minigpt.models.base import CausalLM, evaluating
 from minigpt.models.gpt2.config import PRESETS, GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.runtime.runtime import autocast, resolve_precision, select_device
@@ -268,7 +268,7 @@ def pretrain(
             dist.destroy_process_group()
 
 
-def _whole_split_loss(history: History, model: GPTModel, val_loader: DataLoader, val_set: GPTDataset,
+def _whole_split_loss(history: History, model: CausalLM, val_loader: DataLoader, val_set: GPTDataset,
                       loop: TrainConfig, device: torch.device, world_size: int) -> float:
     """The final model's loss over every validation window: the last evaluation's when it
     already covered them all, else one more pass (in this process, so nothing is averaged)."""
