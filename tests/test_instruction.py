@@ -10,15 +10,13 @@ from minigpt.finetuning.instruction import (
     InstructionDataset,
     TokenizedExample,
     collate_instructions,
-    extract_response,
-    format_input,
-    format_response,
     generate_response,
     instruction_dataloader,
     load_instruction_data,
     save_responses,
     split_instruction_data,
 )
+from minigpt.finetuning.prompt_format import extract_response, format_input, format_response
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer

@@ -9,7 +9,7 @@ from conftest import QuietHandler
 from torch import nn
 
 from minigpt.evaluation.judges import HTTPJudge, ModelJudge, judge_prompt, judge_responses, parse_score
-from minigpt.finetuning.instruction import format_input
+from minigpt.finetuning.prompt_format import format_input
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 

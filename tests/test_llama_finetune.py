@@ -14,18 +14,15 @@ import torch
 from minigpt.evaluation.comparison import Decoding, answer_prompts
 from minigpt.finetuning.dpo import AdaptersOffReference, DPOLoss, pair_logprobs, precompute_reference
 from minigpt.finetuning.instruction import (
-    ALPACA,
-    RESPONSE_HEADER,
-    ChatTemplateFormat,
     InstructionDataset,
     collate_instructions,
-    format_input,
     generate_response,
     instruction_dataloader,
     instruction_loss,
 )
 from minigpt.finetuning.neftune import enable_neftune, neftune_lengths
 from minigpt.finetuning.preference import PreferenceDataset, preference_dataloader
+from minigpt.finetuning.prompt_format import ALPACA, RESPONSE_HEADER, ChatTemplateFormat, format_input
 from minigpt.io.files import PACKAGE_DATA_DIR
 from minigpt.lora.adapters import apply_lora
 from minigpt.models.llama.model import LlamaConfig, LlamaModel

@@ -24,11 +24,8 @@ from minigpt.finetuning.dpo import (
     sequence_logprobs,
 )
 from minigpt.finetuning.instruction import (
-    RESPONSE_HEADER,
     InstructionDataset,
     collate_instructions,
-    format_input,
-    format_response,
     load_instruction_data,
     split_instruction_data,
 )
@@ -41,6 +38,7 @@ from minigpt.finetuning.preference import (
     preference_dataloader,
     validate_preference_entries,
 )
+from minigpt.finetuning.prompt_format import RESPONSE_HEADER, format_input, format_response
 from minigpt.lora.adapters import apply_lora
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel

@@ -12,7 +12,8 @@ import torch
 from test_jobs_dpo import preference_file
 from test_llama_finetune import CHATML, TINY, model_dir, trained  # noqa: F401 - trained is a fixture
 
-from minigpt.finetuning.instruction import ALPACA, ChatTemplateFormat, generate_response
+from minigpt.finetuning.instruction import generate_response
+from minigpt.finetuning.prompt_format import ALPACA, ChatTemplateFormat, recorded_format
 from minigpt.jobs.dpo import DPOConfig, finetune_dpo
 from minigpt.jobs.finetune import choose_prompt_format
 from minigpt.jobs.generate import GenerateConfig, generate_text
@@ -50,7 +51,7 @@ def test_the_prompt_format_follows_the_model(llama_dir, tmp_path):
     assert choose_prompt_format("auto", "tiny", None) is ALPACA
     with pytest.raises(ValueError, match="has no chat template"):
         choose_prompt_format("chat", str(tmp_path / "gpt2"), None)
-    with pytest.raises(ValueError, match="prompt_format must be one of auto, alpaca, chat"):
+    with pytest.raises(ValueError, match="prompt_format must be auto or one of alpaca, chat, plain"):
         InstructConfig(prompt_format="chatml")
 
 
@@ -79,6 +80,7 @@ def test_qlora_instruction_tuning_then_dpo_on_a_llama_directory(llama_dir, tmp_p
     entry = json.loads((tmp_path / "instruct" / "responses.json").read_text())[0]
     # The job answered in the chat format, with the tuned (merged) model's own greedy words.
     assert entry["model_response"] == generate_response(tuned.eval(), entry, tokenizer, 3, prompt_format=chat)
+    assert recorded_format(tmp_path / "instruct") == "chat"  # what the server reads to prompt it the same way
 
     dpo = DPOConfig(model=str(tmp_path / "instruct"), data=str(preference_file(tmp_path)), output=str(tmp_path / "dpo"),
                     epochs=1, batch_size=4, lr=1e-3, eval_every=10, eval_iter=1, max_new_tokens=2, num_responses=1,

@@ -22,10 +22,10 @@ openai = pytest.importorskip("openai", reason="the serve tests talk to the serve
 httpx = pytest.importorskip("httpx", reason="raw HTTP requests need httpx")
 uvicorn = pytest.importorskip("uvicorn", reason="the server runs on uvicorn (pip install 'minigpt[serve]')")
 
+from minigpt.finetuning.prompt_format import AlpacaFormat, PlainFormat  # noqa: E402
 from minigpt.generation.generate import generate, token_logprobs  # noqa: E402
 from minigpt.models.gpt2.model import GPTModel  # noqa: E402
 from minigpt.serving import Engine, Limits, create_app  # noqa: E402
-from minigpt.serving.formats import AlpacaFormat, PlainFormat  # noqa: E402
 from minigpt.serving.server import BackgroundServer  # noqa: E402
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer  # noqa: E402
 
@@ -232,7 +232,7 @@ def test_chat_stream_sends_chunks_usage_and_done(server, client):
 
 
 def test_alpaca_format_is_the_instruction_tuning_prompt():
-    from minigpt.finetuning.instruction import format_input, format_response
+    from minigpt.finetuning.prompt_format import format_input, format_response
     entry = {"instruction": "Name a color.", "output": "Blue."}
     rendered = AlpacaFormat().render([{"role": "user", "content": entry["instruction"]}])
     assert rendered + entry["output"] == format_input(entry) + format_response(entry)
@@ -327,18 +327,20 @@ def test_a_client_that_leaves_stops_its_generation(server, engine):
 # --- loading ------------------------------------------------------------------------------
 
 
-def test_chat_format_is_read_from_the_run(tmp_path):
-    from minigpt.jobs.instruct import InstructConfig
+def test_prompt_format_is_read_from_the_run_record(tmp_path):
+    from minigpt.finetuning.prompt_format import recorded_format
     from minigpt.jobs.pretrain import PretrainConfig
-    from minigpt.serving.formats import chat_format_of
 
-    for name, settings, expected in [("instruct", InstructConfig().to_dict(), "alpaca"),
-                                     ("pretrain", dataclasses.asdict(PretrainConfig()), "plain"),
-                                     ("stated", {"chat_format": "alpaca"}, "alpaca")]:
+    for name, settings, expected in [("instruct", {"prompt_format": "alpaca"}, "alpaca"),
+                                     ("chat", {"prompt_format": "chat"}, "chat"),
+                                     ("unresolved", {"prompt_format": "auto"}, None),
+                                     ("pretrain", dataclasses.asdict(PretrainConfig()), None),
+                                     ("broken", "{not json", None)]:
         (tmp_path / name).mkdir()
-        (tmp_path / name / "settings.json").write_text(json.dumps(settings, default=str))
-        assert chat_format_of(tmp_path / name) == expected, name
-    assert chat_format_of(tmp_path) == "plain"  # no settings.json: a base model
+        text = settings if isinstance(settings, str) else json.dumps(settings, default=str)
+        (tmp_path / name / "settings.json").write_text(text)
+        assert recorded_format(tmp_path / name) == expected, name
+    assert recorded_format(tmp_path) is None  # no settings.json: a base model
 
 
 def test_load_engine_with_adapter_and_quantization(tmp_path, engine, one_thread):
@@ -390,7 +392,7 @@ def test_a_llama_family_directory_brings_its_tokenizer_and_chat_template(tmp_pat
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)).save_pretrained(tmp_path)
 
     engine = load_engine(ServeConfig(model=str(tmp_path), device="cpu"))
-    assert engine.chat_format.name == "template" and engine.eos_id == bpe.token_to_id("<|im_end|>")
+    assert engine.chat_format.name == "chat" and engine.eos_id == bpe.token_to_id("<|im_end|>")
     messages = [{"role": "user", "content": "Who painted it?"}]
     with BackgroundServer(create_app(engine)) as running:
         client = openai.OpenAI(base_url=running.base_url + "/v1", api_key="unused", max_retries=0)

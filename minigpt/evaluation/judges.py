@@ -21,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 from minigpt.data.windows import tokenize
-from minigpt.finetuning.instruction import RESPONSE_HEADER, Entry, format_input
+from minigpt.finetuning.instruction import Entry
+from minigpt.finetuning.prompt_format import RESPONSE_HEADER, format_input
 from minigpt.models.base import CausalLM, evaluating
 
 MAX_SCORE = 100

@@ -29,7 +29,8 @@ import torch
 from minigpt.data.windows import tokenize
 from minigpt.evaluation.judges import HTTPJudge
 from minigpt.evaluation.rouge import rouge_l
-from minigpt.finetuning.instruction import RESPONSE_HEADER, Entry, format_input
+from minigpt.finetuning.instruction import Entry
+from minigpt.finetuning.prompt_format import RESPONSE_HEADER, format_input
 from minigpt.models.base import CausalLM, evaluating
 
 Verdict = Literal["A", "B", "tie"]

@@ -26,142 +26,32 @@ After training, the model answers the prompt of each test entry
 (:func:`generate_responses`); :mod:`minigpt.evaluation.judges` rates the answers.
 
 Chat models (Llama 3, SmolLM2, Qwen3) were trained on their own format, the chat
-template their tokenizer ships: :class:`ChatTemplateFormat` turns each entry into a user
-turn and an assistant turn rendered with it (the turn's end marker then ends the text,
-instead of an appended end-of-text). The datasets take the format; Alpaca's is the default.
+template their tokenizer ships: the datasets take a :mod:`minigpt.finetuning.prompt_format`
+(Alpaca's by default; a chat template's turn marker then ends each text instead of an
+appended end-of-text).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from minigpt.data.windows import tokenize
 from minigpt.finetuning.neftune import neftune_lengths
+from minigpt.finetuning.prompt_format import ALPACA, Entry, PromptFormat, extract_response
 from minigpt.generation.generate import generate
 from minigpt.io import sources
 from minigpt.io.download import fetch
 from minigpt.io.files import write_json
-from minigpt.tokenizers.chat_template import load_chat_template, render_chat
 from minigpt.tokenizers.gpt2 import ENDOFTEXT_ID, PAD_TOKEN_ID
 from minigpt.training.losses import IGNORE_INDEX, next_token_loss
-
-PROMPT_INTRO = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
-)
-RESPONSE_HEADER = "\n\n### Response:\n"
-
-# An entry: {"instruction": str, "input": str (may be empty or absent), "output": str}.
-Entry = dict[str, str]
-
-
-# --- The prompt format ---------------------------------------------------------------------
-
-
-def format_input(entry: Entry) -> str:
-    """The prompt: the introduction, the instruction and, when not empty, the input."""
-    text = f"{PROMPT_INTRO}\n\n### Instruction:\n{entry['instruction']}"
-    if entry.get("input"):
-        text += f"\n\n### Input:\n{entry['input']}"
-    return text
-
-
-def format_response(entry: Entry) -> str:
-    """What follows the prompt in a training text: the response header and the output."""
-    return f"{RESPONSE_HEADER}{entry['output']}"
-
-
-def extract_response(continuation: str, header: str = RESPONSE_HEADER) -> str:
-    """The answer in what a model wrote after the prompt, without the response header."""
-    return continuation.strip().removeprefix(header.strip()).strip()
-
-
-@dataclass(frozen=True)
-class AlpacaFormat:
-    """The book's format: :func:`format_input`, then ``header`` (:data:`RESPONSE_HEADER`: the model
-    learns to write it; preference pairs share it in the prompt) and the answer, to which the
-    tokenizer's end-of-text is appended. Only ``<|endoftext|>`` is read as a special token."""
-
-    header: ClassVar[str] = RESPONSE_HEADER
-    end_of_text: ClassVar[bool] = True
-
-    def prompt(self, entry: Entry) -> str:
-        """What the model reads before it answers."""
-        return format_input(entry)
-
-    def answer(self, entry: Entry, response: str | None = None) -> str:
-        """What follows :meth:`prompt` in a training text: the header and ``response`` (default: ``output``)."""
-        return format_response(entry if response is None else {**entry, "output": response})
-
-    def encode(self, text: str, tokenizer: Any = None) -> list[int]:
-        return tokenize(text, tokenizer)
-
-
-@dataclass(frozen=True)
-class ChatTemplateFormat:
-    """A chat model's own format: the entry as a user turn (instruction, blank line, input), the
-    answer as the assistant's, rendered with the model's chat ``template`` (``special_tokens``:
-    the tokenizer's ``special_token_names``, which templates print). The prompt is the user turn
-    and the assistant turn's opening (``add_generation_prompt``); the answer, the rest of the whole
-    conversation, ends with the template's end-of-turn: nothing is appended. Every special token
-    in the text is read as one (the template writes them on purpose)."""
-
-    template: str
-    special_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    header: ClassVar[str] = ""
-    end_of_text: ClassVar[bool] = False
-
-    @classmethod
-    def from_directory(cls, directory: str | os.PathLike, tokenizer: Any) -> ChatTemplateFormat:
-        """The chat template of a model directory, with ``tokenizer``'s special tokens."""
-        template = load_chat_template(directory)
-        if template is None:
-            raise ValueError(f"{directory} has no chat template (tokenizer_config.json's chat_template or "
-                             "chat_template.jinja): use the Alpaca format for this model")
-        return cls(template, dict(getattr(tokenizer, "special_token_names", {})))
-
-    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return render_chat(self.template, messages, add_generation_prompt=add_generation_prompt,
-                           **self.special_tokens)
-
-    def prompt(self, entry: Entry) -> str:
-        """The user turn followed by the opening of the assistant's turn."""
-        return self._render([self.user_message(entry)], add_generation_prompt=True)
-
-    def answer(self, entry: Entry, response: str | None = None) -> str:
-        """The whole conversation rendered, without its first part, :meth:`prompt`."""
-        reply = {"role": "assistant", "content": entry["output"] if response is None else response}
-        whole, prompt = self._render([self.user_message(entry), reply], False), self.prompt(entry)
-        if not whole.startswith(prompt):
-            raise ValueError("this chat template does not write a conversation as its prompt (add_generation_prompt) "
-                             f"followed by the answer: the prompt {prompt!r} does not begin {whole!r}; "
-                             "use the Alpaca format, or a template whose turns follow one another")
-        return whole[len(prompt):]
-
-    def encode(self, text: str, tokenizer: Any) -> list[int]:
-        if tokenizer is None:
-            raise ValueError("a chat template's texts need the model's own tokenizer: load_hf_tokenizer(directory)")
-        return tokenizer.encode(text, allowed_special="all")
-
-    @staticmethod
-    def user_message(entry: Entry) -> dict[str, str]:
-        content = entry["instruction"] + (f"\n\n{entry['input']}" if entry.get("input") else "")
-        return {"role": "user", "content": content}
-
-
-PromptFormat = AlpacaFormat | ChatTemplateFormat
-ALPACA = AlpacaFormat()
 
 
 def end_of_text_id(tokenizer: Any = None) -> int:

@@ -28,8 +28,9 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from minigpt.finetuning.instruction import ALPACA, PromptFormat, read_json
 from minigpt.finetuning.instruction import end_of_text_id as _end_of_text_id
+from minigpt.finetuning.instruction import read_json
+from minigpt.finetuning.prompt_format import ALPACA, PromptFormat
 from minigpt.io import sources
 from minigpt.io.download import fetch
 from minigpt.tokenizers.gpt2 import PAD_TOKEN_ID

@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from minigpt.finetuning.instruction import ALPACA, ChatTemplateFormat, PromptFormat
 from minigpt.finetuning.neftune import disable_neftune, enable_neftune
+from minigpt.finetuning.prompt_format import ALPACA, PROMPT_FORMATS, PromptFormat, prompt_format
 from minigpt.io.files import write_bytes, write_json
 from minigpt.jobs.quantize import check_quantize, quantize_field
 from minigpt.lora.adapters import apply_lora, merge_lora, save_lora
@@ -46,7 +46,6 @@ from minigpt.training.plots import plot_losses
 logger = logging.getLogger(__name__)
 
 Settings = TypeVar("Settings", bound="FinetuneConfig")
-PROMPT_FORMATS: tuple[str, ...] = ("auto", "alpaca", "chat")
 
 
 @dataclass(kw_only=True)
@@ -134,27 +133,25 @@ def prompt_format_field() -> Any:
     """The ``prompt_format`` setting of the jobs that train on prompts and answers."""
     return field(default="auto", metadata={
         "help": "how entries become texts: alpaca (the book's template), chat (the model's chat template, from "
-                "tokenizer_config.json) or auto (chat when the model directory has a template)",
-        "choices": PROMPT_FORMATS})
+                "tokenizer_config.json), plain (User:/Assistant:) or auto (chat when the model has a template, "
+                "else alpaca); the run records the format it used",
+        "choices": ("auto", *PROMPT_FORMATS)})
 
 
 def check_prompt_format(name: str) -> None:
-    """``name`` is one of :data:`PROMPT_FORMATS`."""
-    if name not in PROMPT_FORMATS:
-        raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {name!r}")
+    """``name`` is ``auto`` or one of :data:`~minigpt.finetuning.prompt_format.PROMPT_FORMATS`."""
+    if name not in ("auto", *PROMPT_FORMATS):
+        raise ValueError(f"prompt_format must be auto or one of {', '.join(PROMPT_FORMATS)}, got {name!r}")
 
 
 def choose_prompt_format(name: str, spec: str, tokenizer: Any) -> PromptFormat:
-    """The format ``name`` (see :func:`prompt_format_field`) for the model ``spec``: its chat
-    template (``chat``, or ``auto`` where it has one) or the book's Alpaca template."""
+    """The format ``name`` (see :func:`prompt_format_field`) for the model ``spec``: ``auto`` is
+    its chat template where it has one, else the book's Alpaca template."""
     check_prompt_format(name)
-    template = None if name == "alpaca" else chat_template_of(spec)
-    if name == "chat" and template is None:
-        raise ValueError(f"{spec} has no chat template (tokenizer_config.json's chat_template or "
-                         "chat_template.jinja): use prompt_format alpaca for this model")
-    if template is None:
-        return ALPACA
-    return ChatTemplateFormat(template, dict(getattr(tokenizer, "special_token_names", {})))
+    template = None if name in ("alpaca", "plain") else chat_template_of(spec)
+    if name == "auto":
+        name = "chat" if template is not None else "alpaca"
+    return prompt_format(name, template, getattr(tokenizer, "special_token_names", {}), source=spec)
 
 
 @dataclass
@@ -235,7 +232,10 @@ def train(run: Run, train_loader: DataLoader, val_loader: DataLoader, *, data: s
                 f" | NEFTune alpha {neftune_alpha:g}" if neftune_alpha else "",
                 f" | base quantized {s.quantize} (QLoRA)" if s.quantize else "",
                 f" | resuming {run.output}" if run.resume else "")
-    save_settings(run.output, s.to_dict())
+    settings = s.to_dict()
+    if "prompt_format" in settings:  # the format used, by name, for whoever reads this run later (the server)
+        settings["prompt_format"] = run.prompt_format.name
+    save_settings(run.output, settings)
     if neftune_alpha is not None:
         enable_neftune(run.model, neftune_alpha)
     try:

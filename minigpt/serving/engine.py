@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from minigpt.finetuning.prompt_format import PLAIN, PromptFormat
 from minigpt.generation.generate import IncrementalDecoder, stream_steps
 from minigpt.models.base import evaluating
-from minigpt.serving.formats import ChatFormat, PlainFormat
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,9 @@ class Engine:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, name: str = "minigpt",
-                 chat_format: ChatFormat | None = None) -> None:
+                 chat_format: PromptFormat = PLAIN) -> None:
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
-        self.chat_format = chat_format or PlainFormat()
+        self.chat_format = chat_format
         self.eos_id: int = tokenizer.eot_token
         self.context_length: int = model.cfg.context_length
         self.lock = threading.Lock()

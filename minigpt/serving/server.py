@@ -21,16 +21,14 @@ from typing import Any
 import torch
 import uvicorn
 
+from minigpt.finetuning.prompt_format import PROMPT_FORMATS, PromptFormat, prompt_format, recorded_format
 from minigpt.models.gpt2.config import PRESETS
 from minigpt.models.loader import RANDOM, chat_template_of, load, load_tokenizer
 from minigpt.quantization.schemes import SCHEMES
 from minigpt.runtime.runtime import select_device
 from minigpt.serving.app import create_app
 from minigpt.serving.engine import Engine
-from minigpt.serving.formats import FORMATS, AlpacaFormat, ChatFormat, PlainFormat, TemplateFormat, chat_format_of
 from minigpt.serving.protocol import Limits
-from minigpt.tokenizers.chat_template import render_chat
-from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +47,10 @@ class ServeConfig:
     quantize: str | None = field(default=None, metadata={
         "help": "quantize the linear layers while loading", "none": "full precision", "choices": SCHEMES})
     chat_format: str = field(default="auto", metadata={
-        "help": "how chat messages become the prompt: alpaca (instruction-tuned runs), plain (User:/Assistant:); "
-                "auto: what the model states (its own chat template, or the run's settings)",
-        "choices": ("auto", *FORMATS[:2])})
+        "help": "how chat messages become the prompt: alpaca (the book's instruction format), chat (the model's "
+                "own chat template), plain (User:/Assistant:); auto: the format the run was trained in, else the "
+                "model's chat template, else plain",
+        "choices": ("auto", *PROMPT_FORMATS)})
     name: str | None = field(default=None, metadata={
         "help": "the model id the API reports", "none": "the model's name or directory"})
     host: str = field(default="127.0.0.1", metadata={
@@ -65,8 +64,9 @@ class ServeConfig:
     seed: int = field(default=123, metadata={"help": "random weights of a preset (minigpt chat: also its sampling)"})
 
     def __post_init__(self) -> None:
-        if self.chat_format not in ("auto", *FORMATS[:2]):
-            raise ValueError(f"chat_format must be auto, alpaca or plain, got {self.chat_format!r}")
+        if self.chat_format not in ("auto", *PROMPT_FORMATS):
+            raise ValueError(f"chat_format must be auto or one of {', '.join(PROMPT_FORMATS)}, "
+                             f"got {self.chat_format!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.quantize is not None and self.quantize not in SCHEMES:
@@ -76,19 +76,17 @@ class ServeConfig:
         return Limits(max_tokens=self.max_tokens, max_n=self.max_n)
 
 
-def _tokenizer_and_format(s: ServeConfig) -> tuple[Any, ChatFormat]:
-    """The model's own tokenizer, and its own chat template (the Llama family) or the format the
-    run states (Alpaca for instruction-tuned runs, else plain)."""
-    if s.model is None:
-        return get_gpt2_tokenizer(), AlpacaFormat() if s.chat_format == "alpaca" else PlainFormat()
-    tokenizer = load_tokenizer(s.model)
-    template = chat_template_of(s.model)
-    if template is not None and s.chat_format == "auto":
-        return tokenizer, TemplateFormat(template, render_chat, tokenizer.special_token_names)
+def _tokenizer_and_format(s: ServeConfig) -> tuple[Any, PromptFormat]:
+    """The model's own tokenizer, and the prompt format ``chat_format`` names (``auto``: the one
+    the run records, else the model's own chat template, else a plain transcript)."""
+    spec = s.model or RANDOM + s.preset
+    tokenizer = load_tokenizer(spec)
+    template = chat_template_of(spec)
     name = s.chat_format
     if name == "auto":
-        name = chat_format_of(s.model if Path(s.model).is_dir() else None)
-    return tokenizer, AlpacaFormat() if name == "alpaca" else PlainFormat()
+        recorded = recorded_format(s.model) if s.model and Path(s.model).is_dir() else None
+        name = recorded or ("chat" if template is not None else "plain")
+    return tokenizer, prompt_format(name, template, getattr(tokenizer, "special_token_names", {}), source=spec)
 
 
 def load_engine(settings: ServeConfig) -> Engine:

@@ -12,10 +12,10 @@ from minigpt.models.gpt2.config import PRESETS
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.models.gpt2.weights import (
     checkpoint_config,
-    is_gpt2_config,
     load_config,
     load_directory,
     load_pth,
+    recognises_gpt2_config,
     save_pretrained,
 )
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
@@ -34,7 +34,7 @@ GPT2 = Family(
     model_class=GPTModel,
     hub_names=tuple(GPT2_REPOS),
     presets=tuple(PRESETS),
-    recognises=is_gpt2_config,
+    recognises=recognises_gpt2_config,
     build=GPTModel,
     download=download_gpt2,
     load_directory=load_directory,

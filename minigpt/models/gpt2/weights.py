@@ -41,7 +41,7 @@ from minigpt.models.gpt2.model import GPTModel
 from minigpt.quantization.checkpoint import QUANTIZATION_KEY, quantization_entry, quantize_skeleton, tensor_problems
 
 
-def is_gpt2_config(config: Mapping[str, Any]) -> bool:
+def recognises_gpt2_config(config: Mapping[str, Any]) -> bool:
     """Whether a ``config.json`` describes a GPT-2: ours (``emb_dim``) or Hugging Face's (``n_embd``, ``gpt2``)."""
     return "emb_dim" in config or "n_embd" in config or config.get("model_type") == "gpt2"
 

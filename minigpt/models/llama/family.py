@@ -9,7 +9,7 @@ from typing import Any
 
 from minigpt.io.hub import LLAMA_REPOS, download_llama
 from minigpt.models.base import Family
-from minigpt.models.llama.hf_layout import export_llama, is_llama_config, load_directory, read_config
+from minigpt.models.llama.hf_layout import export_llama, load_directory, read_config, recognises_llama_config
 from minigpt.models.llama.model import PRESETS, LlamaModel
 from minigpt.tokenizers.chat_template import CHAT_TEMPLATE_FILE, load_chat_template
 from minigpt.tokenizers.tokenizer_json import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, load_hf_tokenizer
@@ -35,7 +35,7 @@ LLAMA = Family(
     model_class=LlamaModel,
     hub_names=tuple(LLAMA_REPOS),
     presets=tuple(PRESETS),
-    recognises=is_llama_config,
+    recognises=recognises_llama_config,
     build=LlamaModel,
     download=download_llama,
     load_directory=load_directory,

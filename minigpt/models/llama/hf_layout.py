@@ -65,7 +65,7 @@ def name_map(cfg: LlamaConfig, ours: set[str] | None = None) -> dict[str, str]:
     return {k: v for k, v in rows.items() if ours is None or k in ours}
 
 
-def is_llama_config(config: dict) -> bool:
+def recognises_llama_config(config: dict) -> bool:
     """Whether a ``config.json`` describes a Llama-family model (``model_type`` ``llama`` or ``qwen3``)."""
     return config.get("model_type") in MODEL_TYPES
 
