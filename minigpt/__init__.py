@@ -1,39 +1,45 @@
-"""minigpt: a from-scratch, educational GPT-2 in pure PyTorch.
+"""minigpt: a from-scratch, educational GPT in pure PyTorch.
 
-Read the concepts in the order of the book's chapters: ``tokenizer``, ``bpe``,
-``data`` and ``corpora`` (ch. 2), ``attention`` (ch. 3), ``config``, ``layers`` and
-``model`` (ch. 4), ``generation``, ``plots`` and ``weights`` (ch. 5),
-``classification`` (ch. 6), ``instruction`` and ``judges`` (ch. 7) and ``lora``
-(appendix E); ``training`` is the loop of ch. 5 and appendix D.
+The package is built in layers, one folder each; a folder imports only the folders listed
+before it (``pyproject.toml`` states it as an import-linter contract, and a test finds no
+import cycle anywhere):
 
-The package is built in layers; each imports only from the layers listed before it:
-
-1. files: ``files`` (data folder, cache, atomic writes), ``download``, ``sources``
-   (every pinned file);
-2. concepts: ``config``, ``attention``, ``layers``, ``model``, ``tokenizer``, ``bpe``,
-   ``data``, ``corpora``, ``generation``, ``lora``, ``plots``, ``state_dict``;
-3. weights: ``weights``, ``hf_gpt2``, ``hub`` (published checkpoints in and out);
-4. runtime: ``runtime`` (device, precision), ``distributed``, ``interrupt``;
-5. training: ``losses``, ``optim``, ``checkpoint``, ``training``;
-6. techniques: ``classification``, ``labelled_data``, ``instruction``, ``judges``;
-7. jobs: ``minigpt.jobs`` (pretrain, evaluate, fine-tune), each settings plus one function;
-8. the command line: ``cli``.
-
-The one exception: ``GPTModel.from_pretrained`` and ``save_pretrained`` import
-``weights`` when called, so a model can load itself.
+1. ``io``: data folder and cache, atomic writes, verified downloads, the registry of pinned
+   files, the hub, family-neutral checkpoint files;
+2. ``tokenizers``: simple tokenizers, BPE from scratch, GPT-2's encoding, ``tokenizer.json``,
+   chat templates (ch. 2, 8);
+3. ``data``: sliding windows of token ids and the named corpora (ch. 2);
+4. ``runtime``: device, precision, compile, RNG state, the linear layer's CPU kernel;
+5. ``quantization``: NF4 and int8 by hand, quantized layers (appendix F);
+6. ``lora``: LoRA by hand (appendix E);
+7. ``models``: the ``CausalLM`` interface, the attention ladder (ch. 3), ``gpt2/`` (ch. 4-5)
+   and ``llama/`` (ch. 8), the family registry and the one loader, ``minigpt.models.load``;
+8. ``generation``: sampling, the KV cache in use, ragged batches, compiled decoding;
+9. ``training``: the one loop, losses, optimizer, checkpoints, Ctrl-C, torchrun, plots (ch. 5, D);
+10. ``finetuning``: prompt formats, classification, instructions, NEFTune, preference data, DPO
+    (ch. 6-7);
+11. ``evaluation``: perplexity, judges, the pairwise win rate, ROUGE-L, the lm-eval bridge;
+12. ``jobs``: each command's settings and function; 13. ``serving``: the API, the page, the
+    terminal chat; 14. ``cli``: the ``minigpt`` command.
 """
 
 from minigpt.generation.generate import generate, stream_generate, text_to_token_ids, token_ids_to_text
+from minigpt.models import CausalLM, load
 from minigpt.models.gpt2.config import PRESETS, GPTConfig
 from minigpt.models.gpt2.model import GPTModel
+from minigpt.models.llama.model import LlamaConfig, LlamaModel
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
+    "CausalLM",
     "GPTConfig",
     "GPTModel",
-    "PRESETS",
+    "LlamaConfig",
+    "LlamaModel",
     "generate",
+    "load",
     "stream_generate",
     "text_to_token_ids",
     "token_ids_to_text",
