@@ -282,7 +282,7 @@ def test_api_key_is_required_when_set(engine, one_thread):
         with pytest.raises(openai.AuthenticationError):
             anonymous.models.list()
         keyed = openai.OpenAI(base_url=running.base_url + "/v1", api_key="s3cret", max_retries=0)
-        assert keyed.completions.create(model="m", prompt=PROMPT, max_tokens=2, temperature=0).choices
+        assert keyed.completions.create(model="tiny-test", prompt=PROMPT, max_tokens=2, temperature=0).choices
         assert httpx.get(running.base_url + "/").status_code == 200  # the page itself is public
     finally:
         running.stop()

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+import jinja2
 
 from minigpt.checkpoint import SETTINGS_FILE
 from minigpt.instruction import RESPONSE_HEADER, format_input
@@ -94,8 +97,50 @@ class TemplateFormat:
     name: str = "template"
     stop: tuple[str, ...] = ()
 
+    time_limit: float = 1.0  # seconds a render may take (a template's loops can run for hours)
+    max_chars: int = 16 * 2**20  # characters a render may write
+
     def render(self, messages: Messages) -> str:
-        return self.render_chat(self.template, list(messages), add_generation_prompt=True, **self.special_tokens)
+        """The rendered prompt; a template that refuses the messages (its ``raise_exception``,
+        a syntax error, the sandbox) or runs over its budget is a ``ValueError`` with its reason."""
+        try:
+            return self.render_chat(self.template, list(messages), add_generation_prompt=True,
+                                    time_limit=self.time_limit, max_chars=self.max_chars, **self.special_tokens)
+        except jinja2.TemplateError as err:
+            raise ValueError(err.message or type(err).__name__) from err
+
+
+# A private-use character around a message's index stands in for its content (see content_spans)
+_STAND_IN = re.compile("\ue000(\\d+)\ue001")
+
+
+def content_spans(chat_format: ChatFormat, messages: Messages) -> tuple[str, list[tuple[int, int]] | None]:
+    """The rendered prompt and the ``(start, end)`` of each piece of it that is message content.
+
+    The one idea: render twice, once with each content replaced by a stand-in, and walk
+    both texts together; the markup between stand-ins is the format's own, what replaces
+    a stand-in is the user's (as written, or trimmed by the template). Only the format's
+    markup may then be read as special tokens. None for the spans when the template does
+    more to a content than trim it (the walk then fails).
+    """
+    text = chat_format.render(messages)
+    marked = chat_format.render([{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)])
+    parts = _STAND_IN.split(marked)  # [markup, index, markup, index, ..., markup]
+    spans, position = [], 0
+    for k, part in enumerate(parts):
+        if k % 2 == 0:
+            if not text.startswith(part, position):
+                return text, None
+            position += len(part)
+            continue
+        after, content = parts[k + 1], messages[int(part)]["content"]
+        fits = [c for c in (content, content.strip()) if text.startswith(c, position)
+                and text.startswith(after, position + len(c))]
+        if not fits:
+            return text, None
+        spans.append((position, position + len(fits[0])))
+        position += len(fits[0])
+    return text, spans if position == len(text) else None
 
 
 def chat_format_of(directory: str | Path | None) -> str:
