@@ -135,6 +135,8 @@ def _pieces(run: Run, engine: Engine, job: Job) -> Iterator[dict[str, Any]]:
 def _generate(job: Job, engine: Engine, emit: Callable[[dict[str, Any]], None]) -> None:
     """Every choice of the job, in this (worker) thread, each chunk handed to ``emit``."""
     for run in job.runs:
+        if job.cancel.is_set():  # the client left: the choices not yet begun never start
+            return
         for piece in _pieces(run, engine, job):
             emit(piece)
 
