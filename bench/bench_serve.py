@@ -9,10 +9,16 @@ with ``--max-tokens`` new tokens, a seed and logprobs). Bounded: no request star
 the right object, every choice finished (``stop`` or ``length``), usage counts that add
 up, and for streams, chunks that parse and end with ``data: [DONE]``.
 
+With ``--hostile``, one of the clients sends hostile requests instead, one after another
+until the others are done: a 1 MB stop string, 300 prompts times n = 8, a streamed and
+a non-streamed request for 1,000 tokens each whose client leaves after 0.2 s. The
+latencies reported are the other clients' (their p95 shows what the hostile one costs
+them); ``hostile`` counts its requests by the status they got ("left": the client left).
+
 Prints one JSON line: requests/s, p50/p95 latency, generated tokens/s, errors and
 malformed responses (both must be 0), and whether all requests ran within the limit.
 
-    python bench/bench_serve.py [--clients 8] [--requests 20] [--max-tokens 32] [--preset tiny]
+    python bench/bench_serve.py [--clients 8] [--requests 20] [--max-tokens 32] [--preset tiny] [--hostile]
 """
 
 from __future__ import annotations
@@ -88,22 +94,51 @@ def client(base_url: str, number: int, args: argparse.Namespace, deadline: float
             results.append(result)
 
 
+HOSTILE = (  # (path, body, seconds before the client leaves)
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "stop": ["x" * 1_000_000]}, 30.0),
+    ("/v1/completions", {"prompt": ["a"] * 300, "n": 8, "max_tokens": 1}, 30.0),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 1000, "stream": True}, 0.2),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1000}, 0.2),
+)
+
+
+def hostile(base_url: str, done: threading.Event, counts: dict[str, int]) -> None:
+    """Hostile requests, in turn, until ``done``: each status (or "left") counted."""
+    for i in range(10**9):
+        if done.is_set():
+            return
+        path, body, patience = HOSTILE[i % len(HOSTILE)]
+        try:
+            with httpx.stream("POST", base_url + path, json=body, timeout=patience) as response:
+                outcome = str(response.status_code)
+                response.read()
+        except httpx.TimeoutException:
+            outcome = "left"
+        counts[outcome] = counts.get(outcome, 0) + 1
+
+
 def run(base_url: str, args: argparse.Namespace) -> dict[str, Any]:
     results: list[dict] = []
     deadline = time.monotonic() + args.time_limit
-    threads = [threading.Thread(target=client, args=(base_url, n, args, deadline, results))
-               for n in range(args.clients)]
+    polite = args.clients - 1 if args.hostile else args.clients
+    threads = [threading.Thread(target=client, args=(base_url, n, args, deadline, results)) for n in range(polite)]
+    done, hostile_counts = threading.Event(), {}
+    attacker = threading.Thread(target=hostile, args=(base_url, done, hostile_counts))
     start = time.perf_counter()
-    for t in threads:
+    for t in threads + ([attacker] if args.hostile else []):
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    done.set()
+    if args.hostile:
+        attacker.join()
     ok = [r for r in results if "error" not in r]
     latencies = sorted(r["seconds"] for r in ok)
     return {
         "clients": args.clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
-        "requests": len(results), "all_ran": len(results) == args.clients * args.requests,
+        **({"hostile": hostile_counts} if args.hostile else {}),
+        "requests": len(results), "all_ran": len(results) == polite * args.requests,
         "errors": len(results) - len(ok), "first_errors": [r["error"] for r in results if "error" in r][:3],
         "requests_per_s": round(len(ok) / wall, 3),
         "latency_p50_s": round(statistics.median(latencies), 4) if latencies else None,
@@ -125,6 +160,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--url", default=None, help="a running server's base URL instead of one started here")
+    parser.add_argument("--hostile", action="store_true", help="one of the clients sends hostile requests")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,7 +169,7 @@ def main() -> None:
     else:
         settings = ServeConfig(model=args.model, preset=args.preset, device=args.device)
         engine = load_engine(settings)
-        app = create_app(engine, limits=Limits(max_tokens=max(args.max_tokens, 1), max_n=1))
+        app = create_app(engine, limits=Limits(max_tokens=max(args.max_tokens, 1000), max_n=1))
         with BackgroundServer(app) as server:
             report = {"model": engine.name, "device": str(engine.model.device), "torch_threads":
                       torch.get_num_threads(), **run(server.base_url, args)}

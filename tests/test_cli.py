@@ -216,6 +216,26 @@ def test_pretrain_errors_name_the_options(tmp_path, capsys, extra, words):
     assert not list(tmp_path.glob("*/training_state.pt"))
 
 
+def test_a_negative_grad_clip_is_refused_and_zero_means_none(tmp_path, capsys):
+    # clip_grad_norm_ with a negative bound flips every gradient: the loss would climb
+    assert main(["pretrain", *TINY_RUN, "--grad-clip", "-1", "--out-dir", str(tmp_path)]) == 2
+    assert "--grad-clip must be 0 or more" in capsys.readouterr().err
+    assert "(0: no clipping)" in next(a.help for a in actions(build_parser(), "pretrain") if a.dest == "grad_clip")
+
+
+@pytest.mark.parametrize("seed", ["18446744073709551616", "-9223372036854775809", "1.5"])
+def test_a_seed_beyond_64_bits_is_a_flag_error(capsys, seed):
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", "--preset", "tiny", "--prompt", "Hi", "--seed", seed])
+    assert stop.value.code == 2 and "--seed: a seed must be a whole number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value", [("--temperature", "1e-40"), ("--top-p", "1e-50")])
+def test_sampling_settings_that_underflow_generate(capsys, option, value):
+    assert main(["generate", "--preset", "tiny", "--prompt", "Hi", "--max-new-tokens", "3", "--device", "cpu",
+                 "--temperature", "0.7", option, value]) == 0
+
+
 def test_a_corpus_that_is_not_utf8_is_named(tmp_path, capsys):
     corpus = tmp_path / "latin1.txt"
     corpus.write_bytes("Café au lait, très bien. ".encode("latin-1") * 50)
@@ -372,6 +392,18 @@ def test_cli_names_the_malformed_entry(tmp_path, capsys):
     data.write_text(json.dumps([{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c"}]))
     assert main(["finetune", "instruct", "--model", "tiny", "--data", str(data), "--output", str(tmp_path)]) == 2
     assert "entry 1 has no 'output' field" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["instruct", "dpo"])
+@pytest.mark.parametrize("content, words", [
+    (b"[" * 100_000, "nests JSON lists or objects too deeply"), ('[{"instruction": "caf\u00e9"}]'.encode("latin-1"),
+                                                               "is not UTF-8 text: byte 21 (line 1)")])
+def test_data_files_that_cannot_be_read_are_named_on_one_line(tmp_path, capsys, task, content, words):
+    data = tmp_path / "data.json"
+    data.write_bytes(content)
+    assert main(["finetune", task, "--model", "tiny", "--data", str(data), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{data} " in err and words in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("task, settings", [("classify", "minigpt.jobs.classify.ClassifyConfig"),

@@ -138,6 +138,14 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert set(only_best.flatten().tolist()) == {0}
 
 
+@pytest.mark.parametrize("settings", [dict(temperature=1e-40), dict(temperature=1e-50), dict(temperature=1e-30),
+                                      dict(temperature=1.0, top_p=1e-50), dict(temperature=1e-40, top_p=1e-50)])
+def test_settings_that_underflow_float32_sample_the_best_token(settings):
+    # 30 / 1e-40 overflows float32 to inf, and 1e-50 rounds to 0: a NaN probability made multinomial raise
+    logits = torch.tensor([[1.0, 30.0, 29.0, -5.0]]).repeat(50, 1)
+    assert set(sample_next_token(logits, **settings).flatten().tolist()) == {1}
+
+
 def test_temperature_sampling_follows_the_softmax():
     gen = torch.Generator().manual_seed(0)
     logits = torch.log(torch.tensor([[0.2, 0.8]])).repeat(20000, 1)

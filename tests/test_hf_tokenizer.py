@@ -12,7 +12,7 @@ from minigpt.data.windows import tokenize
 from minigpt.generation.generate import IncrementalDecoder
 from minigpt.io.files import PACKAGE_DATA_DIR
 from minigpt.tokenizers.bpe import ENDOFTEXT, bytes_to_unicode
-from minigpt.tokenizers.pretokenizers import pre_tokenize, pre_tokenizer_steps
+from minigpt.tokenizers.pretokenizers import normalizer_of, pre_tokenize, pre_tokenizer_steps
 from minigpt.tokenizers.tokenizer_json import load_hf_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers", reason="the reference tokenizers come from the tokenizers library")
@@ -282,3 +282,10 @@ def test_files_that_are_not_byte_level_bpe_are_refused(tmp_path):
     sentencepiece.pre_tokenizer = pt.Metaspace()
     with pytest.raises(ValueError, match="no ByteLevel step"):
         load_hf_tokenizer(save(sentencepiece, tmp_path / "llama2") / "tokenizer.json")
+
+
+@pytest.mark.parametrize("text", ["ΟΔΟΣ ΚΑΛΟΣ", "ΣΑΣ Σ ΑΣ.", "İstanbul ǅ ẞ ΌΣΟΣ", "Hello WORLD"])
+def test_lowercase_is_per_character_like_the_library(text):
+    # str.lower() writes a word-final capital sigma as ς; the library lowercases each character alone (σ)
+    ours = normalizer_of({"type": "Lowercase"})
+    assert ours(text) == normalizers.Lowercase().normalize_str(text)

@@ -70,6 +70,18 @@ def test_config_reads_the_newer_rope_parameters_field():
     assert cfg.rope_theta == 5e5 and cfg.rope_scaling is None
 
 
+def test_an_exported_config_has_one_rope_theta():
+    # transformers-5 files nest rope_theta with the llama3 scaling in rope_parameters
+    values = dict(PRESETS["llama-3.2-1b"])
+    values["rope_parameters"] = {"rope_theta": values.pop("rope_theta"), **values.pop("rope_scaling")}
+    cfg = dataclasses.replace(LlamaConfig.from_hf(values), rope_theta=1e6)
+    exported = cfg.to_hf()
+    assert exported["rope_theta"] == 1e6 and "rope_theta" not in exported["rope_scaling"]
+    transformers = pytest.importorskip("transformers", reason="how transformers reads the exported file")
+    read = transformers.LlamaConfig(**exported)
+    assert (getattr(read, "rope_parameters", None) or {}).get("rope_theta", getattr(read, "rope_theta", None)) == 1e6
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("use_sliding_window", True, "use_sliding_window=True"),
     ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_scaling="),

@@ -31,7 +31,8 @@ def hf_perplexity(hf_model, ids: torch.Tensor, max_length: int, stride: int) -> 
         with torch.no_grad():
             loss = hf_model(input_ids, labels=target_ids).loss
         scored = int((target_ids[:, 1:] != -100).sum())
-        nll_sum += loss.item() * scored
+        if scored:  # a one-token window has no label: its mean loss is NaN, and it counts nothing
+            nll_sum += loss.item() * scored
         n_tokens += scored
         prev_end_loc = end_loc
         if end_loc == seq_len:
@@ -61,6 +62,16 @@ def test_equals_transformers_on_the_same_weights(models, one_thread, length, max
     assert ours.perplexity == pytest.approx(reference, rel=1e-4)
     unscored = ours.windows if stride == max_length else 1  # each window's first token, or the text's
     assert ours.tokens == length - unscored and ours.stride == stride and ours.context_length == max_length
+
+
+@pytest.mark.parametrize("length", [65, 97])
+def test_a_last_window_of_one_token_scores_nothing(models, one_thread, length):
+    # k * context + 1 tokens with stride == context: the last window holds the one token left
+    model, hf_model = models
+    ids = torch.randint(0, SMALL["vocab_size"], (1, length), generator=torch.Generator().manual_seed(length))
+    ours = sliding_window_perplexity(model, ids[0], context_length=32, stride=32)
+    assert ours.perplexity == pytest.approx(hf_perplexity(hf_model, ids, 32, 32), rel=1e-4)
+    assert ours.windows == length // 32 and ours.tokens == length - ours.windows - 1
 
 
 def test_disjoint_windows_leave_each_windows_first_token_unscored(models, one_thread):

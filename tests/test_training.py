@@ -406,6 +406,8 @@ def test_settings_errors_name_the_setting():
         TrainConfig(precision="fp8")
     with pytest.raises(ValueError, match="^sample_temperature must be 0"):
         TrainConfig(sample_temperature=-1)
+    with pytest.raises(ValueError, match=r"^grad_clip must be 0 or more \(0 or None: no clipping\), got -1"):
+        TrainConfig(grad_clip=-1)
 
 
 def test_plots_are_pngs_with_tokens_seen_on_a_second_axis(tmp_path):

@@ -17,7 +17,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from minigpt.runtime.runtime import PRECISIONS, default_precision, select_device
+from minigpt.runtime.runtime import PRECISIONS, SEED_MAX, SEED_MIN, default_precision, select_device
 
 TRAIN_HELP = {  # the training loop's settings (minigpt.training.loop.TrainConfig), in the command line's words
     "max_steps": ("--steps", "optimizer steps"),
@@ -26,7 +26,7 @@ TRAIN_HELP = {  # the training loop's settings (minigpt.training.loop.TrainConfi
     "warmup_steps": ("--warmup", "steps of linear warm-up"),
     "weight_decay": ("--weight-decay", "AdamW's pull of the weight matrices towards 0"),
     "betas": ("--betas", "AdamW's decay rates of the gradient's running mean and square"),
-    "grad_clip": ("--grad-clip", "largest gradient norm"),
+    "grad_clip": ("--grad-clip", "largest gradient norm (0: no clipping)"),
     "grad_accum": ("--grad-accum", "micro-batches per optimizer step"),
     "eval_every": ("--eval-every", "steps between evaluations, samples and checkpoints"),
     "eval_iter": ("--eval-iter", "batches of each split per evaluation"),
@@ -64,6 +64,14 @@ def _parse(kind: Callable[[str], Any], optional: bool) -> Callable[[str], Any]:
     return parse
 
 
+def _seed(text: str) -> int:
+    """A seed torch.manual_seed accepts (out of range, it would fail deep inside the job)."""
+    value = int(text) if re.fullmatch(r"\s*[-+]?\d+\s*", text) else None
+    if value is None or not SEED_MIN <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"a seed must be a whole number from -2**63 to 2**64 - 1, got {text!r}")
+    return value
+
+
 def add_settings(parser: argparse.ArgumentParser | Any, defaults: Any, flags: dict[str, str],
                   helps: dict[str, tuple[str, str]] | None = None, skip: Sequence[str] = ()) -> None:
     """One ``--option`` per field of the dataclass instance ``defaults``, with its help and
@@ -91,7 +99,7 @@ def add_settings(parser: argparse.ArgumentParser | Any, defaults: Any, flags: di
             options.update(nargs="+" if Ellipsis in items else len(items), type=items[0],
                            metavar=METAVARS.get(items[0]))
         elif kind in (int, float, str):
-            options.update(type=_parse(kind, optional), metavar=METAVARS[kind])
+            options.update(type=_parse(_seed if f.name.endswith("seed") else kind, optional), metavar=METAVARS[kind])
         else:
             continue  # not a command-line value
         if "choices" in f.metadata or f.name == "precision":

@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from minigpt.data.corpora import read_text_file
 from minigpt.finetuning.neftune import neftune_lengths
 from minigpt.finetuning.prompt_format import ALPACA, Entry, PromptFormat, extract_response
 from minigpt.generation.generate import generate
@@ -76,11 +77,16 @@ def load_instruction_data(path: str | os.PathLike | None = None) -> list[Entry]:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """The JSON content of ``path``; malformed JSON is a ValueError naming the file, line and column."""
+    """The JSON content of ``path``; malformed JSON, JSON nested deeper than Python's parser
+    recurses, or a file that is not UTF-8 is a ValueError naming the file (and the place)."""
+    text = read_text_file(path)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from err
+    except RecursionError:
+        raise ValueError(f"{path} nests JSON lists or objects too deeply to read; the data is a flat list of "
+                         "objects") from None
 
 
 def validate_entries(data: Any, source: str = "the data") -> list[Entry]:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+import jinja2
+
 from minigpt.data.windows import tokenize
 from minigpt.tokenizers.chat_template import load_chat_template, render_chat
 from minigpt.tokenizers.gpt2 import ENDOFTEXT
@@ -134,6 +136,8 @@ class ChatTemplateFormat:
 
     template: str
     special_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    time_limit: float = 1.0  # seconds a render may take (a template's loops can run for hours)
+    max_chars: int = 16 * 2**20  # characters a render may write
     name: ClassVar[str] = "chat"
     header: ClassVar[str] = ""
     end_of_text: ClassVar[bool] = False
@@ -146,8 +150,13 @@ class ChatTemplateFormat:
         return prompt_format("chat", template, getattr(tokenizer, "special_token_names", {}), source=str(directory))
 
     def _render(self, messages: Messages, add_generation_prompt: bool) -> str:
-        return render_chat(self.template, [dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-                           **self.special_tokens)
+        """The rendered text; a template that refuses the messages (its ``raise_exception``, a
+        syntax error, the sandbox) or runs over its budget is a ``ValueError`` with its reason."""
+        try:
+            return render_chat(self.template, [dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+                               time_limit=self.time_limit, max_chars=self.max_chars, **self.special_tokens)
+        except jinja2.TemplateError as err:
+            raise ValueError(err.message or type(err).__name__) from err
 
     def prompt(self, entry: Entry) -> str:
         return self._render([user_message(entry)], add_generation_prompt=True)

@@ -63,10 +63,15 @@ def sample_next_token(
 ) -> torch.Tensor:
     """``(batch, vocab_size)`` logits of the last position -> ``(batch, 1)`` next ids."""
     check_sampling(temperature, top_k, top_p)
-    if temperature == 0.0:
+    # A temperature this close to 0 is greedy: below float32's smallest normal number,
+    # dividing by it would overflow the logits to inf (and softmax would give NaN).
+    if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(dim=-1, keepdim=True)
 
-    logits = logits.float() / temperature
+    # Subtracting the best logit first changes no probability, and keeps the division by a
+    # tiny temperature finite: the best token gets 0, the others at worst -inf.
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
@@ -76,6 +81,7 @@ def sample_next_token(
         # Drop a token when the tokens ranked above it already reach top_p; the best
         # token always survives.
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted[:, 0] = False  # even when top_p rounds to 0 in float32 (1e-50 does)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)

@@ -31,6 +31,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+# The seeds torch.manual_seed accepts: a signed or an unsigned 64-bit integer
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 def select_device(name: str | torch.device | None = None) -> torch.device:

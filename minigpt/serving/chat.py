@@ -91,7 +91,7 @@ class ChatSession:
         room = min(self.settings.max_tokens, context // 2)
         dropped = 0
         while True:
-            ids = self.engine.encode(self.engine.chat_format.render(self._with_system()))
+            ids = self.engine.encode_chat(self._with_system())
             if len(ids) + room <= context:
                 return Answer(self, ids, dropped)
             if len(self.messages) == 1:

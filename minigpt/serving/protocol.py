@@ -5,7 +5,8 @@ is OpenAI's ``{"error": {"message", "type", "param", "code"}}``, so every OpenAI
 shows the reason. Types are strict (``"0.5"`` is not a number, ``true`` is not a count),
 ranges follow OpenAI's (temperature 0 to 2, top_p above 0 up to 1, at most 5
 completion logprobs and 20 chat top_logprobs), and :class:`Limits` caps what one request
-may cost this server (prompt tokens, ``max_tokens``, ``n``).
+may cost this server before any of it runs: its body's bytes, its stop strings, its
+choices (prompts times ``n``) and the tokens they read and write.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from minigpt.runtime.runtime import SEED_MAX, SEED_MIN
 
 # What a union-typed field may be, in the user's words (pydantic lists each alternative's error).
 _EXPECTED = {
@@ -39,16 +42,23 @@ class APIError(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask of the server. ``max_prompt_tokens`` None means the model's
-    context length."""
+    """What one request may cost the server; a request over any limit is refused with a 400
+    that names it. A request's tokens are ``choices * (prompt tokens + max_tokens)`` summed
+    over its prompts, its choices ``prompts * n``. ``max_prompt_tokens`` None means the
+    model's context length."""
 
     max_tokens: int = 1024
     max_prompt_tokens: int | None = None
     max_n: int = 8
+    max_choices: int = 64
+    max_request_tokens: int = 65536
+    max_stop_chars: int = 1000
+    max_body_bytes: int = 4 * 2**20
     default_chat_max_tokens: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens", "max_n", "default_chat_max_tokens"):
+        for name in ("max_tokens", "max_n", "max_choices", "max_request_tokens", "max_stop_chars", "max_body_bytes",
+                     "default_chat_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
@@ -68,7 +78,7 @@ class _Request(BaseModel):
     n: int | None = Field(None, ge=1)
     stream: bool | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream_options: dict[str, Any] | None = None
 
     def stops(self) -> list[str]:
@@ -142,6 +152,8 @@ def parse_json(body: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 saying why not."""
     try:
         data = json.loads(body)
+    except RecursionError as err:  # Python's parser recurses once per level: 100,000 "[" exhaust it
+        raise APIError("The JSON body nests too deeply; send a flatter object.") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise APIError(f"We could not parse the JSON body of your request ({err}). Send valid JSON with "
                        "Content-Type: application/json.") from err
@@ -166,19 +178,34 @@ def parse_request(kind: type[BaseModel], data: dict[str, Any]) -> Any:
         raise APIError(message, param=param, code="invalid_value") from err
 
 
-def check_limits(limits: Limits, *, max_tokens: int, n: int, prompt_tokens: int, context_length: int,
-                 param: str = "prompt") -> None:
-    """Refuse a request that asks more than ``limits`` allow, or a prompt (``param``) that does not fit."""
-    if max_tokens > limits.max_tokens:
-        raise APIError(f"max_tokens is {max_tokens}, more than this server's limit of {limits.max_tokens}.",
-                       param="max_tokens", code="invalid_value")
-    if n > limits.max_n:
-        raise APIError(f"n is {n}, more than this server's limit of {limits.max_n}.", param="n",
-                       code="invalid_value")
+def _limit(what: str, value: int, limit: int, param: str | None) -> None:
+    if value > limit:
+        raise APIError(f"{what} is {value:,}, more than this server's limit of {limit:,}. Ask for less, or start the "
+                       "server with a higher limit (minigpt serve --help lists them).", param=param,
+                       code="limit_exceeded")
+
+
+def check_request(limits: Limits, *, prompts: int, n: int, max_tokens: int, stops: list[str]) -> None:
+    """What a request asks for, checked before any prompt is read: ``max_tokens``, ``n``,
+    the number of choices (``prompts * n``) and the stop strings' lengths."""
+    _limit("max_tokens", max_tokens, limits.max_tokens, "max_tokens")
+    _limit("n", n, limits.max_n, "n")
+    _limit("The number of choices (prompts times n)", prompts * n, limits.max_choices, "prompt")
+    _limit("The longest stop string's length", max((len(s) for s in stops), default=0), limits.max_stop_chars,
+           "stop")
+
+
+def check_prompts(limits: Limits, *, prompt_tokens: list[int], n: int, max_tokens: int, context_length: int,
+                  param: str = "prompt") -> None:
+    """Each prompt (``param``) fits the context, and all the request's choices together
+    read and write at most ``limits.max_request_tokens`` tokens."""
     longest = min(context_length, limits.max_prompt_tokens or context_length)
-    if prompt_tokens > longest:
-        raise APIError(f"The prompt has {prompt_tokens} tokens, more than the {longest} this model reads "
-                       "(its context length). Shorten the prompt.", param=param,
-                       code="context_length_exceeded")
-    if prompt_tokens == 0:
-        raise APIError("The prompt is empty: give at least one token.", param=param, code="invalid_value")
+    for length in prompt_tokens:
+        if length > longest:
+            raise APIError(f"The prompt has {length} tokens, more than the {longest} this model reads "
+                           "(its context length). Shorten the prompt.", param=param,
+                           code="context_length_exceeded")
+        if length == 0:
+            raise APIError("The prompt is empty: give at least one token.", param=param, code="invalid_value")
+    _limit("The request's tokens (choices times prompt and max_tokens)",
+           sum(n * (length + max_tokens) for length in prompt_tokens), limits.max_request_tokens, param)

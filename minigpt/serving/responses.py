@@ -78,7 +78,9 @@ class CompletionChoice:
                       tops: Sequence[list[tuple[int, float]] | None], offset: int) -> None:
         for token_id, logprob, top in zip(ids, logprobs, tops, strict=True):
             token = self.engine.token_text(token_id)
-            alternatives = None if top is None else {self.engine.token_text(i): lp for i, lp in top}
+            alternatives = None if top is None else {}
+            for i, lp in top or ():  # best first: of two tokens that read the same ("\ufffd"), the likelier stays
+                alternatives.setdefault(self.engine.token_text(i), lp)
             for part in (piece, self.logprobs):
                 part["tokens"].append(token)
                 part["token_logprobs"].append(logprob)

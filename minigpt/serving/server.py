@@ -5,7 +5,10 @@ or Llama-family name, a run or Hugging Face directory, or a preset's random weig
 demo), optionally quantized and with a LoRA adapter, its tokenizer (GPT-2's, or the
 directory's ``tokenizer.json``) and its chat format. The server
 binds 127.0.0.1 unless told otherwise, so nothing outside this machine can reach it by
-accident, and with ``api_key`` it answers only requests that carry the key.
+accident; it answers only requests that name it in their ``Host`` header (a web page
+cannot reach it through DNS rebinding), and with ``api_key`` only those that carry the
+key, which any other address requires. SIGTERM or Ctrl-C stop it within a few seconds,
+even mid-generation: the generation stops at its next token.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from minigpt.quantization.schemes import SCHEMES
 from minigpt.runtime.runtime import select_device
 from minigpt.serving.app import create_app
 from minigpt.serving.engine import Engine
+from minigpt.serving.guard import LOOPBACK_HOSTS
 from minigpt.serving.protocol import Limits
 
 logger = logging.getLogger(__name__)
@@ -54,12 +58,24 @@ class ServeConfig:
     name: str | None = field(default=None, metadata={
         "help": "the model id the API reports", "none": "the model's name or directory"})
     host: str = field(default="127.0.0.1", metadata={
-        "help": "address to listen on (0.0.0.0 opens the server to the network)"})
+        "help": "address to listen on (0.0.0.0 opens the server to the network, and needs --api-key)"})
     port: int = field(default=8000, metadata={"help": "port to listen on"})
     api_key: str | None = field(default=None, metadata={
         "help": "require 'Authorization: Bearer KEY' on /v1/ requests", "none": "no key"})
+    insecure_no_api_key: bool = field(default=False, metadata={
+        "help": "listen on an address other than this machine's without --api-key"})
+    allowed_hosts: str | None = field(default=None, metadata={
+        "help": "comma-separated names the Host header may give (*: any)",
+        "none": "this machine's names, and --host"})
+    cors_origin: str | None = field(default=None, metadata={
+        "help": "a web origin (https://app.example) whose pages may call the API", "none": "none"})
     max_tokens: int = field(default=1024, metadata={"help": "the most tokens one answer may ask for"})
     max_n: int = field(default=8, metadata={"help": "the most choices (n) one request may ask for"})
+    max_choices: int = field(default=64, metadata={"help": "the most choices (prompts times n) of one request"})
+    max_request_tokens: int = field(default=65536, metadata={
+        "help": "the most tokens one request may read and write: choices times (prompt + max_tokens)"})
+    max_stop_chars: int = field(default=1000, metadata={"help": "the longest stop string, in characters"})
+    max_body_bytes: int = field(default=4 * 2**20, metadata={"help": "the largest request body, in bytes"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, mps", "none": "the best available"})
     seed: int = field(default=123, metadata={"help": "random weights of a preset (minigpt chat: also its sampling)"})
 
@@ -72,8 +88,21 @@ class ServeConfig:
         if self.quantize is not None and self.quantize not in SCHEMES:
             raise ValueError(f"quantize must be one of {', '.join(SCHEMES)}, got {self.quantize!r}")
 
+        if self.host not in LOOPBACK_HOSTS and not self.api_key and not self.insecure_no_api_key:
+            raise ValueError(f"host {self.host} opens the server to other machines: give an api_key that requests "
+                             "must carry (or insecure_no_api_key to serve anyone who can reach it)")
+
     def limits(self) -> Limits:
-        return Limits(max_tokens=self.max_tokens, max_n=self.max_n)
+        return Limits(max_tokens=self.max_tokens, max_n=self.max_n, max_choices=self.max_choices,
+                      max_request_tokens=self.max_request_tokens, max_stop_chars=self.max_stop_chars,
+                      max_body_bytes=self.max_body_bytes)
+
+    def hosts(self) -> list[str]:
+        """The names a request's ``Host`` may give: as set, else this machine's and the bound
+        address (any, bound to every address: the key then guards it)."""
+        if self.allowed_hosts is not None:
+            return [h.strip() for h in self.allowed_hosts.split(",") if h.strip()]
+        return ["*"] if self.host in ("0.0.0.0", "::") else [*LOOPBACK_HOSTS, self.host]
 
 
 def _tokenizer_and_format(s: ServeConfig) -> tuple[Any, PromptFormat]:
@@ -97,7 +126,8 @@ def load_engine(settings: ServeConfig) -> Engine:
     model.eval()
     tokenizer, chat_format = _tokenizer_and_format(s)
     name = s.name or (Path(s.model).name if s.model else f"{s.preset}-random")
-    engine = Engine(model, tokenizer, name=name, chat_format=chat_format)
+    aliases = [a for a in (s.model, s.model and Path(s.model).name) if a and a != name]  # how --model named it
+    engine = Engine(model, tokenizer, name=name, chat_format=chat_format, aliases=aliases)
     logger.info("model %s: %s parameters, context %d, chat format %s", name, f"{model.num_parameters():,}",
                 engine.context_length, engine.chat_format.name)
     return engine
@@ -106,11 +136,30 @@ def load_engine(settings: ServeConfig) -> Engine:
 def serve(settings: ServeConfig, engine: Engine | None = None) -> None:
     """Serve ``engine`` (default: the one the settings name) until interrupted."""
     engine = engine or load_engine(settings)
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+    if settings.host not in LOOPBACK_HOSTS and not settings.api_key:
         logger.warning("listening on %s without an API key: anyone who can reach this machine can use the model",
                        settings.host)
-    app = create_app(engine, api_key=settings.api_key, limits=settings.limits())
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    app = create_app(engine, api_key=settings.api_key, limits=settings.limits(), allowed_hosts=settings.hosts(),
+                     cors_origin=settings.cors_origin)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=STOP_SECONDS)
+    _StoppingServer(config, engine).run()
+
+
+STOP_SECONDS = 3  # how long open connections get to finish once the server is told to stop
+
+
+class _StoppingServer(uvicorn.Server):
+    """uvicorn's server, whose SIGTERM or Ctrl-C also stops the engine: uvicorn alone
+    waits for every open response to end, and a generation may run for minutes."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.engine.close()  # each generation stops at its next token
+        super().handle_exit(sig, frame)
 
 
 class BackgroundServer:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
+import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from minigpt.tokenizers.tokenizer_json import TOKENIZER_CONFIG_FILE
 
@@ -61,9 +63,63 @@ class _GenerationTag(jinja2.ext.Extension):
         return caller()
 
 
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, where ``*`` and ``**`` may not build a value too large to write: one
+    such operation runs in C, where no time limit can stop it (``"x" * 10**10``)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+    LARGEST = 2**24  # characters or list items of a product; bits of a power
+
+    def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*" and isinstance(left, int) and isinstance(right, (str, list, tuple)):
+            left, right = right, left
+        if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int):
+            too_large = len(left) * right > self.LARGEST
+        else:
+            too_large = operator == "**" and isinstance(left, int) and isinstance(right, int) and \
+                left.bit_length() * right > self.LARGEST
+        if too_large:
+            raise SecurityError(f"the chat template computes a value too large to write ({operator})")
+        return super().call_binop(context, operator, left, right)
+
+
+class RenderBudgetExceeded(jinja2.exceptions.TemplateError):
+    """A render that ran longer, or wrote more, than it was allowed."""
+
+
+def _render_within(template: jinja2.Template, variables: dict[str, Any], time_limit: float | None,
+                   max_chars: int | None) -> str:
+    """``template.render(**variables)``, stopped once it runs ``time_limit`` seconds or writes
+    ``max_chars`` characters. Rendering runs the template's compiled Python code (its
+    frames are named ``<template>``); a trace function called at each of its lines checks
+    the clock, so a loop of loops stops too, and raising there ends the render."""
+    deadline = time.monotonic() + (time_limit if time_limit is not None else float("inf"))
+
+    def each_line(frame: Any, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise RenderBudgetExceeded(f"the chat template ran longer than {time_limit:g} s")
+        return each_line
+
+    def each_call(frame: Any, event: str, arg: Any) -> Any:
+        return each_line if frame.f_code.co_filename == "<template>" else None
+
+    before = sys.gettrace()
+    sys.settrace(each_call if time_limit is not None else before)
+    try:
+        written, chunks = 0, []
+        for chunk in template.generate(**variables):
+            written += len(chunk)
+            if max_chars is not None and written > max_chars:
+                raise RenderBudgetExceeded(f"the chat template wrote more than {max_chars:,} characters")
+            chunks.append(chunk)
+        return "".join(chunks)
+    finally:
+        sys.settrace(before)
+
+
 @functools.lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+    environment = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     environment.filters["tojson"] = _tojson
     environment.globals["raise_exception"] = _raise_exception
@@ -81,7 +137,8 @@ def _plain_message(message: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def render_chat(
-    template: str, messages: Iterable[Mapping[str, Any]], *, add_generation_prompt: bool = True, **extra: Any
+    template: str, messages: Iterable[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+    time_limit: float | None = None, max_chars: int | None = None, **extra: Any
 ) -> str:
     """The text of ``messages`` (dicts with ``role`` and ``content``) in the model's chat format.
 
@@ -89,13 +146,16 @@ def render_chat(
     model's continuation is its answer. ``extra`` reaches the template as variables: the
     special tokens it prints (``bos_token``, ``eos_token``: pass
     ``**tokenizer.special_token_names``), ``tools``, ``date_string``, ``enable_thinking``...
-    A template that refuses the conversation raises ``jinja2.TemplateError`` with its reason.
+    A template that refuses the conversation raises ``jinja2.TemplateError`` with its reason;
+    one that runs longer than ``time_limit`` seconds or writes more than ``max_chars``
+    characters, :class:`RenderBudgetExceeded` (a ``TemplateError``).
     """
     variables = {"tools": None, "documents": None} | extra
     messages = [_plain_message(message) for message in messages]
     if not messages:
         raise ValueError("there are no messages to format: give at least one")
-    return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+    variables |= {"messages": messages, "add_generation_prompt": add_generation_prompt}
+    return _render_within(_compile(template), variables, time_limit, max_chars)
 
 
 def load_chat_template(directory: str | os.PathLike, name: str = "default") -> str | None:

@@ -108,6 +108,12 @@ def pre_tokenize(text: str, steps: Iterable[Step]) -> list[str]:
     return pieces
 
 
+def _lowercase(text: str) -> str:
+    """Each character lowercased on its own, as ``tokenizers`` does: ``str.lower`` would
+    write a word-final capital sigma as the final form ς, ``tokenizers`` always writes σ."""
+    return "".join(character.lower() for character in text)
+
+
 def normalizer_of(spec: Mapping[str, Any] | None) -> Callable[[str], str] | None:
     """The ``normalizer`` entry as a function (None when the file normalizes nothing)."""
     kind = spec and spec.get("type")
@@ -116,7 +122,7 @@ def normalizer_of(spec: Mapping[str, Any] | None) -> Callable[[str], str] | None
     if kind in ("NFC", "NFD", "NFKC", "NFKD"):
         return lambda text: unicodedata.normalize(kind, text)
     if kind == "Lowercase":
-        return str.lower
+        return _lowercase
     if kind == "Sequence":
         steps = [step for step in map(normalizer_of, spec["normalizers"]) if step]
 

@@ -76,7 +76,7 @@ class TrainConfig:
     warmup_steps: int = 12
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float | None = 1.0  # largest gradient norm; None: no clipping
+    grad_clip: float | None = 1.0  # largest gradient norm; None or 0: no clipping
     grad_accum: int = 1            # micro-batches per optimizer step
     eval_every: int = 30           # steps between evaluations (and checkpoints)
     eval_iter: int | None = 5      # batches per evaluation; None: the whole loaders
@@ -97,6 +97,9 @@ class TrainConfig:
         if self.warmup_steps < 0 or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need warmup_steps >= 0 and 0 <= min_lr <= lr, got warmup_steps="
                              f"{self.warmup_steps}, min_lr={self.min_lr}, lr={self.lr}")
+        if self.grad_clip is not None and not self.grad_clip >= 0:  # also catches NaN
+            # clip_grad_norm_ scales by max_norm / norm: a negative bound would flip every gradient
+            raise ValueError(f"grad_clip must be 0 or more (0 or None: no clipping), got {self.grad_clip}")
         if self.eval_iter is not None and self.eval_iter < 1:
             raise ValueError(f"eval_iter must be at least 1, or None for the whole loaders, got {self.eval_iter}")
         if self.precision not in PRECISIONS:

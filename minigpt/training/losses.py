@@ -284,7 +284,9 @@ def sliding_window_perplexity(model: nn.Module, ids: Sequence[int] | torch.Tenso
                          f"got {stride}")
     if len(ids) < 2:
         raise ValueError(f"the text has {len(ids)} token(s): perplexity needs two at least")
-    windows = sliding_windows(len(ids), n, stride)
+    # A one-token window (a text of k * stride + 1 tokens) has nothing to predict its token
+    # with: it scores nothing, as in transformers' recipe, so it is not run at all.
+    windows = [w for w in sliding_windows(len(ids), n, stride) if w[1] - w[0] >= 2]
     total, count = 0.0, 0
     with evaluating(model):
         for batch in tqdm(list(_batches(windows, batch_size)), desc="perplexity", disable=not progress):

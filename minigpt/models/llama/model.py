@@ -95,6 +95,10 @@ class LlamaConfig:
             self.head_dim = self.emb_dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"LlamaConfig: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.rope_scaling and "rope_theta" in self.rope_scaling:
+            # transformers-5 files nest rope_theta with the scaling; it is one field here (the
+            # top-level one), else an exported config.json would carry two that can disagree
+            self.rope_scaling = {k: v for k, v in self.rope_scaling.items() if k != "rope_theta"}
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"LlamaConfig.model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
 
