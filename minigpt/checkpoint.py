@@ -108,8 +108,10 @@ def _save_model(model: nn.Module, directory: Path) -> None:
     way a classifier's head, LoRA's tensors and quantized layers are saved as they are."""
     if isinstance(model, GPTModel):
         save_pretrained(model, directory)
-    else:
+    elif hasattr(model, "cfg"):
         write_checkpoint(directory, stored_once(model.state_dict()), model.cfg.to_hf())
+    else:  # several models trained as one (PPO's policy and value model): their tensors, named by module
+        write_checkpoint(directory, stored_once(model.state_dict()), {"modules": sorted(model._modules)})
 
 
 def _finish_commit(run_dir: Path) -> None:
@@ -170,9 +172,11 @@ def _load_model(run_dir: Path, model: nn.Module) -> None:
     smaller head and LoRA's extra tensors load as they were saved, every name and shape checked."""
     if isinstance(model, GPTModel):
         saved_cfg = load_config(run_dir)
-    else:
+    elif hasattr(model, "cfg"):
         saved_cfg = type(model.cfg).from_hf(json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")))
-    if saved_cfg != model.cfg:
+    else:  # several models as one: the names and shapes below are the check
+        saved_cfg = None
+    if saved_cfg is not None and saved_cfg != model.cfg:
         raise ValueError(f"{run_dir} holds a model with {saved_cfg}, but the model to resume is {model.cfg}")
     state = dict(load_state(run_dir))
     expected = model.state_dict()
