@@ -23,7 +23,7 @@ from minigpt.io.files import ChecksumError
 
 # The sub-commands in the order --help lists them; each is the module minigpt.cli.<name>
 # (importing one is cheap: it imports its job only when the command runs).
-COMMANDS = ("info", "generate", "chat", "download", "pretrain", "eval", "compare", "finetune", "serve")
+COMMANDS = ("info", "generate", "chat", "download", "pretrain", "eval", "compare", "finetune", "score", "serve")
 
 
 def _command(name: str) -> ModuleType:

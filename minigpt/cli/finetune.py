@@ -1,4 +1,4 @@
-"""``minigpt finetune classify|instruct|dpo``: the fine-tuning jobs."""
+"""``minigpt finetune classify|instruct|dpo|reward|ppo``: the fine-tuning jobs."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ FINETUNE = {  # task -> (its settings class and job function in minigpt.jobs.<ta
                  "instruction fine-tuning (book ch. 7) with answers and their scores"),
     "dpo": ("DPOConfig", "finetune_dpo", "preference tuning with DPO: an instruction-tuned model learns which of "
                                          "two answers people prefer"),
+    "reward": ("RewardConfig", "finetune_reward", "train a reward model on preference pairs: a GPT that scores "
+                                                  "an answer, for PPO"),
+    "ppo": ("PPOConfig", "finetune_ppo", "RLHF with PPO: an instruction-tuned model learns to raise a reward "
+                                         "model's score, held near its start by a KL penalty"),
 }
 
 
@@ -57,6 +61,17 @@ def run(args: argparse.Namespace) -> int:
         if m["judge_score"] is not None:
             print(f"judge score {m['judge_score']:.1f} / 100 over {m['judged']} of {m['responses']} responses")
         saved = "the model, loss.png, responses.json"
+    elif args.task == "reward":
+        before, val, test = m["val_before"], m["val"], m["test"]
+        print(f"validation: accuracy {before['accuracy']:.1%} -> {val['accuracy']:.1%}, margin "
+              f"{before['margin']:.3f} -> {val['margin']:.3f}; test: accuracy {test['accuracy']:.1%}, "
+              f"margin {test['margin']:.3f}")
+        saved = "the reward model, loss.png, reward.png"
+    elif args.task == "ppo":
+        before, after = m["held_out_before"], m["held_out_after"]
+        print(f"held-out prompts: reward-model score {before['score_mean']:.3f} (sd {before['score_std']:.3f}) -> "
+              f"{after['score_mean']:.3f}, KL to the reference {after['kl_mean']:.3f}")
+        saved = "the policy, ppo.png, ppo_logs.json"
     else:
         before, val, test = m["val_before"], m["val"], m["test"]
         print(f"validation: reward accuracy {before['rewards/accuracies']:.1%} -> {val['rewards/accuracies']:.1%}, "

@@ -132,11 +132,19 @@ def make_classifier(
     """
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
-    head = Linear(model.cfg.emb_dim, num_classes)
+    replace_head(model, num_classes)
+    set_trainable(model, trainable)
+    return model
+
+
+def replace_head(model: GPTModel, out_features: int) -> GPTModel:
+    """Give ``model`` (in place) a fresh output head ``Linear(emb_dim, out_features)``, on the
+    embedding's device and dtype; a tied head is simply replaced (``cfg.tie_weights`` becomes
+    False in a copy of the config). A classifier has a row per class, a reward model one."""
+    head = Linear(model.cfg.emb_dim, out_features)
     model.out_head = head.to(device=model.tok_emb.weight.device, dtype=model.tok_emb.weight.dtype)
     if model.cfg.tie_weights:
         model.cfg = dataclasses.replace(model.cfg, tie_weights=False)  # a copy: others may share the config
-    set_trainable(model, trainable)
     return model
 
 
@@ -314,14 +322,22 @@ def load_classifier(directory: str | os.PathLike, device: str | torch.device = "
     if not labels_path.is_file():
         raise FileNotFoundError(f"{directory} has no {LABELS_FILE}; was it written by save_classifier?")
     label_names = json.loads(labels_path.read_text(encoding="utf-8"))["label_names"]
+    model = load_with_head(directory, len(label_names), f"a classifier for the labels {label_names}")
+    return model.to(device).eval(), label_names
+
+
+def load_with_head(directory: str | os.PathLike, out_features: int, what: str) -> GPTModel:
+    """A GPT saved with a :func:`replace_head` head of ``out_features`` rows, in its saved
+    precision. The tensors are read by the weights layer's checked loader; a mismatch names
+    each tensor and says the directory does not hold ``what``."""
+    directory = Path(directory)
     cfg = GPTConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
     state = load_state(directory)
-    model = make_classifier(GPTModel(cfg), len(label_names), trainable="all")
+    model = replace_head(GPTModel(cfg), out_features)
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     problems = tensor_mismatches(expected, state)
     if problems:
-        raise ValueError(f"{directory} does not hold a classifier for the labels {label_names} "
-                         f"and its config ({cfg}): " + ", ".join(problems))
+        raise ValueError(f"{directory} does not hold {what} and its config ({cfg}): " + ", ".join(problems))
     model.to(next(iter(state.values())).dtype)  # keep the saved precision
     model.load_state_dict(state)
-    return model.to(device).eval(), label_names
+    return model

@@ -40,10 +40,11 @@ from torch import nn
 
 from minigpt.finetuning.neftune import neftune_lengths
 from minigpt.finetuning.preference import PreferenceDataset, preference_dataloader
+from minigpt.finetuning.rollout import token_logprobs_of
 from minigpt.io.files import atomic_write
 from minigpt.lora.adapters import lora_disabled
 from minigpt.models.base import evaluating
-from minigpt.training.losses import IGNORE_INDEX, to_device
+from minigpt.training.losses import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +61,9 @@ def sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, a
     log-probability (``mask[:, 0]`` is ignored). With ``average`` the sum is divided by
     the number of selected tokens (0 where none is selected).
     """
-    if ids.shape != mask.shape or ids.dim() != 2:
-        raise ValueError(f"ids and mask must have the same (batch, tokens) shape, got {tuple(ids.shape)} "
-                         f"and {tuple(mask.shape)}")
-    logits = model(ids)  # (batch, tokens, vocab)
+    # The one per-token implementation (minigpt.finetuning.rollout), summed over each row.
+    total = token_logprobs_of(model, ids, mask).sum(dim=1)
     scored = mask[:, 1:].bool()
-    # Row t is scored against token t + 1; unselected rows (and the last) add exactly 0.
-    targets = torch.full_like(ids, IGNORE_INDEX)
-    targets[:, :-1] = ids[:, 1:].masked_fill(~scored, IGNORE_INDEX)
-    # float32 for the softmax even under autocast: its sums lose digits in 16 bits.
-    token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="none").view(ids.shape)
-    total = token_logps.sum(dim=1)
     return total / scored.sum(dim=1).clamp(min=1) if average else total
 
 

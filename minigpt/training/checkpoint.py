@@ -112,8 +112,10 @@ def save_checkpoint(
 
 def _save_model(model: nn.Module, directory: Path) -> None:
     """The model's config as its family writes it, and its tensors under our names: a classifier's
-    head, LoRA's tensors and quantized layers are saved as they are."""
-    write_checkpoint(directory, stored_once(model.state_dict()), family_of(model).checkpoint_config(model))
+    head, LoRA's tensors and quantized layers are saved as they are. Several models trained as one
+    (PPO's policy and value model) save their tensors, named by module."""
+    config = family_of(model).checkpoint_config(model) if hasattr(model, "cfg") else {"modules": sorted(model._modules)}
+    write_checkpoint(directory, stored_once(model.state_dict()), config)
 
 
 def _finish_commit(run_dir: Path) -> None:
@@ -190,8 +192,9 @@ def load_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _load_model(run_dir: Path, model: nn.Module) -> None:
     """Put the checkpoint's tensors into ``model``, whatever was done to it: a classifier's
     smaller head and LoRA's extra tensors load as they were saved, every name and shape checked."""
-    saved_cfg = family_of(model).read_config(run_dir)
-    if saved_cfg != model.cfg:
+    # Several models as one have no config of their own: the names and shapes below are the check.
+    saved_cfg = family_of(model).read_config(run_dir) if hasattr(model, "cfg") else None
+    if saved_cfg is not None and saved_cfg != model.cfg:
         raise ValueError(f"{run_dir} holds a model with {saved_cfg}, but the model to resume is {model.cfg}")
     state = dict(load_state(run_dir))
     expected = model.state_dict()

@@ -125,21 +125,34 @@ def plot_preference(history: Any, path: str | os.PathLike | None = None) -> Figu
     margin and accuracy rising on validation pairs mean the preference generalises.
     Needs a history whose ``metrics`` hold ``rewards/margins`` and ``rewards/accuracies``;
     saved as a PNG at ``path`` if given."""
+    return _plot_pairs(history, path, "rewards/margins", "rewards/accuracies",
+                       "a preference loss (minigpt.finetuning.dpo.DPOLoss)")
+
+
+def plot_reward_model(history: Any, path: str | os.PathLike | None = None) -> Figure:
+    """A reward model's training (:mod:`minigpt.finetuning.reward`), as :func:`plot_preference`: the loss,
+    the score margin (chosen minus rejected) and the accuracy (pairs ranked right), training
+    and validation. Needs a history whose ``metrics`` hold ``margin`` and ``accuracy``."""
+    loss_name = "the reward model's loss (minigpt.finetuning.reward.RewardLoss)"
+    return _plot_pairs(history, path, "margin", "accuracy", loss_name)
+
+
+def _plot_pairs(history: Any, path: str | os.PathLike | None, margin: str, accuracy: str, loss_name: str) -> Figure:
     h = _as_dict(history)
     metrics = h.get("metrics") or {}
-    missing = [f"{split}/rewards/{name}" for split in ("train", "val") for name in ("margins", "accuracies")
-               if not metrics.get(f"{split}/rewards/{name}")]
+    missing = [f"{split}/{name}" for split in ("train", "val") for name in (margin, accuracy)
+               if not metrics.get(f"{split}/{name}")]
     if missing:
-        raise ValueError(f"the history has no {', '.join(missing)}: was it recorded by train_model with a "
-                         "preference loss (minigpt.finetuning.dpo.DPOLoss)?")
+        raise ValueError(f"the history has no {', '.join(missing)}: was it recorded by train_model with "
+                         f"{loss_name}?")
     fig, loss_ax = new_figure(height=7)
     grid = fig.add_gridspec(3, 1)
     loss_ax.set_subplotspec(grid[0])
     panels = [(loss_ax, h["train_losses"], h["val_losses"], "loss")]
-    for row, name, label in ((1, "margins", "reward margin"), (2, "accuracies", "reward accuracy")):
+    for row, name, label in ((1, margin, "reward margin"), (2, accuracy, "reward accuracy")):
         ax = fig.add_subplot(grid[row], sharex=loss_ax)
         ax.grid(alpha=0.3)
-        panels.append((ax, metrics[f"train/rewards/{name}"], metrics[f"val/rewards/{name}"], label))
+        panels.append((ax, metrics[f"train/{name}"], metrics[f"val/{name}"], label))
     for ax, train, val, label in panels:
         ax.plot(h["steps"], train, "o-", color=TRAIN_COLOR, markersize=3, label="training")
         ax.plot(h["steps"], val, "o--", color=VAL_COLOR, markersize=3, label="validation")
@@ -148,4 +161,36 @@ def plot_preference(history: Any, path: str | os.PathLike | None = None) -> Figu
     panels[2][0].set_ylim(-0.05, 1.05)
     panels[2][0].set_xlabel("optimizer steps")
     loss_ax.legend(loc="upper right")
+    return save_figure(fig, path)
+
+
+def plot_ppo(logs: Mapping[str, list[float]], path: str | os.PathLike | None = None) -> Figure:
+    """PPO per update (:mod:`minigpt.finetuning.ppo`), in three panels: the reward model's mean score and
+    the total RLHF reward (score minus the KL penalty), the KL to the reference (summed over an
+    answer's tokens), and the policy and value losses. The score should climb while the KL stays
+    bounded: a score bought with a runaway KL is the reward model being gamed. ``logs`` maps
+    TRL's names (``objective/scores``, ``objective/kl``, ...) to one value per update."""
+    needed = ("objective/scores", "objective/rlhf_reward", "objective/kl", "loss/policy_avg", "loss/value_avg")
+    missing = [name for name in needed if not logs.get(name)]
+    if missing:
+        raise ValueError(f"the PPO logs have no {', '.join(missing)}: were they written by minigpt.jobs.ppo?")
+    updates = range(1, len(logs["objective/scores"]) + 1)
+    fig, score_ax = new_figure(height=7)
+    grid = fig.add_gridspec(3, 1)
+    score_ax.set_subplotspec(grid[0])
+    kl_ax, loss_ax = (fig.add_subplot(grid[row], sharex=score_ax) for row in (1, 2))
+    score_ax.plot(updates, logs["objective/scores"], "o-", color=TRAIN_COLOR, markersize=3, label="score")
+    score_ax.plot(updates, logs["objective/rlhf_reward"], "o--", color=VAL_COLOR, markersize=3,
+                  label="score - KL penalty")
+    score_ax.set_ylabel("reward")
+    score_ax.legend(loc="lower right")
+    kl_ax.plot(updates, logs["objective/kl"], "o-", color=LR_COLOR, markersize=3)
+    kl_ax.set_ylabel("KL to reference")
+    loss_ax.plot(updates, logs["loss/policy_avg"], "o-", color=TRAIN_COLOR, markersize=3, label="policy")
+    loss_ax.plot(updates, logs["loss/value_avg"], "o--", color=VAL_COLOR, markersize=3, label="value")
+    loss_ax.set_ylabel("loss")
+    loss_ax.set_xlabel("PPO updates (one rollout each)")
+    loss_ax.legend(loc="upper right")
+    for ax in (kl_ax, loss_ax):
+        ax.grid(alpha=0.3)
     return save_figure(fig, path)
