@@ -23,7 +23,8 @@ from common import interleaved_seconds
 
 from minigpt import GPTConfig
 from minigpt.generation.generate import generate
-from minigpt.models.llama.model import PRESETS, LlamaConfig, LlamaModel
+from minigpt.models.llama.config import PRESETS, LlamaConfig
+from minigpt.models.llama.model import LlamaModel
 
 
 def models(layers: int) -> tuple[LlamaModel, torch.nn.Module]:

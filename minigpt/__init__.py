@@ -27,7 +27,8 @@ from minigpt.generation.generate import generate, stream_generate, text_to_token
 from minigpt.models import CausalLM, load
 from minigpt.models.gpt2.config import PRESETS, GPTConfig
 from minigpt.models.gpt2.model import GPTModel
-from minigpt.models.llama.model import LlamaConfig, LlamaModel
+from minigpt.models.llama.config import LlamaConfig
+from minigpt.models.llama.model import LlamaModel
 
 __version__ = "0.1.0"
 

@@ -257,7 +257,8 @@ def test_a_classifier_or_lora_model_round_trips_exactly(tmp_path, tied):
 
 
 def test_a_llama_family_model_with_lora_checkpoints_and_resumes(tmp_path):
-    from minigpt.models.llama.model import LlamaConfig, LlamaModel
+    from minigpt.models.llama.config import LlamaConfig
+    from minigpt.models.llama.model import LlamaModel
 
     cfg = LlamaConfig(vocab_size=64, emb_dim=16, n_heads=4, n_kv_heads=2, hidden_dim=32, n_layers=1,
                       context_length=8, tie_weights=True)

@@ -15,12 +15,12 @@ from minigpt.cli import compare as compare_command
 from minigpt.cli import eval as eval_command
 from minigpt.evaluation.comparison import write_golden_set
 from minigpt.evaluation.pairwise import ModelPairJudge, judge_both_orders
+from minigpt.evaluation.perplexity import sliding_window_perplexity
 from minigpt.jobs.compare import CompareConfig, chat_endpoint, compare, judge_backend
 from minigpt.jobs.evaluate import EvalConfig, evaluate_perplexity
 from minigpt.lora.adapters import apply_lora, merge_lora, save_lora
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
-from minigpt.training.losses import sliding_window_perplexity
 
 SMALL = dict(vocab_size=50257, context_length=128, emb_dim=32, n_layers=1, n_heads=2, drop_rate=0.0, qkv_bias=False)
 ENTRIES = [{"instruction": "Name a color.", "input": "", "output": "Blue."},

@@ -17,7 +17,8 @@ from torch._dynamo.utils import counters
 from minigpt import GPTConfig, GPTModel, generate
 from minigpt.generation.decoding import DecodingModel, compile_for_decoding
 from minigpt.generation.generate import generate_batch
-from minigpt.models.llama.model import LlamaConfig, LlamaModel
+from minigpt.models.llama.config import LlamaConfig
+from minigpt.models.llama.model import LlamaModel
 
 CFG = GPTConfig(vocab_size=97, context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True)
 

@@ -9,7 +9,8 @@ from torch import nn
 from torch.profiler import profile
 
 from minigpt import GPTConfig, GPTModel
-from minigpt.models.llama.model import LlamaConfig, LlamaModel
+from minigpt.models.llama.config import LlamaConfig
+from minigpt.models.llama.model import LlamaModel
 from minigpt.runtime.linear import MIN_ONEDNN_MACS, MIN_ONEDNN_WEIGHTS, Linear, linear, on_onednn
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")

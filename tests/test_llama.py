@@ -15,7 +15,8 @@ from minigpt.finetuning.instruction import instruction_loss
 from minigpt.finetuning.neftune import enable_neftune, neftune_lengths
 from minigpt.generation.generate import generate, generate_batch
 from minigpt.lora.adapters import apply_lora, merge_lora
-from minigpt.models.llama.model import PRESETS, LlamaConfig, LlamaModel
+from minigpt.models.llama.config import PRESETS, LlamaConfig
+from minigpt.models.llama.model import LlamaModel
 from minigpt.runtime.linear import Linear
 from minigpt.training.losses import next_token_loss
 

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
+from minigpt.evaluation.perplexity import sliding_window_perplexity, sliding_windows
 from minigpt.models.gpt2.hf_layout import export_hf
 from minigpt.models.gpt2.model import GPTModel
-from minigpt.training.losses import sliding_window_perplexity, sliding_windows
 
 SMALL = dict(vocab_size=97, context_length=32, emb_dim=32, n_layers=2, n_heads=2, drop_rate=0.0, qkv_bias=True)
 

@@ -19,8 +19,9 @@ from minigpt.jobs.finetune import choose_prompt_format
 from minigpt.jobs.generate import GenerateConfig, generate_text
 from minigpt.jobs.instruct import InstructConfig, finetune_instructions
 from minigpt.models.gpt2.model import GPTModel
+from minigpt.models.llama.config import LlamaConfig
 from minigpt.models.llama.hf_layout import export_llama
-from minigpt.models.llama.model import LlamaConfig, LlamaModel
+from minigpt.models.llama.model import LlamaModel
 from minigpt.models.loader import load
 from minigpt.quantization.layers import is_quantized, quantize_model
 from minigpt.tokenizers.tokenizer_json import load_hf_tokenizer

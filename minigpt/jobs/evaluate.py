@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from minigpt.data.corpora import split_text
 from minigpt.data.windows import GPTDataset
+from minigpt.evaluation.perplexity import PerplexityResult, sliding_window_perplexity
 from minigpt.io import sources
 from minigpt.io.download import fetch
 from minigpt.jobs.pretrain import PretrainConfig, _token_ids, windows
@@ -30,7 +31,7 @@ from minigpt.models.loader import load, load_tokenizer
 from minigpt.runtime.runtime import select_device
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 from minigpt.training.checkpoint import SETTINGS_FILE
-from minigpt.training.losses import PerplexityResult, calc_loss_loader, perplexity, sliding_window_perplexity
+from minigpt.training.losses import calc_loss_loader, perplexity
 
 WIKITEXT2 = "wikitext2"  # the name of WikiText-2's test split (a pinned file) wherever a text is named
 

@@ -18,8 +18,9 @@ from torch import nn
 
 from minigpt.models.gpt2.config import PRESETS, GPTConfig
 from minigpt.models.gpt2.model import GPTModel
-from minigpt.models.llama.model import PRESETS as LLAMA_PRESETS
-from minigpt.models.llama.model import LlamaConfig, LlamaModel
+from minigpt.models.llama.config import PRESETS as LLAMA_PRESETS
+from minigpt.models.llama.config import LlamaConfig
+from minigpt.models.llama.model import LlamaModel
 from minigpt.quantization.schemes import quantized_bytes
 
 FORMATS: tuple[str, ...] = ("float32", "bfloat16", "int8", "nf4", "nf4-dq")  # the columns of the memory table

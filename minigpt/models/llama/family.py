@@ -9,8 +9,9 @@ from typing import Any
 
 from minigpt.io.hub import LLAMA_REPOS, download_llama
 from minigpt.models.base import Family
+from minigpt.models.llama.config import PRESETS
 from minigpt.models.llama.hf_layout import export_llama, load_directory, read_config, recognises_llama_config
-from minigpt.models.llama.model import PRESETS, LlamaModel
+from minigpt.models.llama.model import LlamaModel
 from minigpt.tokenizers.chat_template import CHAT_TEMPLATE_FILE, load_chat_template
 from minigpt.tokenizers.tokenizer_json import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, load_hf_tokenizer
 

@@ -29,7 +29,8 @@ from minigpt.io.weight_files import (
     read_weights,
     write_checkpoint,
 )
-from minigpt.models.llama.model import MODEL_TYPES, LlamaConfig, LlamaModel
+from minigpt.models.llama.config import MODEL_TYPES, LlamaConfig
+from minigpt.models.llama.model import LlamaModel
 from minigpt.models.llama.rope import RoPE
 
 # minigpt parameter                 Hugging Face tensor ({i}: block index)
