@@ -86,3 +86,12 @@ def test_a_llama_directory_without_its_tokenizer_says_what_to_copy(tmp_path):
     directory, _ = _llama_dir(tmp_path, with_tokenizer=False)
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         load_tokenizer(directory)
+
+
+def test_gpt2_names_give_their_tokenizer_without_a_download(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("GPT-2's encoding ships with minigpt: nothing to download")
+
+    monkeypatch.setattr("minigpt.io.hub.download_gpt2", no_network)
+    assert load_tokenizer("gpt2-small").encode("Hello") == [15496]
+    assert chat_template_of("gpt2-xl") is None

@@ -138,7 +138,7 @@ def load_tokenizer(spec: str | os.PathLike, *, weights_dir: str | os.PathLike | 
     """The tokenizer the model ``spec`` was trained with: GPT-2's encoding for GPT-2, a Llama-family
     directory's own ``tokenizer.json`` (an error where it has none). Either has ``encode(text,
     allowed_special=...)``, ``decode(ids)``, ``decode_bytes(ids)``, ``eot_token`` and ``n_vocab``."""
-    source = resolve(spec, weights_dir=weights_dir, progress=progress)
+    source = _text_source(spec, weights_dir, progress)
     return source.family.tokenizer(source.directory)
 
 
@@ -146,8 +146,17 @@ def chat_template_of(spec: str | os.PathLike, *, weights_dir: str | os.PathLike 
                      progress: bool = True) -> str | None:
     """The Jinja chat template the model ``spec`` ships (``tokenizer_config.json`` or
     ``chat_template.jinja``), or None: GPT-2, base models and random weights have none."""
-    source = resolve(spec, weights_dir=weights_dir, progress=progress)
+    source = _text_source(spec, weights_dir, progress)
     return source.family.chat_template(source.directory)
+
+
+def _text_source(spec: str | os.PathLike, weights_dir: str | os.PathLike | None, progress: bool) -> Source:
+    """:func:`resolve`, except that a published name whose family reads no tokenizer files (GPT-2's
+    encoding ships with minigpt) is not downloaded just for its text."""
+    family = family_of_name(str(spec))
+    if family is not None and not family.tokenizer_files:
+        return Source(family)
+    return resolve(spec, weights_dir=weights_dir, progress=progress)
 
 
 def save_pretrained(model: CausalLM, directory: str | os.PathLike) -> Path:
