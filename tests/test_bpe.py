@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from tiktoken_ext.openai_public import r50k_pat_str
 
 from minigpt.io.files import PACKAGE_DATA_DIR, cache_dir
-from minigpt.tokenizers.bpe import ENDOFTEXT, GPT2_SPLIT_PATTERN, BPETokenizer, _merge, bytes_to_unicode, gpt2_bpe_files
+from minigpt.tokenizers.bpe import ENDOFTEXT, GPT2_SPLIT_PATTERN, BPETokenizer, bytes_to_unicode, gpt2_bpe_files
+from minigpt.tokenizers.bpe_training import merge_pair
 
 # The autouse fixtures of conftest.py only set environment variables, which need no reset
 # between the examples of one test.
@@ -219,7 +220,7 @@ def naive_merges(text, n_merges):
         best = max(counts.values())
         pair = min(pair for pair, n in counts.items() if n == best)
         merges.append(pair)
-        words = [_merge(ids, pair, new_id) for ids in words]
+        words = [merge_pair(ids, pair, new_id) for ids in words]
     return merges
 
 

@@ -12,12 +12,10 @@ faster). ``minigpt.tokenizers.tokenizer_json`` feeds it the vocabulary and merge
 from __future__ import annotations
 
 import functools
-import heapq
 import json
 import os
 import re
-import warnings
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence, Set
 from itertools import pairwise
 from operator import index
@@ -29,6 +27,7 @@ import regex  # like `re`, but knows Unicode classes such as \p{L} (any letter)
 from minigpt.io.download import fetch
 from minigpt.io.files import write_json
 from minigpt.io.sources import GPT2_ENCODER_JSON, GPT2_VOCAB_BPE
+from minigpt.tokenizers.bpe_training import learn_merges
 
 ENDOFTEXT = "<|endoftext|>"  # GPT-2's one special token: it separates documents
 
@@ -80,58 +79,6 @@ def special_token_pattern(tokens: frozenset[str]) -> re.Pattern[str]:
     # Longest first, so that a special token containing another one wins
     alternatives = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
     return re.compile(f"({alternatives})")
-
-
-def _merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
-    """Replace every occurrence of ``pair`` in ``ids``, left to right, by ``new_id``."""
-    first, second = pair
-    merged = []
-    i, n = 0, len(ids)
-    while i < n:
-        if ids[i] == first and i + 1 < n and ids[i + 1] == second:
-            merged.append(new_id)
-            i += 2
-        else:
-            merged.append(ids[i])
-            i += 1
-    return merged
-
-
-Pair = tuple[int, int]
-
-
-def _count_pairs(words: list[list[int]], freqs: list[int]) -> tuple[Counter[Pair], defaultdict[Pair, set[int]]]:
-    """How often each pair of neighbouring ids occurs (word ``w`` counts ``freqs[w]`` times), and in which words."""
-    pair_counts: Counter[Pair] = Counter()
-    words_with: defaultdict[Pair, set[int]] = defaultdict(set)
-    for w, ids in enumerate(words):
-        for pair in pairwise(ids):
-            pair_counts[pair] += freqs[w]
-            words_with[pair].add(w)
-    return pair_counts, words_with
-
-
-def _merge_and_recount(
-    pair: Pair, new_id: int, words: list[list[int]], freqs: list[int],
-    pair_counts: Counter[Pair], words_with: defaultdict[Pair, set[int]],
-) -> set[Pair]:
-    """Merge ``pair`` into ``new_id`` in every word containing it, updating the counts in place.
-
-    Only those words change: their old pairs are taken back and their new pairs counted.
-    Returns the pairs whose count changed.
-    """
-    changed = set()
-    for w in words_with.pop(pair):
-        ids, n = words[w], freqs[w]
-        for old in pairwise(ids):
-            pair_counts[old] -= n
-            changed.add(old)
-        words[w] = ids = _merge(ids, pair, new_id)
-        for new in pairwise(ids):
-            pair_counts[new] += n
-            words_with[new].add(w)
-            changed.add(new)
-    return changed
 
 
 class BPETokenizer:
@@ -221,31 +168,7 @@ class BPETokenizer:
         words = [list(piece.encode("utf-8")) for piece in counts]
         freqs = list(counts.values())
 
-        pair_counts, words_with = _count_pairs(words, freqs)
-        # A heap finds the most frequent pair without scanning all of them; an entry whose
-        # count has changed since it was pushed is stale and skipped when it comes up
-        heap = [(-n, pair) for pair, n in pair_counts.items()]
-        heapq.heapify(heap)
-
-        vocab = {b: bytes([b]) for b in range(256)}
-        merges = []
-        for new_id in range(256, vocab_size - len(specials)):
-            while heap and pair_counts.get(heap[0][1]) != -heap[0][0]:
-                heapq.heappop(heap)
-            if not heap:
-                warnings.warn(f"the text has no more pairs to merge: stopped at vocab size "
-                              f"{new_id + len(specials)} instead of {vocab_size}", stacklevel=2)
-                break
-            _, pair = heapq.heappop(heap)
-            merges.append(pair)
-            vocab[new_id] = vocab[pair[0]] + vocab[pair[1]]
-            changed = _merge_and_recount(pair, new_id, words, freqs, pair_counts, words_with)
-            for changed_pair in changed:
-                if pair_counts[changed_pair] > 0:
-                    heapq.heappush(heap, (-pair_counts[changed_pair], changed_pair))
-                else:
-                    del pair_counts[changed_pair]  # it no longer occurs anywhere
-
+        vocab, merges = learn_merges(words, freqs, vocab_size - len(specials) - 256)
         special_tokens = {token: len(vocab) + i for i, token in enumerate(specials)}
         self.__init__(vocab, merges, special_tokens)  # validates and indexes the new tables
         return self
