@@ -35,6 +35,7 @@ _SMOLLM2 = dict(model_type="llama", vocab_size=49152, max_position_embeddings=81
                 rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 # The published config.json of each named model (the fields that shape it).
 PRESETS: dict[str, dict[str, Any]] = {
+    # SmolLM2-135M: 9 query heads share 3 kv heads, head_dim 576 / 9 = 64.
     "smollm2-135m": dict(_SMOLLM2, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3),
     "smollm2-360m": dict(_SMOLLM2, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
@@ -43,6 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                        rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_size=1024, intermediate_size=3072,
                        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                        bos_token_id=151643, eos_token_id=151645),
+    # Llama 3.2 trained at 8,192 tokens; the llama3 rope_scaling stretches it to 131,072.
     "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
                          rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                            original_max_position_embeddings=8192),
@@ -181,6 +183,7 @@ class LlamaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, use_cache: bool = False,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # GPT-2's pre-norm residual layout, with RMSNorm and no dropout.
         x = x + self.att(self.norm1(x), positions, use_cache=use_cache, attn_mask=attn_mask)
         return x + self.ff(self.norm2(x))
 
@@ -197,11 +200,13 @@ class LlamaModel(Decoder):
             cfg = LlamaConfig.from_hf(cfg)
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        # One RoPE, and one pair of cos/sin tables, for every block: the angles depend on position only.
         self.rope = RoPE(cfg.head_dim, cfg.context_length, cfg.rope_theta, cfg.rope_scaling)
         self.trf_blocks = nn.ModuleList(LlamaBlock(cfg, self.rope) for _ in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.emb_dim, cfg.rms_norm_eps)
         self.out_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
+            # Tied: the head scores against the embedding rows (every preset here ties).
             self.out_head.weight = self.tok_emb.weight
         self.gradient_checkpointing = False
         self.cache_pos = 0  # tokens fed with use_cache=True since the last reset
@@ -212,6 +217,7 @@ class LlamaModel(Decoder):
     def _init_parameters(self) -> None:
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
+                # Random weights only: a loaded model is built on meta and skips this method.
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)  # Hugging Face's initializer_range
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -229,6 +235,7 @@ class LlamaModel(Decoder):
         start = self.cache_pos if use_cache else 0
         self._check_ids(in_idx, start)
         positions, allowed = self._positions_and_mask(in_idx, start, use_cache, attention_mask)
+        # No position embedding: positions enter inside attention, as RoPE rotations.
         x = self.tok_emb(in_idx)
         for block in self.trf_blocks:
             if self.gradient_checkpointing and self.training and not use_cache:
@@ -257,4 +264,5 @@ class LlamaModel(Decoder):
     def kv_cache_bytes_per_token(self) -> int:
         """Bytes the KV cache holds per token of one sequence: keys and values of every layer."""
         itemsize = self.tok_emb.weight.element_size()
+        # 2: keys and values. GQA's saving shows here: n_kv_heads, not n_heads.
         return 2 * self.cfg.n_layers * self.cfg.n_kv_heads * self.cfg.head_dim * itemsize
