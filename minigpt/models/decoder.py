@@ -103,6 +103,7 @@ class Decoder(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Parameter count; a tied output head is counted once."""
+        # parameters() yields a shared tensor once, so a tied head is not counted twice.
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     @property

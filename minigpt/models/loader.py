@@ -91,6 +91,7 @@ def _unknown_spec_message(text: str) -> str:
     names = known_names() + known_presets()
     close = difflib.get_close_matches(text, names, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
+    # Something that looks like a path gets a path's error, not a list of model names.
     if os.sep in text or text.startswith("."):
         return f"{text!r}: no such directory (a model directory holds {CONFIG_FILE}); {hint}".rstrip("; ")
     published = known_names()
@@ -167,6 +168,7 @@ def save_pretrained(model: CausalLM, directory: str | os.PathLike) -> Path:
 def _from_pretrained(cls: type, spec: str | os.PathLike, **options: Any) -> CausalLM:
     """``GPTModel.from_pretrained(spec, **options)``: :func:`load`, checked to be of that class."""
     model = load(spec, **options)
+    # Otherwise GPTModel.from_pretrained on a Llama checkpoint would quietly return a LlamaModel.
     if not isinstance(model, cls):
         raise TypeError(f"{spec} holds a {type(model).__name__}, not a {cls.__name__}: use minigpt.models.load")
     return model

@@ -61,6 +61,7 @@ _HF_MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(masked_)?bias")
 def strip_hf_names(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A Hugging Face file's tensors with the optional ``transformer.`` prefix removed and
     the stored causal-mask buffers (``h.{i}.attn.bias``, ``h.{i}.attn.masked_bias``) dropped."""
+    # Files saved from GPT2LMHeadModel prefix the trunk with "transformer.", GPT2Model's do not.
     hf = {name.removeprefix("transformer."): t for name, t in tensors.items()}
     return {name: t for name, t in hf.items() if not _HF_MASK_BUFFER.fullmatch(name)}
 

@@ -64,6 +64,7 @@ def name_map(cfg: LlamaConfig, ours: set[str] | None = None) -> dict[str, str]:
     for mine, theirs in HF_TO_MINIGPT:
         for i in range(cfg.n_layers) if "{i}" in mine else [0]:
             rows[mine.format(i=i)] = theirs.format(i=i)
+    # Optional rows (biases, Qwen3's q/k norms) are kept only where the model has them.
     return {k: v for k, v in rows.items() if ours is None or k in ours}
 
 

@@ -90,6 +90,7 @@ class LlamaConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        # Qwen3 sets head_dim apart from emb_dim / n_heads (128 vs 64 for 0.6B); the others derive it.
         if self.head_dim is None:
             if self.emb_dim % self.n_heads:
                 raise ValueError(f"LlamaConfig: emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}; "

@@ -125,6 +125,7 @@ class RoPE(nn.Module):
         cos, sin = self.cos[positions], self.sin[positions]  # (tokens | batch x tokens, head_dim / 2)
         if positions.dim() == 2:  # one row of angles per sequence: broadcast over the heads
             cos, sin = cos[:, None], sin[:, None]
+        # cos/sin are (T, hd/2), broadcast over batch and heads, or (b, 1, T, hd/2), over heads.
         return rotate(x, cos, sin)
 
     def extra_repr(self) -> str:
