@@ -81,17 +81,21 @@ class ClassificationDataset(Dataset):
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {max_length}")
         self.label_names = list(label_names) if label_names is not None else label_names_of(examples)
+        # Class ids are indices into label_names: validation and test sets must share the training set's.
         class_of = {name: i for i, name in enumerate(self.label_names)}
         self.encoded: list[list[int]] = []
         self.labels: list[int] = []
         for i, (text, label) in enumerate(examples):
             if label not in class_of:
                 raise ValueError(f"example {i} has label {label!r}, not one of {self.label_names}")
+            # Keep the first max_length tokens (the book's cut); longer texts lose their end.
             ids = tokenize(text, tokenizer)[:max_length]
             if not ids:
                 raise ValueError(f"example {i} has an empty text: there is no token to classify from")
             self.encoded.append(ids)
+            # Tokenized once here, not per epoch: __getitem__ only pads.
             self.labels.append(class_of[label])
+        # Pad to the longest text actually seen, not to max_length: shorter batches, same scores.
         self.max_length = max(len(ids) for ids in self.encoded)
         self.pad_token_id = pad_token_id
 
@@ -100,9 +104,14 @@ class ClassificationDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids = self.encoded[i]
+        # Right padding: causal attention means no real token ever attends the pads after it, so
+        # the last real token's scores equal those of the unpadded text.
         padding = self.max_length - len(ids)
         input_ids = torch.tensor(ids + [self.pad_token_id] * padding)
+        # -100 everywhere (cross_entropy's ignore_index) but at the last real token, which holds the
+        # class id: the next-token loss then trains only the class read there.
         targets = torch.full((self.max_length,), IGNORE_INDEX)
+        # The class id takes the place of the next-token target at the last real token.
         targets[len(ids) - 1] = self.labels[i]
         return input_ids, targets
 
@@ -132,6 +141,7 @@ def make_classifier(
     """
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+    # Replace first, then freeze: set_trainable must find the *new* head to unfreeze it.
     replace_head(model, num_classes)
     set_trainable(model, trainable)
     return model
@@ -141,7 +151,9 @@ def replace_head(model: GPTModel, out_features: int) -> GPTModel:
     """Give ``model`` (in place) a fresh output head ``Linear(emb_dim, out_features)``, on the
     embedding's device and dtype; a tied head is simply replaced (``cfg.tie_weights`` becomes
     False in a copy of the config). A classifier has a row per class, a reward model one."""
+    # A fresh head: the vocabulary rows of the old one say nothing about the classes.
     head = Linear(model.cfg.emb_dim, out_features)
+    # A new module unties a tied head: tok_emb keeps its matrix, the head gets its own weights.
     model.out_head = head.to(device=model.tok_emb.weight.device, dtype=model.tok_emb.weight.dtype)
     if model.cfg.tie_weights:
         model.cfg = dataclasses.replace(model.cfg, tie_weights=False)  # a copy: others may share the config
@@ -156,6 +168,7 @@ def set_trainable(model: nn.Module, trainable: Sequence[str] | Literal["all"]) -
     if isinstance(trainable, str):
         raise TypeError(f"trainable must be a list of module names or 'all', not the string {trainable!r}")
     modules = [submodule(model, name) for name in trainable]
+    # Freeze everything first, then unfreeze the chosen parts (the new head among them).
     model.requires_grad_(False)
     for module in modules:
         module.requires_grad_(True)
@@ -165,6 +178,7 @@ def submodule(model: nn.Module, name: str) -> nn.Module:
     """``model.get_submodule(name)``, where a negative number indexes from the end."""
     module = model
     for part in name.split("."):
+        # Indexing the container (not get_submodule) is what lets "-1" mean the last block.
         if part.lstrip("-").isdigit() and isinstance(module, (nn.Sequential, nn.ModuleList)):
             if not -len(module) <= int(part) < len(module):
                 raise ValueError(f"{name!r}: index {part} is out of range for {len(module)} modules")
@@ -182,6 +196,8 @@ def last_token_logits(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tens
     the scores at position ``length - 1`` of each sequence, its last real token."""
     if lengths.min() < 1 or lengths.max() > logits.shape[1]:
         raise ValueError(f"lengths must be in [1, {logits.shape[1]}], got {lengths.tolist()}")
+    # The last-real-token read: row i at position lengths[i] - 1, the one position whose causal
+    # attention saw the whole text. Advanced indexing with two (batch,) index tensors -> (batch, classes).
     return logits[torch.arange(logits.shape[0], device=logits.device), lengths.to(logits.device) - 1]
 
 
@@ -203,9 +219,12 @@ def calc_accuracy_loader(
         for i, (input_ids, targets) in enumerate(data_loader):
             if num_batches is not None and i >= num_batches:
                 break
+            # No attention mask: the texts are right-padded, and the labelled position is the last real one.
             logits = model(input_ids.to(device))  # (batch, tokens, classes)
             targets = targets.to(device)
+            # Boolean indexing picks the (batch, classes) logits at the labelled positions in one step.
             labelled = targets != IGNORE_INDEX  # (batch, tokens), one True per row
+            # The arg-max over the classes at the labelled position is the prediction.
             correct += int((logits[labelled].argmax(dim=-1) == targets[labelled]).sum())
             total += int(labelled.sum())
     if total == 0:
@@ -246,11 +265,14 @@ def train_classifier(
     """
     device = select_device(device)
     model.to(device)
+    # Before training the new head is random: about 1 / num_classes on balanced data.
     before = {"train": calc_accuracy_loader(train_loader, model, device),
               "val": calc_accuracy_loader(val_loader, model, device)}
     settings: dict[str, Any] = {} if precision is None else {"precision": precision}
+    # min_lr = lr and no warm-up: a constant learning rate, as the book trains its classifier.
     config = TrainConfig(max_steps=epochs * len(train_loader), lr=lr, min_lr=lr, warmup_steps=0,
                          weight_decay=weight_decay, eval_every=eval_every, eval_iter=eval_iter, **settings)
+    # The ordinary training loop: the classification loss is its next-token loss on these targets.
     history = train_model(model, train_loader, val_loader, config, device=device, progress=progress)
     after = {"train": calc_accuracy_loader(train_loader, model, device),
              "val": calc_accuracy_loader(val_loader, model, device)}
@@ -271,15 +293,18 @@ def classify_texts(
     Texts are cut to ``max_length`` tokens (default: the model's context length),
     right-padded to a common length and classified at their last real token.
     """
+    # Never more than the context: positions past it have no embedding.
     max_length = min(max_length or model.cfg.context_length, model.cfg.context_length)
     encoded = [tokenize(text, tokenizer)[:max_length] for text in texts]
     if not all(encoded):
         raise ValueError("cannot classify an empty text: it has no token to classify from")
     longest = max(len(ids) for ids in encoded)
+    # Right padding, no attention mask needed: each text is read at its own last token.
     input_ids = torch.tensor([ids + [pad_token_id] * (longest - len(ids)) for ids in encoded])
     lengths = torch.tensor([len(ids) for ids in encoded])
     with evaluating(model):
         logits = last_token_logits(model(input_ids.to(model.device)), lengths)  # (texts, classes)
+    # The class with the largest logit; softmax would not change the order.
     predicted = logits.argmax(dim=-1).tolist()
     return [label_names[i] for i in predicted] if label_names is not None else predicted
 
@@ -331,13 +356,18 @@ def load_with_head(directory: str | os.PathLike, out_features: int, what: str) -
     precision. The tensors are read by the weights layer's checked loader; a mismatch names
     each tensor and says the directory does not hold ``what``."""
     directory = Path(directory)
+    # minigpt's GPT-2 config fields: this loader rebuilds a GPTModel only.
     cfg = GPTConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
     state = load_state(directory)
+    # Built with random weights and the saved head's shape, then overwritten by the file's tensors.
     model = replace_head(GPTModel(cfg), out_features)
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    # Names and shapes are checked first, so an error names each tensor instead of failing inside
+    # load_state_dict.
     problems = tensor_mismatches(expected, state)
     if problems:
         raise ValueError(f"{directory} does not hold {what} and its config ({cfg}): " + ", ".join(problems))
+    # (load_state_dict copies into the existing tensors and would cast to their dtype otherwise.)
     model.to(next(iter(state.values())).dtype)  # keep the saved precision
     model.load_state_dict(state)
     return model

@@ -62,7 +62,10 @@ def sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, a
     the number of selected tokens (0 where none is selected).
     """
     # The one per-token implementation (minigpt.finetuning.rollout), summed over each row.
+    # Summed, not averaged: DPO's log pi(y | x) is the whole answer's log-probability, the sum
+    # over its tokens (IPO asks for the average, below).
     total = token_logprobs_of(model, ids, mask).sum(dim=1)
+    # mask[:, 1:] lines up with the (batch, tokens - 1) log-probs: column t scores token t + 1.
     scored = mask[:, 1:].bool()
     return total / scored.sum(dim=1).clamp(min=1) if average else total
 
@@ -76,20 +79,27 @@ def pair_logprobs(
     NEFTune (:mod:`minigpt.finetuning.neftune`), when on and the model is training, gets each
     sequence's own length: up to its answer's end-of-text, padding excluded."""
     ids, masks = [batch["chosen_ids"], batch["rejected_ids"]], [batch["chosen_mask"], batch["rejected_mask"]]
+    # Chosen and rejected go through the model as one batch of 2 * pairs rows: one forward pass
+    # (and one set of activations) instead of two.
     width = max(ids[0].shape[1], ids[1].shape[1])
     # Padding at the end changes nothing before it (causal attention) and is never scored.
     ids = torch.cat([F.pad(x, (0, width - x.shape[1])) for x in ids])
+    # The padded columns are never scored (mask False).
     mask = torch.cat([F.pad(m.bool(), (0, width - m.shape[1]), value=False) for m in masks])
     with neftune_lengths(model, _lengths(mask)):
         logps = sequence_logprobs(model, ids, mask, average)
+    # The first half of the rows are the chosen answers, the second the rejected ones.
     return logps[: len(batch["chosen_ids"])], logps[len(batch["chosen_ids"]):]
 
 
 def _lengths(mask: torch.Tensor) -> torch.Tensor:
     """``(batch,)``: each sequence's length without padding, i.e. up to its last scored token
     (the answer's end-of-text); the full width where the cut left nothing scored."""
+    # 1-based positions: the largest one where the mask is set is the length up to and including
+    # the last scored token; a row with nothing scored gives 0.
     positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
     last = (mask * positions).amax(dim=1)
+    # A row with nothing scored (its answer cut away) counts as the full width.
     return torch.where(last > 0, last, mask.shape[1])
 
 
@@ -119,17 +129,27 @@ def dpo_loss(
     (0 while the policy equals the reference).
     """
     _check_settings(beta, label_smoothing, loss_type)
+    # h is the difference of two log-ratios: log(pi/ref)(chosen) - log(pi/ref)(rejected). The
+    # reference terms make it measure how far training *moved* the preference, not where it is.
     h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
     if loss_type == "sigmoid":
+        # Bradley-Terry on the implicit rewards beta * log(pi/ref): -log sigmoid(beta * h). A large
+        # beta saturates the loss at a small h, so the policy stays near the reference; a small beta
+        # lets it drift further. logsigmoid stays exact where sigmoid would round to 0.
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == "ipo":
+        # IPO regresses h onto a fixed target 1 / (2 beta) instead of pushing it to infinity: the
+        # sigmoid loss keeps rewarding a larger margin even on pairs it already separates.
         losses = (h - 1 / (2 * beta)) ** 2
     else:
+        # Hinge: pairs whose scaled margin beta * h already exceeds 1 contribute nothing.
         losses = torch.relu(1 - beta * h)
+    # The implicit rewards, logged only (detached): beta * log(pi/ref) of each answer.
     chosen = beta * (policy_chosen - ref_chosen).detach()
     rejected = beta * (policy_rejected - ref_rejected).detach()
     metrics = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
                "rewards/margins": (chosen - rejected).mean(), "rewards/accuracies": (chosen > rejected).float().mean()}
+    # Mean over pairs: the training loop weighs batches by num_scored, the number of pairs.
     return losses.mean(), metrics
 
 
@@ -138,6 +158,7 @@ def _check_settings(beta: float, label_smoothing: float, loss_type: str) -> None
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
     if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta must be a positive number, got {beta!r}")
+    # At 0.5 the two terms weigh the same and the loss no longer prefers either answer.
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
     if label_smoothing and loss_type != "sigmoid":
@@ -158,6 +179,7 @@ class FrozenReference:
 
     def __init__(self, model: nn.Module, *, copy: bool = True) -> None:
         if copy:
+            # A deep copy *now*: training the policy afterwards must not move the reference.
             model = _deepcopy(model).requires_grad_(False).eval()
         self.model = model
 
@@ -165,6 +187,7 @@ class FrozenReference:
         """``(chosen, rejected)`` log-probabilities ``(batch,)`` under the reference."""
         device = batch["chosen_ids"].device
         if _device_of(self.model) != device:
+            # Moved once, lazily: the copy is made before the training loop moves the policy.
             self.model.to(device)
         with torch.no_grad(), evaluating(self.model):
             return pair_logprobs(self.model, batch, average)
@@ -180,6 +203,7 @@ class AdaptersOffReference:
     memory. Run in eval mode without gradients; ``model`` is the unwrapped policy."""
 
     def __init__(self, model: nn.Module) -> None:
+        # Checked at construction, so a wrong reference fails before training starts.
         with lora_disabled(model):  # a model without LoRA layers raises here, saying so
             pass
         self.model = model
@@ -200,12 +224,14 @@ Reference = FrozenReference | AdaptersOffReference
 def weights_fingerprint(model: nn.Module, skip: str | None = None) -> str:
     """SHA-256 of ``model``'s configuration and every tensor of its state dict (names,
     dtypes, shapes, bytes), leaving out the names that contain ``skip``."""
+    # The config first: two models with equal tensors but different shapes (heads) must differ.
     digest = hashlib.sha256(repr(getattr(model, "cfg", type(model).__name__)).encode())
     for name, tensor in sorted(model.state_dict().items()):
         if skip is not None and skip in name:
             continue
         tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}|{tensor.dtype}|{tensor.numel()}|".encode())
+        # The raw bytes, so a bfloat16 tensor (which numpy cannot hold) hashes too.
         digest.update(tensor.view(torch.uint8).numpy())
     return digest.hexdigest()
 
@@ -233,10 +259,14 @@ def precompute_reference(
     never reuses the file. Returns its path (None without ``cache_dir``).
     """
     if isinstance(reference, nn.Module):
+        # A bare model is used as it is: nothing trains while precomputing, so no copy is needed.
         reference = FrozenReference(reference, copy=False)
+    # Old values must not ride along in the batches while the reference computes new ones.
     dataset.clear_reference()
     key = path = None
     if cache_dir is not None:
+        # The key covers everything the values depend on: the reference's weights, the token ids and
+        # the cut (a shorter cut scores fewer answer tokens).
         key = hashlib.sha256(f"{_CACHE_FORMAT}|{reference.fingerprint()}|{dataset.fingerprint()}|"
                              f"{allowed_max_length}".encode()).hexdigest()
         path = Path(cache_dir) / f"reference-logps-{key[:16]}.safetensors"
@@ -248,13 +278,17 @@ def precompute_reference(
     device = torch.device(device) if device is not None else _device_of(reference.model)
     rows = []
     for batch in preference_dataloader(dataset, batch_size=batch_size, allowed_max_length=allowed_max_length):
+        # Sums, always: for IPO they are divided by the token counts when a batch is used
+        # (DPOLoss.reference_logps), and the counts depend only on the masks.
         chosen, rejected = reference.logps(to_device(batch, device), average=False)
+        # (batch, 2) rows in dataset order: this loader does not shuffle.
         rows.append(torch.stack([chosen, rejected], dim=1).float().cpu())
     logps = torch.cat(rows)
     dataset.set_reference(logps, allowed_max_length)
     if path is not None:
         metadata = {"format": "pt", "key": key, "pairs": str(len(dataset)),
                     "allowed_max_length": str(allowed_max_length)}
+        # Atomic: an interrupted run leaves no half-written cache that a later run would trust.
         atomic_write(path, lambda tmp: save_file({"logps": logps.contiguous()}, tmp, metadata=metadata))
         logger.info("reference log-probabilities of %d pairs written to %s", len(dataset), path)
     return path
@@ -270,6 +304,7 @@ def _read_cache(path: Path, key: str, pairs: int) -> torch.Tensor | None:
     except Exception as err:  # safetensors raises its own error types for damaged files
         logger.warning("ignoring unreadable reference cache %s (%s); computing it again", path, err)
         return None
+    # The file name holds only 16 hex digits of the key; the full key in the metadata decides.
     if metadata.get("key") != key or tuple(logps.shape) != (pairs, 2):
         logger.warning("ignoring reference cache %s: it was computed for another model or data", path)
         return None
@@ -284,8 +319,11 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     The configuration (``model.cfg.drop_rate``) is unchanged. Returns ``model``."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
+            # Dropout makes the policy's log-probabilities noisy, while the reference runs in eval
+            # mode: the noise would leak into h and into every implicit reward.
             module.p = 0.0
         if isinstance(getattr(module, "dropout_p", None), float):
+            # Attention's SDPA path reads its own dropout_p, not an nn.Dropout.
             module.dropout_p = 0.0
     return model
 
@@ -305,12 +343,17 @@ class DPOLoss:
     def __init__(self, reference: Reference | nn.Module | None = None, beta: float = 0.1,
                  label_smoothing: float = 0.0, loss_type: str = "sigmoid") -> None:
         _check_settings(beta, label_smoothing, loss_type)
+        # A bare model becomes a frozen copy *now*, before the policy trains away from it.
         self.reference = FrozenReference(reference) if isinstance(reference, nn.Module) else reference
         self.beta, self.label_smoothing, self.loss_type = beta, label_smoothing, loss_type
 
     def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         disable_dropout(model)
+        # IPO's target 1 / (2 beta) assumes per-token (averaged) log-probabilities: a sum grows with
+        # the answer's length and would never sit at a fixed target.
         average = self.loss_type == "ipo"
+        # The reference first, without gradients; then the policy's forward, whose graph the
+        # backward pass needs.
         ref_chosen, ref_rejected = self.reference_logps(batch, average)
         policy_chosen, policy_rejected = pair_logprobs(model, batch, average)
         return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, self.label_smoothing,
@@ -322,6 +365,7 @@ class DPOLoss:
         if "ref_chosen_logps" in batch:
             chosen, rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
             if average:  # stored as sums: divide by the same token counts as sequence_logprobs
+                # clamp(min=1): a pair whose answer was cut away entirely scores 0, not NaN.
                 chosen = chosen / batch["chosen_mask"][:, 1:].sum(dim=1).clamp(min=1)
                 rejected = rejected / batch["rejected_mask"][:, 1:].sum(dim=1).clamp(min=1)
             return chosen, rejected
@@ -337,4 +381,6 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def _deepcopy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model``, of the module itself when it is wrapped (several processes, compiled)."""
+    # DistributedDataParallel keeps the model as .module, torch.compile as ._orig_mod; copying the
+    # wrapper would copy process groups or compiled graphs.
     return copy.deepcopy(getattr(model, "module", getattr(model, "_orig_mod", model)))

@@ -58,6 +58,7 @@ from minigpt.training.losses import IGNORE_INDEX, next_token_loss
 def end_of_text_id(tokenizer: Any = None) -> int:
     """The id that ends a text and pads a batch: the tokenizer's ``eot_token`` (a Hugging Face
     tokenizer's ``eos_token``), GPT-2's ``<|endoftext|>`` (50256) without a tokenizer."""
+    # One id both ends a text and pads a batch: GPT-2's vocabulary has no padding token.
     return ENDOFTEXT_ID if tokenizer is None else getattr(tokenizer, "eot_token", ENDOFTEXT_ID)
 
 
@@ -72,6 +73,7 @@ def load_instruction_data(path: str | os.PathLike | None = None) -> list[Entry]:
     Malformed JSON, or an entry without a string ``instruction`` or ``output``, is an
     error naming the place; ``input`` may be missing (it then counts as empty).
     """
+    # fetch checks the file's SHA-256: a changed upstream copy cannot silently change the results.
     path = fetch(sources.INSTRUCTION_DATA) if path is None else Path(path)
     return validate_entries(read_json(path), source=str(path))
 
@@ -84,6 +86,7 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from err
+    # json.loads recurses once per nesting level: [[[[...]]]] thousands deep overflows the stack.
     except RecursionError:
         raise ValueError(f"{path} nests JSON lists or objects too deeply to read; the data is a flat list of "
                          "objects") from None
@@ -97,6 +100,7 @@ def validate_entries(data: Any, source: str = "the data") -> list[Entry]:
     for i, entry in enumerate(data):
         if not isinstance(entry, dict):
             raise ValueError(f"{source}: entry {i} is a {type(entry).__name__}, not an object")
+        # input is optional (many Alpaca entries have none); instruction and output are not.
         for field in ("instruction", "output"):
             if field not in entry:
                 raise ValueError(f"{source}: entry {i} has no {field!r} field (it has {sorted(entry)})")
@@ -115,7 +119,10 @@ def split_instruction_data(
     if train_frac <= 0 or test_frac < 0 or train_frac + test_frac >= 1:
         raise ValueError(f"need 0 < train_frac and train_frac + test_frac < 1, got {train_frac}, {test_frac}")
     train_end = int(len(data) * train_frac)
+    # The test part follows the training part; the validation part gets what is left at the end.
     test_end = train_end + int(len(data) * test_frac)
+    # Returned as (train, validation, test), although the test part is cut before the validation
+    # part: the book's order, which its figures depend on.
     return list(data[:train_end]), list(data[test_end:]), list(data[train_end:test_end])
 
 
@@ -142,8 +149,11 @@ class InstructionDataset(Dataset):
         self.prompt_format, self.pad_token_id = prompt_format, end_of_text_id(tokenizer)
         self.examples = []
         for entry in data:
+            # Tokenized separately: BPE could merge across the boundary if prompt and answer were one
+            # string, and the prompt's ids must equal those the model sees when it answers.
             prompt = prompt_format.encode(prompt_format.prompt(entry), tokenizer)
             response = prompt_format.encode(prompt_format.answer(entry), tokenizer)
+            # The prompt's length is kept, so the collate function can ignore its targets (mask_instruction).
             self.examples.append(TokenizedExample(prompt + response, len(prompt)))
 
     def __len__(self) -> int:
@@ -154,6 +164,7 @@ class InstructionDataset(Dataset):
 
     def collate_fn(self, allowed_max_length: int | None = None, mask_instruction: bool = False) -> Callable:
         """:func:`collate_instructions` with this dataset's padding id and end-of-text rule."""
+        # A partial, not a closure: DataLoader worker processes must be able to pickle it.
         return functools.partial(collate_instructions, pad_token_id=self.pad_token_id,
                                  allowed_max_length=allowed_max_length, mask_instruction=mask_instruction,
                                  end_of_text=self.prompt_format.end_of_text)
@@ -187,26 +198,35 @@ def collate_instructions(
     for the second sequence; ``[5, 50256, 6]`` beside ``[0, 1, 2, 3, 4]`` gives the
     targets ``[50256, 6, 50256, -100, -100]``.
     """
+    # Plain id lists (the book's format) are examples with an empty prompt.
     examples = [item if isinstance(item, TokenizedExample) else TokenizedExample(list(item), 0)
                 for item in batch]
     if mask_instruction and not all(isinstance(item, TokenizedExample) for item in batch):
         raise ValueError("mask_instruction needs TokenizedExample items (ids and prompt length), "
                          "e.g. from InstructionDataset")
+    # The end-of-text id doubles as the padding id: GPT-2 has no pad token.
     end = [pad_token_id] if end_of_text else []
+    # The width: the longest text plus its end-of-text; inputs and targets are each one column
+    # shorter after the shift below.
     width = max(len(example.ids) + len(end) for example in examples)
     inputs, targets = [], []
     for ids, prompt_length in examples:
         ids = ids + end
+        # (width,): the text, its end-of-text, then more of the same id as padding.
         padded = torch.tensor(ids + [pad_token_id] * (width - len(ids)))
+        # Targets are the inputs shifted left by one: position t learns to predict token t + 1.
         target = padded[1:].clone()
         # Positions from len(ids) - 1 on predict padding; the appended end-of-text (the last of
         # ids), which teaches the model to stop, stays a target.
+        # -100 is cross_entropy's ignore_index: those positions add nothing to the loss or its mean.
         target[len(ids) - 1:] = ignore_index
         if mask_instruction:
             # target[j] is token j + 1: positions before prompt_length - 1 predict prompt tokens.
             target[: max(prompt_length - 1, 0)] = ignore_index
+        # The inputs drop the last column: nothing after it is there to predict.
         inputs.append(padded[:-1])
         targets.append(target)
+    # The cut comes last, so a row longer than it loses its end (and possibly its end-of-text).
     return torch.stack(inputs)[:, :allowed_max_length], torch.stack(targets)[:, :allowed_max_length]
 
 
@@ -236,9 +256,11 @@ def example_lengths(targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> 
     its position are padding. A row whose targets are all ignored (a masked prompt cut by
     ``allowed_max_length``) is real tokens only, so it counts as the full width.
     """
+    # positions are 1-based: the last scored target at index j means j + 1 real input tokens.
     scored = targets != ignore_index
     positions = torch.arange(1, targets.shape[1] + 1, device=targets.device)
     last = (scored * positions).amax(dim=1)  # 0 where nothing is scored
+    # Nothing scored: the row's end is unknown, so it counts as all real (the full width).
     return torch.where(scored.any(dim=1), last, targets.shape[1])
 
 
@@ -246,6 +268,7 @@ def instruction_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Te
     """The loss for instruction batches ``(inputs, targets)``: the next-token loss, with each
     example's length (:func:`example_lengths`) given to NEFTune (:mod:`minigpt.finetuning.neftune`).
     Without NEFTune it equals :func:`minigpt.training.losses.next_token_loss`."""
+    # NEFTune's noise scale needs each example's own length, which only the targets reveal.
     with neftune_lengths(model, example_lengths(batch[1])):
         return next_token_loss(model, batch)
 
@@ -260,10 +283,13 @@ def generate_response(
     """The model's greedy answer to the entry's prompt, stopped at end-of-text (``eos_id``,
     default the tokenizer's, :func:`end_of_text_id`)."""
     eos_id = end_of_text_id(tokenizer) if eos_id is None else eos_id
+    # The prompt alone, without the response header: the model writes the header itself.
     prompt = torch.tensor([prompt_format.encode(prompt_format.prompt(entry), tokenizer)], device=model.device)
     out = generate(model, prompt, max_new_tokens, eos_id=eos_id)
+    # Only the new tokens: the prompt is not part of the answer.
     new = out[0, prompt.shape[1]:].tolist()
     if eos_id in new:
+        # Drop the end-of-text and anything after it.
         new = new[: new.index(eos_id)]
     return extract_response(tokenizer.decode(new), prompt_format.header)
 
@@ -287,6 +313,7 @@ def save_responses(
     reference answer), each with its judge ``score`` when ``scores`` are given. Written
     atomically: an interrupted write leaves the previous file, never half of one."""
     fields = ("instruction", "input", "output", "model_response")
+    # Fixed fields in a fixed order, so the files of different runs compare entry by entry.
     rows = [{field: entry.get(field, "") for field in fields} for entry in entries]
     if scores is not None:
         if len(scores) != len(rows):

@@ -42,10 +42,13 @@ def read_sms_spam(path: str | os.PathLike) -> list[Example]:
     content = Path(path).read_text(encoding="utf-8")
     # split("\n"), not splitlines(): that would also split at characters such as U+2028.
     lines = content.split("\n")
+    # A final newline leaves one empty string after the split: not a message.
     if lines and lines[-1] == "":
         lines.pop()
     examples = []
     for number, line in enumerate(lines, start=1):
+        # partition at the *first* tab: a message may contain tabs of its own. rstrip("\r") accepts
+        # Windows line ends.
         label, tab, text = line.rstrip("\r").partition("\t")
         if not tab or label not in SMS_SPAM_LABELS:
             raise ValueError(
@@ -73,6 +76,8 @@ def read_labelled_file(
     if delimiter is None:
         delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     with open(path, encoding="utf-8", newline="") as f:
+        # newline="" above lets the csv module see the line ends itself, as it needs for quoted fields
+        # that span lines.
         reader = csv.reader(f, delimiter=delimiter)
         header = next(reader, None)
         if header is None:
@@ -80,11 +85,14 @@ def read_labelled_file(
         for column in (text_column, label_column):
             if column not in header:
                 raise ValueError(f"{path} has no column {column!r}; its columns are {header}")
+        # Columns are found by name, so their order in the file does not matter.
         text_at, label_at = header.index(text_column), header.index(label_column)
         examples = []
         for row in reader:
             if not row:  # a blank line
                 continue
+            # A text with an unquoted delimiter splits into extra fields: stop here rather than read
+            # shifted columns.
             if len(row) != len(header):
                 raise ValueError(
                     f"{path}, line {reader.line_num}: {len(row)} fields, but the header has "
@@ -108,6 +116,7 @@ def load_labelled_texts(
     """
     if str(name_or_path) == "spam":
         return read_sms_spam(fetch(sources.SMS_SPAM))
+    # "~" in a path is expanded as a shell would.
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no data file {path}; use 'spam' or the path of a CSV/TSV file")
@@ -123,8 +132,11 @@ def balance_classes(examples: Sequence[Example], seed: int = 123) -> list[Exampl
     by_label: dict[str, list[int]] = {}
     for i, (_, label) in enumerate(examples):
         by_label.setdefault(label, []).append(i)
+    # Undersample, not oversample: no text is repeated, so no copy can leak into the test split.
     smallest = min(len(indices) for indices in by_label.values())
     rng = random.Random(seed)
+    # sorted(by_label) makes the draw order independent of the file's class order; sorting the kept
+    # indices restores the file order.
     keep = sorted(i for label in sorted(by_label) for i in rng.sample(by_label[label], smallest))
     return [examples[i] for i in keep]
 
@@ -137,7 +149,9 @@ def split_examples(
     if train_frac <= 0 or val_frac < 0 or train_frac + val_frac >= 1:
         raise ValueError(f"need 0 < train_frac and train_frac + val_frac < 1, got {train_frac}, {val_frac}")
     shuffled = list(examples)
+    # A private generator: the split depends on the seed only, not on the global random state.
     random.Random(seed).shuffle(shuffled)
+    # int() rounds down; the test part takes what the two cuts leave.
     train_end = int(len(shuffled) * train_frac)
     val_end = train_end + int(len(shuffled) * val_frac)
     return shuffled[:train_end], shuffled[train_end:val_end], shuffled[val_end:]
@@ -147,6 +161,7 @@ def label_names_of(examples: Iterable[Example]) -> list[str]:
     """The distinct labels, sorted (numerically when they are all integers): ham -> 0, spam -> 1."""
     labels = sorted({label for _, label in examples})
     if all(label.lstrip("-").isdigit() for label in labels):
+        # "10" sorts before "2" as text: numeric labels get numeric order, so "0" is class 0.
         labels.sort(key=int)
     return labels
 

@@ -61,11 +61,17 @@ def neftune_noise(embeddings: torch.Tensor, lengths: torch.Tensor, alpha: float)
     batch, tokens, dim = embeddings.shape
     if lengths.shape != (batch,):
         raise ValueError(f"NEFTune needs one length per example, shape ({batch},), got {tuple(lengths.shape)}")
+    # A length past the width (a batch cut by allowed_max_length) counts as the width.
     lengths = lengths.to(embeddings.device).clamp(max=tokens)
+    # Padding sits after each row's length (right padding), so position < length means real.
     real = torch.arange(tokens, device=embeddings.device) < lengths[:, None]  # (batch, tokens)
     # clamp(min=1): an empty row has no real position, and its scale must not be infinite.
+    # NEFTune's alpha / sqrt(L * d): the noise vector has L * d entries, each of variance m^2 / 3,
+    # so its norm is about alpha / sqrt(3) whatever the length and width.
     scale = alpha / torch.sqrt(lengths.clamp(min=1).float() * dim)  # (batch,)
     scale = (scale[:, None] * real).to(embeddings.dtype)  # (batch, tokens)
+    # Uniform in [-1, 1], scaled per row and zeroed on padding; drawn in the embeddings' dtype
+    # from the global generator, so a resumed run draws the same noise.
     return torch.empty_like(embeddings).uniform_(-1, 1) * scale[:, :, None]
 
 
@@ -79,6 +85,7 @@ def _add_noise(embedding: nn.Module, inputs: Any, output: torch.Tensor) -> torch
             "NEFTune is on and the model is training, but the examples' lengths are unknown: wrap the forward in "
             "`with neftune_lengths(model, lengths):` (lengths without padding, shape (batch,)), or train "
             "instruction data with minigpt.finetuning.instruction.instruction_loss as the loss")
+    # Returning a tensor from a forward hook replaces the module's output.
     return output + neftune_noise(output, state.lengths, state.alpha)
 
 
@@ -100,7 +107,10 @@ def enable_neftune(model: nn.Module, alpha: float | None) -> nn.Module:
         raise TypeError(f"NEFTune adds noise to the token embedding model.tok_emb (an nn.Embedding); "
                         f"this {type(model).__name__} has none")
     state = getattr(embedding, "_neftune", None)
+    # A second call only changes alpha: the hook is registered once.
     if state is None:
+        # The state lives on the embedding itself, so wrappers (DDP, torch.compile) that keep the same
+        # module find it through model.modules().
         embedding._neftune = _NEFTune(float(alpha), embedding.register_forward_hook(_add_noise))
     else:
         state.alpha = float(alpha)
@@ -112,6 +122,7 @@ def disable_neftune(model: nn.Module) -> nn.Module:
     embedding = getattr(model, "tok_emb", None)
     state = getattr(embedding, "_neftune", None)
     if state is not None:
+        # Without the hook the embedding's output is the plain lookup again, bit for bit.
         state.handle.remove()
         del embedding._neftune
     return model
@@ -131,6 +142,8 @@ def neftune_lengths(model: nn.Module, lengths: torch.Tensor) -> Iterator[None]:
     embedding is found among its modules.
     """
     states = [module._neftune for module in model.modules() if hasattr(module, "_neftune")]
+    # Restored afterwards: a training forward outside any block then fails loudly (no lengths)
+    # instead of silently reusing this batch's.
     previous = [state.lengths for state in states]
     for state in states:
         state.lengths = lengths

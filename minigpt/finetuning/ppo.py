@@ -41,6 +41,8 @@ from minigpt.finetuning.rollout import Rollout
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The mean of ``values`` where ``mask`` is set (all elements count alike)."""
     mask = mask.bool()
+    # Every answer token weighs the same, so long answers count more than short ones (as in TRL);
+    # an empty selection gives 0 rather than the NaN of an empty mean.
     return values[mask].mean() if mask.any() else values.new_zeros(())
 
 
@@ -49,18 +51,27 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     variance (TRL's ``masked_whiten``); ``shift_mean=False`` keeps the mean. Whitened advantages
     have the same scale whatever the reward model's, so one learning rate fits all."""
     selected = values[mask.bool()]
+    # The unbiased variance of one value divides by 0.
     if selected.numel() < 2:
         raise ValueError(f"whitening needs at least 2 answer tokens in the batch, got {selected.numel()}: "
                          "sample longer answers or more prompts per rollout")
+    # Statistics over the answer tokens only: prompt and padding columns are 0 and would drag the
+    # mean towards 0 and shrink the variance.
     mean, var = selected.mean(), selected.var(unbiased=True)
+    # Whitening the advantages: mean 0 and variance 1 over the batch, so some tokens are pushed up and
+    # others down, on the same scale whatever the reward model's; 1e-8 guards a zero variance.
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    # shift_mean=False rescales but keeps the mean (TRL uses it for rewards).
     return whitened if shift_mean else whitened + mean
 
 
 def token_values(value_model: nn.Module, rollout: Rollout) -> torch.Tensor:
     """``(b, T - 1)``: the value model's estimate after reading ``ids[: t + 1]``, the reward still
     to come from answer token ``t + 1`` on; 0 outside the answer. Gradients flow."""
+    # The value head has one output: (b, T, 1) -> column 0. Dropping the last position aligns
+    # V[t] with the log-prob layout: column t is the state after reading ids[: t + 1].
     values = value_model(rollout.ids, attention_mask=rollout.attention_mask)[:, :-1, 0].float()
+    # Zero outside the answer, so GAE's bootstrap V[t + 1] is 0 after the last answer token.
     return values * rollout.answer_mask[:, 1:]
 
 
@@ -70,9 +81,14 @@ def kl_penalised_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
     ``(b,)`` score on each answer's last token. ``kl = logprobs - ref_logprobs`` (the sampled
     tokens' log-ratio, whose mean over samples is KL(pi || ref)); 0 outside ``mask``."""
     mask = mask.bool()
+    # The k1 estimator of KL(pi || ref): log pi(x) - log ref(x) of the sampled token. Unbiased
+    # (its mean over samples from pi is the KL), but a single token's value may be negative.
     kl = (logprobs - ref_logprobs).masked_fill(~mask, 0.0)
+    # Every answer token pays for its log-ratio: the reward model alone would be exploited.
     rewards = -kl_coef * kl
     columns = torch.arange(mask.shape[1], device=mask.device)
+    # The score is a reward for the whole answer, so it lands on the last token only; GAE carries
+    # it back to the earlier tokens.
     last = (mask * columns).amax(dim=1)  # the column that scores each answer's last token
     rewards[torch.arange(len(scores), device=mask.device), last] += scores
     return rewards, kl
@@ -88,11 +104,17 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     advantages = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
+        # Bootstrap: the value of the next state; beyond the last column there is nothing to come.
         next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        # The TD error: what this step brought plus what is expected after it, minus what was expected.
         delta = rewards[:, t] + gamma * next_value - values[:, t]
+        # GAE's backward recursion, A[t] = delta[t] + gamma * lam * A[t + 1]: walking from the last
+        # column to the first turns the sum of discounted future TD errors into one pass.
         running = delta + gamma * lam * running
         advantages[:, t] = running
+    # Returns = A + V, the value model's regression targets (TD(lambda) returns).
     returns = advantages + values
+    # Prompt and padding columns may carry nonzero values from the recursion: masked away here.
     return advantages * mask, returns
 
 
@@ -122,10 +144,16 @@ def ppo_losses(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
     The max of the two (negated) terms is the pessimistic one: a token whose ratio already moved
     past the clip in the direction its advantage wants gets no gradient."""
     log_ratio = new_logprobs - old_logprobs
+    # pi_new / pi_old per token, from log-probs: exp of a difference is stabler than a quotient.
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
+    # PPO's clipped ratio: outside [1 - eps, 1 + eps] the clamp is flat, so it has no gradient.
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    # max of the two *losses* = min of the two objectives: the pessimistic bound. With A > 0 a
+    # ratio above 1 + eps earns nothing more; with A < 0 a ratio below 1 - eps neither.
     policy = masked_mean(torch.max(unclipped, clipped), mask)
+    # Value clipping: the new prediction may move at most cliprange_value from the rollout's; the
+    # max below keeps the worse of clipped and unclipped errors, as for the policy.
     values_clipped = torch.clamp(new_values, old_values - cliprange_value, old_values + cliprange_value)
     value_losses, value_losses_clipped = (new_values - returns) ** 2, (values_clipped - returns) ** 2
     value = 0.5 * masked_mean(torch.max(value_losses, value_losses_clipped), mask)
@@ -133,6 +161,7 @@ def ppo_losses(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
         stats = dict(policy=float(policy), value=float(value),
                      clipfrac=float(masked_mean((clipped > unclipped).float(), mask)),
                      value_clipfrac=float(masked_mean((value_losses_clipped > value_losses).float(), mask)),
+                     # 0.5 * (log r)^2 (the k2 estimator): a non-negative estimate of KL(old || new) for small moves.
                      approxkl=float(0.5 * masked_mean(log_ratio ** 2, mask)),
                      ratio=float(masked_mean(ratio, mask)))
     return PPOLosses(loss=policy + vf_coef * value, **stats)
@@ -153,8 +182,11 @@ class AdaptiveKLController:
 
     def update(self, kl: float, n: int) -> float:
         """Move the coefficient after a rollout of ``n`` answers whose mean KL was ``kl``; returns it."""
+        # A NaN KL would make the coefficient NaN, and every later reward with it.
         if not math.isfinite(kl):
             raise FloatingPointError(f"the KL to the reference is {kl}: the policy diverged; lower the learning rate")
+        # Proportional control with the error clipped to +-20 %, so one odd rollout cannot swing the
+        # coefficient; n / horizon makes the step size per answer, not per rollout.
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n / self.horizon
         return self.value

@@ -68,6 +68,7 @@ def validate_preference_entries(data: Any, source: str = "the data") -> list[Ent
     if not isinstance(data, list) or not data:
         raise ValueError(f"{source} must hold a non-empty JSON list of {{instruction, input, chosen, rejected}} "
                          "objects")
+    # Every problem is collected before raising: one error names all the bad entries.
     problems = []
     for i, entry in enumerate(data):
         if not isinstance(entry, dict):
@@ -76,11 +77,13 @@ def validate_preference_entries(data: Any, source: str = "the data") -> list[Ent
         problems += [f"entry {i} has no {key!r} field" for key in _REQUIRED if key not in entry]
         problems += [f"entry {i}: {key!r} must be a string, got {type(entry[key]).__name__}"
                      for key in _TEXT_FIELDS if key in entry and not isinstance(entry[key], str)]
+        # An empty answer would have nothing to score but its end-of-text.
         problems += [f"entry {i}: {key!r} is empty" for key in ("chosen", "rejected")
                      if isinstance(entry.get(key), str) and not entry[key].strip()]
     if problems:
         more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
         raise ValueError(f"{source} has bad entries: " + "; ".join(problems[:_MAX_LISTED]) + more)
+    # Identical answers give h = 0 whatever the model does: a constant loss with no gradient.
     kept = [entry for entry in data if entry["chosen"] != entry["rejected"]]
     if len(kept) < len(data):
         logger.warning("%s: dropped %d of %d pairs whose chosen and rejected answers are the same",
@@ -122,13 +125,16 @@ class PreferenceDataset(Dataset):
     def __init__(self, data: Sequence[Entry], tokenizer: Any = None, end_of_text_id: int | None = None,
                  prompt_format: PromptFormat = ALPACA) -> None:
         self.entries = validate_preference_entries(list(data))
+        # The end-of-text id also pads: padding is never scored, so the id it uses does not matter.
         self.pad_token_id = _end_of_text_id(tokenizer) if end_of_text_id is None else end_of_text_id
         end = [self.pad_token_id] if prompt_format.end_of_text else []
         encode, header = functools.partial(prompt_format.encode, tokenizer=tokenizer), prompt_format.header
         self.examples = []
         for entry in self.entries:
             # The header that opens every answer (Alpaca's "### Response:") is shared: it goes to the prompt.
+            # Tokenized apart from the answers, so prompt + answer has the exact boundary the mask needs.
             prompt = encode(prompt_format.prompt(entry)) + (encode(header) if header else [])
+            # The header went to the prompt, so each answer is tokenized without it.
             chosen, rejected = (encode(prompt_format.answer(entry, entry[key]).removeprefix(header)) + end
                                 for key in ("chosen", "rejected"))
             self.examples.append(PreferenceExample(prompt, chosen, rejected))
@@ -142,6 +148,7 @@ class PreferenceDataset(Dataset):
         example = self.examples[i]
         if self.reference_logps is None:
             return example
+        # Precomputed values ride along with the example, so the collate function can batch them.
         chosen, rejected = self.reference_logps[i].tolist()
         return example._replace(reference=(chosen, rejected), reference_cut=self.reference_cut)
 
@@ -150,6 +157,7 @@ class PreferenceDataset(Dataset):
         summed over each answer as cut to ``allowed_max_length``; batches then carry them."""
         if tuple(logps.shape) != (len(self), 2):
             raise ValueError(f"reference log-probabilities must have shape ({len(self)}, 2), got {tuple(logps.shape)}")
+        # On the CPU: DataLoader workers read them example by example.
         self.reference_logps = logps.detach().to("cpu", torch.float32)
         self.reference_cut = allowed_max_length
 
@@ -166,6 +174,7 @@ class PreferenceDataset(Dataset):
         """SHA-256 of every pair's token ids: equal for the same data tokenized alike."""
         digest = hashlib.sha256()
         for example in self.examples:
+            # example[:3] is (prompt, chosen, rejected): the precomputed reference values are left out.
             digest.update(json.dumps(example[:3], separators=(",", ":")).encode())
         return digest.hexdigest()
 
@@ -191,22 +200,31 @@ def collate_preferences(
     examples = list(batch)
     if not examples:
         raise ValueError("cannot collate an empty batch of pairs")
+    # One width for both sides, so DPO can stack chosen and rejected rows into one forward pass.
     width = max(len(ex.prompt) + max(len(ex.chosen), len(ex.rejected)) for ex in examples)
     out: dict[str, Any] = {}
     for side in ("chosen", "rejected"):
+        # Right padding: causal attention never lets a real token see the pads after it.
         ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(examples), width), dtype=torch.bool)
         for row, example in enumerate(examples):
             answer = getattr(example, side)
             end = len(example.prompt) + len(answer)
             ids[row, :end] = torch.tensor(example.prompt + answer)
+            # The answer's tokens only (its end-of-text included): the prompt is the same on both sides
+            # and says nothing about the preference; padding is not text at all.
             mask[row, len(example.prompt):end] = True
+        # The cut drops the ends of long answers; precomputed reference values must come from the
+        # same cut (_check_references).
         out[f"{side}_ids"], out[f"{side}_mask"] = ids[:, :allowed_max_length], mask[:, :allowed_max_length]
     out[NUM_SCORED] = len(examples)
+    # Both sides have the same width, hence 2 x one side's ids.
     out[NUM_TOKENS] = 2 * out["chosen_ids"].numel()
     references = [example.reference for example in examples]
+    # All or none: a batch mixing precomputed and missing values is refused (_check_references).
     if any(reference is not None for reference in references):
         _check_references(examples, allowed_max_length)
+        # (batch, 2) -> two (batch,) tensors.
         out["ref_chosen_logps"], out["ref_rejected_logps"] = torch.tensor(references, dtype=torch.float32).T
     return out
 
@@ -216,6 +234,7 @@ def _check_references(examples: Sequence[PreferenceExample], allowed_max_length:
     if any(example.reference is None for example in examples):
         raise ValueError("some pairs of this batch have precomputed reference log-probabilities and some do not; "
                          "precompute them for the whole dataset")
+    # A summed log-probability depends on how many answer tokens the cut left.
     cuts = {example.reference_cut for example in examples}
     if cuts != {allowed_max_length}:
         raise ValueError(f"the reference log-probabilities were precomputed with allowed_max_length={cuts.pop()}, "

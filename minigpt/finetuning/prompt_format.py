@@ -37,6 +37,8 @@ PROMPT_INTRO = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request."
 )
+# Opens every training answer, so the model learns to write it after a prompt;
+# extract_response strips it from generated text.
 RESPONSE_HEADER = "\n\n### Response:\n"
 PROMPT_FORMATS: tuple[str, ...] = ("alpaca", "chat", "plain")
 
@@ -65,6 +67,7 @@ class PromptFormat(Protocol):
 
 def format_input(entry: Entry) -> str:
     """The Alpaca prompt: the introduction, the instruction and, when not empty, the input."""
+    # The exact characters matter: the model was tuned on this text, and a changed space changes tokens.
     text = f"{PROMPT_INTRO}\n\n### Instruction:\n{entry['instruction']}"
     if entry.get("input"):
         text += f"\n\n### Input:\n{entry['input']}"
@@ -78,16 +81,19 @@ def format_response(entry: Entry) -> str:
 
 def extract_response(continuation: str, header: str = RESPONSE_HEADER) -> str:
     """The answer in what a model wrote after the prompt, without the response header."""
+    # The model writes the header first (it opened every training answer): strip it.
     return continuation.strip().removeprefix(header.strip()).strip()
 
 
 def user_message(entry: Entry) -> dict[str, str]:
     """An entry as the user's turn of a conversation: the instruction, a blank line, the input."""
+    # Instruction, a blank line, input: the chat version of Alpaca's two sections.
     content = entry["instruction"] + (f"\n\n{entry['input']}" if entry.get("input") else "")
     return {"role": "user", "content": content}
 
 
 def _system(messages: Messages) -> str:
+    # Several system (or "developer") messages are joined into one system prompt.
     return "\n\n".join(m["content"] for m in messages if m["role"] in ("system", "developer"))
 
 
@@ -118,6 +124,7 @@ class AlpacaFormat:
         parts = [system + "\n\n"] if system else []
         for m in _turns(messages):
             if m["role"] == "user":
+                # Every user turn becomes a whole Alpaca prompt, as each training example was one.
                 parts.append(format_input({"instruction": m["content"]}) + RESPONSE_HEADER)
             else:
                 parts.append(m["content"] + ENDOFTEXT)  # a finished exchange, as in training
@@ -156,6 +163,7 @@ class ChatTemplateFormat:
             return render_chat(self.template, [dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
                                time_limit=self.time_limit, max_chars=self.max_chars, **self.special_tokens)
         except jinja2.TemplateError as err:
+            # One error type for every caller, whatever went wrong inside the template.
             raise ValueError(err.message or type(err).__name__) from err
 
     def prompt(self, entry: Entry) -> str:
@@ -164,8 +172,12 @@ class ChatTemplateFormat:
     def answer(self, entry: Entry, response: str | None = None) -> str:
         """The whole conversation rendered, without its first part, :meth:`prompt`."""
         reply = {"role": "assistant", "content": entry["output"] if response is None else response}
+        # The answer is the whole conversation minus its prompt, so it carries exactly the markers the
+        # template writes around an assistant turn (and its end-of-turn).
         whole = self._render([user_message(entry), reply], add_generation_prompt=False)
         prompt = self.prompt(entry)
+        # Some templates render a turn differently once a reply follows it; the prompt is then no
+        # prefix of the conversation, and cutting it off would give a wrong answer text.
         if not whole.startswith(prompt):
             raise ValueError("this chat template does not write a conversation as its prompt (add_generation_prompt) "
                              f"followed by the answer: the prompt {prompt!r} does not begin {whole!r}; "
@@ -178,6 +190,7 @@ class ChatTemplateFormat:
     def encode(self, text: str, tokenizer: Any) -> list[int]:
         if tokenizer is None:
             raise ValueError("a chat template's texts need the model's own tokenizer: load_hf_tokenizer(directory)")
+        # Without allowed_special a tiktoken-style encoder would refuse (or split) the template's markers.
         return tokenizer.encode(text, allowed_special="all")  # the template writes its special tokens on purpose
 
 
@@ -194,11 +207,13 @@ class PlainFormat:
         return self.render([user_message(entry)])
 
     def answer(self, entry: Entry, response: str | None = None) -> str:
+        # The prompt ends with "Assistant:", so the answer starts with the space a transcript has there.
         return " " + (entry["output"] if response is None else response)
 
     def render(self, messages: Messages) -> str:
         system = _system(messages)
         lines = [system] if system else []
+        # Roles other than user and assistant went into the system line above.
         lines += [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in _turns(messages)]
         return "\n".join(lines + ["Assistant:"])
 
@@ -217,6 +232,7 @@ def prompt_format(name: str, template: str | None = None, special_tokens: Mappin
         return ALPACA
     if name == "plain":
         return PLAIN
+    # chat needs the model's own template; the other two formats are fixed texts.
     if name == "chat":
         if template is None:
             raise ValueError(f"{source} has no chat template (tokenizer_config.json's chat_template or "
@@ -231,7 +247,9 @@ def recorded_format(run_dir: str | os.PathLike) -> str | None:
     if not settings.is_file():
         return None
     try:
+        # A damaged settings.json (or one that is not an object) means no record, not an error.
         name = json.loads(settings.read_text(encoding="utf-8")).get("prompt_format")
     except (json.JSONDecodeError, AttributeError):
         return None
+    # An unknown name (a newer minigpt's format) reads as no record, not as an error.
     return name if name in PROMPT_FORMATS else None

@@ -46,6 +46,8 @@ class RolloutSettings:
     pad_id: int = 0              # fills the padded places; never read (the masks exclude it)
 
     def __post_init__(self) -> None:
+        # Other settings (temperature != 1, top_k, top_p) sample from another distribution than the one
+        # answer_logprobs scores: allowed, but the rollout is then slightly off-policy.
         check_sampling(self.temperature, self.top_k, self.top_p, self.max_new_tokens)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1 to sample an answer, got {self.max_new_tokens}")
@@ -74,11 +76,14 @@ class Rollout:
     def last_index(self) -> torch.Tensor:
         """``(b,)``: the column of each row's last real token (its answer's last token), where a
         reward model reads its score."""
+        # The largest column index where attention_mask is set: the answers are right-padded, so it is
+        # the answer's last token (or the prompt's last, for an empty answer).
         columns = torch.arange(self.ids.shape[1], device=self.ids.device)
         return (self.attention_mask.bool() * columns).amax(dim=1)
 
     def answers(self) -> list[list[int]]:
         """Each row's answer ids, padding removed."""
+        # answer_mask selects the answer's tokens, its end-of-text included.
         return [row[mask.bool()].tolist() for row, mask in zip(self.ids, self.answer_mask, strict=True)]
 
     def to(self, device: torch.device | str) -> Rollout:
@@ -94,6 +99,7 @@ def check_prompt_lengths(prompt_ids: Sequence[Sequence[int]], max_new_tokens: in
     for i, prompt in enumerate(prompt_ids):
         if len(prompt) == 0:
             raise ValueError(f"prompt {i} is empty: give at least one token per prompt")
+        # Generation alone could slide its window, but scoring needs prompt and answer in one context.
         if len(prompt) + max_new_tokens > context_length:
             raise ValueError(f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it needs "
                              f"{len(prompt) + max_new_tokens} positions but the model's context is {context_length}: "
@@ -109,22 +115,29 @@ def sample_rollouts(model: nn.Module, prompt_ids: Sequence[Sequence[int]], setti
     ``ValueError`` naming it (see :func:`check_prompt_lengths`). For ``G`` answers per prompt
     (GRPO), repeat each prompt ``G`` times.
     """
+    # Plain ints: prompts may come as tensors or numpy arrays.
     prompts = [list(map(int, p)) for p in prompt_ids]
     check_prompt_lengths(prompts, settings.max_new_tokens, model.cfg.context_length)
+    # Batched, KV-cached generation: generate_batch groups prompts by length and left-pads each
+    # batch, so every row's next token is read at the same (last) column.
     answers = generate_batch(model, prompts, settings.max_new_tokens, temperature=settings.temperature,
                              top_k=settings.top_k, top_p=settings.top_p, eos_id=settings.eos_id,
                              batch_size=settings.batch_size)
     eos = set(_eos_list(settings.eos_id))
+    # P and A: at least one answer column, so the layout holds even if every answer is empty.
     width, answer_width = max(len(p) for p in prompts), max(1, max(len(a) for a in answers))
     b, T = len(prompts), width + answer_width
     ids = torch.full((b, T), settings.pad_id, dtype=torch.long)
     attention_mask = torch.zeros(b, T, dtype=torch.long)
     answer_mask = torch.zeros(b, T, dtype=torch.long)
     for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        # Left-pad the prompt so that it ends at column P, where every answer then starts.
         ids[i, width - len(prompt):width] = torch.tensor(prompt)
+        # Right-pad the answer: its tokens keep the positions they had while being sampled.
         ids[i, width:width + len(answer)] = torch.tensor(answer, dtype=torch.long)
         attention_mask[i, width - len(prompt):width + len(answer)] = 1
         answer_mask[i, width:width + len(answer)] = 1
+    # An answer cut by max_new_tokens did not end (the PPO job can penalise its score).
     ended = torch.tensor([bool(a) and a[-1] in eos for a in answers])
     prompt_lengths = torch.tensor([len(p) for p in prompts])
     return Rollout(ids, attention_mask, answer_mask, prompt_lengths, ended, width).to(_device_of(model))
@@ -144,8 +157,13 @@ def token_logprobs_of(model: nn.Module, ids: torch.Tensor, scored: torch.Tensor,
                          f"and {tuple(scored.shape)}")
     # The whole sequence goes in (the last position's logits are unused): a training-time hook that
     # reads the sequence's length, such as NEFTune's, sees the sequence as it is.
+    # Logits at column t predict ids[t + 1]: drop the last column, which predicts past the end.
     logits = model(ids, attention_mask=attention_mask)[:, :-1]
+    # The targets are the ids shifted left by one; unscored ones (prompt, padding) become -100,
+    # which cross_entropy skips and returns 0 for.
     targets = ids[:, 1:].masked_fill(~scored[:, 1:].bool(), IGNORE_INDEX)  # (b, T - 1)
+    # cross_entropy is -log_softmax read at the target, in one call; float32 because a log-sum-exp
+    # over 50k+ vocabulary entries loses digits in 16 bits.
     return -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                             reduction="none").view(targets.shape)
 

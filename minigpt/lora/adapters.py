@@ -65,8 +65,12 @@ class LoRALayer(nn.Module):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         _check_settings(rank, alpha)
+        # alpha / r: a higher rank sums more rank-1 terms, and the smaller scaling keeps the update's
+        # size roughly the same, so alpha and the learning rate need not be retuned with r.
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         self.A = nn.Parameter(torch.empty(in_dim, rank, device=device, dtype=dtype))
+        # B = 0: x @ A @ B is 0 at first, so training starts at the base model exactly; A random so
+        # B's gradient (A^T x^T dy) is not zero too.
         self.B = nn.Parameter(torch.zeros(rank, out_dim, device=device, dtype=dtype))
         # Initialise the transposed view, shape (rank, in_dim) like nn.Linear(in_dim, rank).weight,
         # so the fan-in is in_dim (bound 1/sqrt(in_dim)). The book calls this on A itself,
@@ -108,6 +112,7 @@ class LinearWithLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear(x)
+        # Base path on x itself, update on dropout(x): LoRA dropout never touches the frozen path.
         return out + self.lora(self.dropout(x).to(self.lora.A.dtype)).to(out.dtype) if self.enabled else out
 
     # Read like an nn.Linear's, so code that asks a layer for its sizes works on either.
@@ -190,9 +195,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             delta = wrapper.lora.delta_weight().to(linear.weight.dtype)
             if id(linear.weight) in shared:
+                # A new tensor: add_ on a shared weight would change the token embedding as well.
                 linear.weight = nn.Parameter(linear.weight + delta, requires_grad=linear.weight.requires_grad)
                 untied.append(name)
             else:
+                # In place: W += scaling * (A @ B).T, and the wrapper disappears below.
                 linear.weight.add_(delta)
         _set_submodule(model, name, linear)
     if untied:
@@ -215,6 +222,7 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
                          "or use a separate, frozen copy of the model")
     before = [layer.enabled for layer in layers]
     for layer in layers:
+        # Flags, not removal: the adapters stay in memory and come back unchanged.
         layer.enabled = False
     try:
         yield model
@@ -312,6 +320,7 @@ def _base(module: nn.Module | None) -> nn.Module | None:
 
 def _wrap(model: nn.Module, names: Sequence[str], rank: int, alpha: float, dropout: float) -> LoRAReport:
     """Freeze ``model``, replace each named linear by a LinearWithLoRA, and report."""
+    # Freeze everything first; the LoRA layers created below are trainable (new parameters are).
     model.requires_grad_(False)
     for name in names:
         _set_submodule(model, name, LinearWithLoRA(model.get_submodule(name), rank, alpha, dropout))

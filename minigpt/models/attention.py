@@ -35,8 +35,15 @@ def padded_causal_mask(real: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """
     keys = real.shape[1]
     key_pos = torch.arange(keys, device=real.device)
+    # With a KV cache the new queries are the last num_tokens keys: query i sits at absolute
+    # position keys - num_tokens + i, so causality is "key position <= query position".
     query_pos = key_pos[keys - num_tokens:, None]  # (num_tokens, 1)
+    # Causal AND the key is a real token of that row: (num_tokens, keys) & (batch, 1, keys)
+    # broadcasts to (batch, num_tokens, keys).
     allowed = (key_pos <= query_pos) & real[:, None, :]
+    # Every query may see itself, even a padding query: a row with no allowed key would be
+    # softmax over nothing, 0/0 = NaN, and NaN spreads through the batch's gradients.
+    # [:, None] adds the head axis, (batch, 1, num_tokens, keys), broadcast over all heads.
     return (allowed | (key_pos == query_pos))[:, None]
 
 
@@ -48,16 +55,22 @@ class SelfAttentionV1(nn.Module):
 
     def __init__(self, d_in: int, d_out: int) -> None:
         super().__init__()
+        # torch.rand, as in the book: uniform [0, 1) weights, enough to show the computation;
+        # SelfAttentionV2's nn.Linear initialisation is the one to train with.
         self.W_query = nn.Parameter(torch.rand(d_in, d_out))
         self.W_key = nn.Parameter(torch.rand(d_in, d_out))
         self.W_value = nn.Parameter(torch.rand(d_in, d_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One projection per role, (..., tokens, d_in) @ (d_in, d_out) -> (..., tokens, d_out):
+        # the query asks, the key is what a token offers to be matched on, the value what it passes on.
         queries, keys, values = x @ self.W_query, x @ self.W_key, x @ self.W_value
+        # scores[i, j]: how well token i's query matches token j's key.
         scores = queries @ keys.transpose(-2, -1)  # (..., tokens, tokens)
         # Dividing by sqrt(d_out) keeps dot products from growing with the dimension,
         # which would push softmax into regions with vanishing gradients.
         weights = torch.softmax(scores / keys.shape[-1] ** 0.5, dim=-1)
+        # Each output row is a weighted average of the value rows (each row of weights sums to 1).
         return weights @ values
 
 
@@ -75,6 +88,7 @@ class SelfAttentionV2(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same maths as V1; nn.Linear computes x @ W.T (+ b), hence the transposed storage.
         queries, keys, values = self.W_query(x), self.W_key(x), self.W_value(x)
         scores = queries @ keys.transpose(-2, -1)
         weights = torch.softmax(scores / keys.shape[-1] ** 0.5, dim=-1)
@@ -98,6 +112,9 @@ class CausalAttention(nn.Module):
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.dropout = nn.Dropout(dropout)
+        # triu(..., 1) is True strictly above the diagonal: entry (i, j) with j > i is a key in the
+        # *future* of query i, exactly the pairs to hide. Built once at the full context length and
+        # sliced to each call's length in forward.
         # A buffer moves with the module to the GPU but is not trained.
         self.register_buffer(
             "mask", torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), 1),
@@ -108,8 +125,11 @@ class CausalAttention(nn.Module):
         num_tokens = x.shape[-2]
         queries, keys, values = self.W_query(x), self.W_key(x), self.W_value(x)
         scores = queries @ keys.transpose(-2, -1)
+        # -inf, not a large negative number: exp(-inf) is exactly 0, so future tokens get no weight.
         scores = scores.masked_fill(self.mask[:num_tokens, :num_tokens], float("-inf"))
         weights = torch.softmax(scores / keys.shape[-1] ** 0.5, dim=-1)
+        # Dropout on the weights drops random query-key links while training; the kept weights are
+        # scaled by 1 / (1 - p), so a row sums to 1 only on average.
         return self.dropout(weights) @ values
 
 
@@ -130,6 +150,7 @@ class MultiHeadAttentionWrapper(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (batch, tokens, d_out) per head, concatenated along the features: num_heads * d_out.
         return torch.cat([head(x) for head in self.heads], dim=-1)
 
 
@@ -164,6 +185,8 @@ class KVCache(nn.Module):
                 f"{self.context_length}; call reset_cache() and feed at most the last "
                 f"{self.context_length} tokens"
             )
+        # A first call, a new batch size or a new dtype (a model cast to bfloat16) starts an empty
+        # buffer of the right kind; the growth below allocates it.
         if self.k is None or self.k.shape[0] != b or self.k.dtype != keys.dtype:
             self.k, self.v = keys.new_empty(b, h, 0, d), values.new_empty(b, h, 0, d)
         if end > self.k.shape[2]:
@@ -174,11 +197,14 @@ class KVCache(nn.Module):
                 capacity *= 2
             capacity = min(self.context_length, capacity)
             grown_k, grown_v = keys.new_empty(b, h, capacity, d), values.new_empty(b, h, capacity, d)
+            # Copy only the filled prefix: the rest of the new buffer is written as tokens arrive.
             grown_k[:, :, :start], grown_v[:, :, :start] = self.k[:, :, :start], self.v[:, :, :start]
             self.k, self.v = grown_k, grown_v
+        # The new tokens go at their absolute positions start .. end - 1 (dim 2 is the sequence).
         self.k[:, :, start:end] = keys
         self.v[:, :, start:end] = values
         self.length = end
+        # Views of the filled part, (b, h, end, d): attention never reads the unused capacity.
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
@@ -245,21 +271,30 @@ class MultiHeadAttention(CachedAttention):
         self.dropout_p = dropout
         self.use_sdpa = use_sdpa
 
+        # One wide projection per role instead of one per head: the heads are the d_out features
+        # cut into num_heads slices of head_dim (see _split_heads), computed in one matmul.
         self.W_query = Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = Linear(d_in, d_out, bias=qkv_bias)
+        # out_proj mixes the heads' outputs; it writes into the residual stream, which is why
+        # GPT-2 initialises it with a smaller std (GPTModel._init_parameters).
         self.out_proj = Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
+        # True above the diagonal = future keys to hide. persistent=False keeps it out of the state
+        # dict: checkpoints do not store it (the book's files do; loading drops that copy).
         self.register_buffer(
             "mask", torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), 1),
             persistent=False,
         )
+        # Set by the explicit path only, for plotting what each head attends to.
         self.last_attn_weights: torch.Tensor | None = None
         self.kv_cache = KVCache(context_length)
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         # (b, tokens, d_out) -> (b, heads, tokens, head_dim)
         b, n, _ = t.shape
+        # view splits the last dimension into (heads, head_dim) without copying; transpose puts the
+        # heads next to the batch, so each head is an independent (tokens, head_dim) problem.
         return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(
@@ -269,17 +304,22 @@ class MultiHeadAttention(CachedAttention):
         see a key, causality included (padding makes it differ per row); ``None`` is plain
         causal attention."""
         b, num_tokens, _ = x.shape
+        # queries, keys, values: (b, heads, tokens, head_dim) each.
         queries = self._split_heads(self.W_query(x))
         keys = self._split_heads(self.W_key(x))
         values = self._split_heads(self.W_value(x))
 
+        # Tokens already cached: the new queries sit at absolute positions past .. past + tokens - 1.
         past = self.cache_len if use_cache else 0
         if use_cache:
+            # From here keys and values cover the whole sequence so far: (b, heads, past + tokens, head_dim).
             keys, values = self.kv_cache.append(keys, values)
         if attn_mask is None:
             # Query i sits at absolute position past + i and may see keys 0..past + i.
             hidden = self.mask[past:past + num_tokens, :past + num_tokens]
         else:
+            # A per-row mask (left padding) already includes causality; both paths below want the
+            # pairs to hide, so flip it once here.
             hidden = ~attn_mask
 
         if self.use_sdpa:
@@ -289,6 +329,8 @@ class MultiHeadAttention(CachedAttention):
             is_causal = False  # a plain bool: under torch.compile `past` may be symbolic, an `if` fixes it
             if attn_mask is None and past == 0 and num_tokens > 1:
                 is_causal = True
+            # SDPA picks a kernel (FlashAttention, memory-efficient, or the math fallback) and divides by
+            # sqrt(head_dim) itself; the fused kernels never materialise the (tokens, past + tokens) weights.
             context = nn.functional.scaled_dot_product_attention(
                 queries, keys, values,
                 attn_mask=~hidden if needs_mask else None,  # SDPA's bool mask marks *allowed* pairs
@@ -298,10 +340,13 @@ class MultiHeadAttention(CachedAttention):
         else:
             scores = queries @ keys.transpose(2, 3)  # (b, heads, tokens, past + tokens)
             scores = scores.masked_fill(hidden, float("-inf"))
+            # Masked scores are -inf and stay -inf after the scaling, so they weigh exactly 0.
             weights = torch.softmax(scores / self.head_dim ** 0.5, dim=-1)
             self.last_attn_weights = weights.detach()
             context = self.dropout(weights) @ values  # (b, heads, tokens, head_dim)
 
         # Undo the head split: (b, heads, tokens, head_dim) -> (b, tokens, d_out)
+        # (transpose leaves the tensor non-contiguous, so reshape copies where view would fail.)
         context = context.transpose(1, 2).reshape(b, num_tokens, self.d_out)
+        # Without out_proj each head would only ever feed its own head_dim slice of the output.
         return self.out_proj(context)

@@ -31,6 +31,8 @@ class CausalLM(Protocol):
     token embedding (NEFTune adds its noise there); every projection is an ``nn.Linear``.
     """
 
+    # The attributes the rest of minigpt reads. @runtime_checkable makes isinstance(model, CausalLM)
+    # check that these members exist (not their types or signatures).
     cfg: Any
     tok_emb: nn.Embedding
 
@@ -85,6 +87,7 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
     GPU means waiting for the device, so the model's forward does it only on the CPU.
     """
     if ids.numel():
+        # aminmax finds both extremes in one pass; only the two numbers travel to the host.
         low, high = (int(v) for v in torch.aminmax(ids))
         if low < 0 or high >= vocab_size:
             bad = low if low < 0 else high
@@ -102,6 +105,8 @@ def evaluating(module: nn.Module) -> Iterator[nn.Module]:
     mode, and must not switch a model that was already in eval mode to training; the
     previous mode comes back also when the body raises.
     """
+    # Only the root's flag is remembered: train(was_training) sets every submodule back to it,
+    # the usual whole-model state (a submodule kept in another mode on purpose is not restored).
     was_training = module.training
     module.eval()
     try:

@@ -30,13 +30,21 @@ class Decoder(nn.Module):
         """Positions ``(tokens,)`` or ``(batch, tokens)`` and the allowed query-key pairs
         ``(batch, 1, tokens, start + tokens)`` (``None``: no padding, plain causal attention)."""
         batch, num_tokens = in_idx.shape
+        # The real-token mask of what the cache holds; it only matters when continuing (start > 0).
         past = self._past_mask if use_cache and start else None
+        # No padding anywhere: positions continue from the cache offset (start = cache_pos), the same
+        # for every row, and attention stays plain causal (each attention module builds that mask).
         if attention_mask is None and past is None:
             return torch.arange(start, start + num_tokens, device=in_idx.device), None
+        # real: (batch, start + tokens) bool, which of all the keys so far are real tokens.
         real = self._full_mask(attention_mask, past, batch, start, num_tokens, in_idx.device)
         if use_cache:
+            # Kept, so that the next cached step may pass the mask of its new tokens only.
             self._past_mask = real
         # A row's first real token gets position 0 however many pads precede it.
+        # cumsum counts a row's real tokens up to each column, so a real token's position is its
+        # index among the real ones: [pad pad A B] -> [0 0 0 1]. A pad's position is clamped to 0
+        # (never read by a real query); [:, start:] keeps the new tokens' columns, (batch, tokens).
         positions = (real.cumsum(-1) - 1).clamp(min=0)[:, start:]
         return positions, padded_causal_mask(real, num_tokens)
 
@@ -47,6 +55,7 @@ class Decoder(nn.Module):
         """The ``(batch, start + tokens)`` bool mask of real tokens, the past part taken
         from ``attention_mask`` when it covers it, else from the cache (or all real)."""
         if attention_mask is None:
+            # Only reached with a cached padding mask: the new tokens of this step are all real.
             attention_mask = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (
                 num_tokens, start + num_tokens):
@@ -54,16 +63,21 @@ class Decoder(nn.Module):
                 f"attention_mask must have shape (batch, cached + new tokens) = ({batch}, {start + num_tokens})"
                 f"{f' or ({batch}, {num_tokens})' if start else ''}, got {tuple(attention_mask.shape)}"
             )
+        # 0/1 integers (transformers' convention) or bools alike.
         mask = attention_mask.to(device=device, dtype=torch.bool)
+        # The caller gave the whole (past + new) mask: it wins over the cached one.
         if mask.shape[1] == start + num_tokens:
             return mask
         if past is None:
+            # No padding was seen while the cache filled: those tokens were all real.
             past = torch.ones(batch, start, dtype=torch.bool, device=device)
         return torch.cat([past, mask], dim=1)
 
     def _check_ids(self, in_idx: torch.Tensor, start: int) -> None:
         if not isinstance(in_idx, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects a tensor of token ids, got {type(in_idx).__name__}")
+        # Catch float and bool "ids" here, where the message can say what to do; the embedding
+        # lookup would fail later with a less helpful one.
         if in_idx.dtype.is_floating_point or in_idx.dtype.is_complex or in_idx.dtype == torch.bool:
             raise TypeError(
                 f"{type(self).__name__} expects integer token ids (torch.long), got dtype {in_idx.dtype}; "
@@ -74,6 +88,7 @@ class Decoder(nn.Module):
                 f"{type(self).__name__} expects ids of shape (batch, tokens), got shape {tuple(in_idx.shape)}; "
                 "add a batch dimension with ids.unsqueeze(0)"
             )
+        # Positions past context_length have no learned embedding (GPT-2) and no RoPE table row (Llama).
         limit = self.cfg.context_length
         if start + in_idx.shape[1] > limit:
             raise ValueError(
@@ -88,6 +103,7 @@ class Decoder(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Parameter count; a tied output head is counted once."""
+        # parameters() yields a shared tensor once, so a tied head is not counted twice.
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     @property

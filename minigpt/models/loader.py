@@ -67,6 +67,8 @@ def resolve(spec: str | os.PathLike, *, weights_dir: str | os.PathLike | None = 
     local directory of that name, and ``random:gpt2-small`` for random weights of its shape.
     """
     text = str(spec)
+    # Tried in this order: random:preset, published name, existing directory, bare preset. A
+    # published name wins over a local directory of the same name (write ./name for that one).
     if text.startswith(RANDOM):
         preset = text.removeprefix(RANDOM)
         family = family_of_preset(preset)
@@ -89,6 +91,7 @@ def _unknown_spec_message(text: str) -> str:
     names = known_names() + known_presets()
     close = difflib.get_close_matches(text, names, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
+    # Something that looks like a path gets a path's error, not a list of model names.
     if os.sep in text or text.startswith("."):
         return f"{text!r}: no such directory (a model directory holds {CONFIG_FILE}); {hint}".rstrip("; ")
     published = known_names()
@@ -110,6 +113,8 @@ def load(spec: str | os.PathLike, *, quantize: str | None = None, adapter: str |
     if quantize is not None:
         check_scheme(quantize)  # before any download
     model = _weights(spec, cfg, weights_dir, progress)
+    # The order matters: quantize after dtype (it quantizes the weights as converted), the adapter
+    # after quantize (LoRA then wraps the quantized layers: QLoRA), and the move to device last.
     if dtype is not None:
         model.to(dtype)  # floating-point tensors only: a saved quantized model keeps its packed codes
     if quantize is not None:
@@ -122,12 +127,17 @@ def load(spec: str | os.PathLike, *, quantize: str | None = None, adapter: str |
 def _weights(spec: str | os.PathLike, cfg: Any, weights_dir: str | os.PathLike | None, progress: bool) -> CausalLM:
     path = Path(spec)
     if path.suffix in STATE_DICT_SUFFIXES and path.is_file():
+        # A bare state dict has no config.json to name its family; only a family with load_file
+        # reads one, and today that is GPT-2 alone (the book's .pth format).
         readers = [family for family in FAMILIES if family.load_file is not None]
         return readers[0].load_file(path, cfg)
+    # A name or a directory brings its own config.json; a cfg= given as well would be ignored
+    # silently, so it is refused.
     if cfg is not None:
         raise ValueError(f"cfg= is only for {'/'.join(STATE_DICT_SUFFIXES)} state dicts; {spec} brings its own "
                          f"{CONFIG_FILE}")
     source = resolve(spec, weights_dir=weights_dir, progress=progress)
+    # A preset: random weights, built and initialised in memory.
     if source.directory is None:
         return source.family.build(source.preset)
     return source.family.load_directory(source.directory)
@@ -167,6 +177,7 @@ def save_pretrained(model: CausalLM, directory: str | os.PathLike) -> Path:
 def _from_pretrained(cls: type, spec: str | os.PathLike, **options: Any) -> CausalLM:
     """``GPTModel.from_pretrained(spec, **options)``: :func:`load`, checked to be of that class."""
     model = load(spec, **options)
+    # Otherwise GPTModel.from_pretrained on a Llama checkpoint would quietly return a LlamaModel.
     if not isinstance(model, cls):
         raise TypeError(f"{spec} holds a {type(model).__name__}, not a {cls.__name__}: use minigpt.models.load")
     return model

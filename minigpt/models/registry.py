@@ -42,6 +42,7 @@ def family_of_preset(preset: str) -> Family | None:
 
 def family_of_config(config: Mapping[str, Any], source: str) -> Family:
     """The family a ``config.json`` dict describes; ``source`` names the file in the error."""
+    # First match wins, so the stricter tests come first in FAMILIES.
     for family in FAMILIES:
         if family.recognises(config):
             return family
@@ -53,6 +54,7 @@ def family_of(model: nn.Module) -> Family:
     """The family of a model (a compiled or LoRA-wrapped model included: its class is unchanged)."""
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper keeps the model here
     for family in FAMILIES:
+        # By class, not by config: a LoRA-wrapped or quantized model keeps its class, only its layers change.
         if isinstance(model, family.model_class):
             return family
     raise TypeError(f"{type(model).__name__} is not a model of a known family "

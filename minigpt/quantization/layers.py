@@ -53,6 +53,7 @@ class DequantizedMatmul(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, layer: _QuantizedLinear) -> torch.Tensor:
         ctx.layer = layer  # a reference, not a tensor: nothing of size (out, in) is kept
         ctx.x_dtype = x.dtype
+        # The float weight lives only for this product; it is freed when forward returns.
         return linear_product(x, layer.dequantized_weight())
 
     @staticmethod
@@ -60,6 +61,7 @@ class DequantizedMatmul(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None
         # Under autocast grad_out may come in another dtype than the weight; the gradient takes x's.
+        # Dequantize again instead of saving W: compute traded for one float weight per layer of memory.
         weight = ctx.layer.dequantized_weight()
         return linear_product(grad_out, weight.to(grad_out.dtype).t()).to(ctx.x_dtype), None  # grad_out @ W
 
@@ -80,6 +82,7 @@ class _QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in_features) -> (..., out_features)``, computed in ``compute_dtype``, returned in x's dtype."""
+        # x is cast to the compute dtype, since the dequantized weight is in it.
         out = DequantizedMatmul.apply(x.to(self.compute_dtype), self)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
@@ -114,6 +117,7 @@ class Linear4bit(_QuantizedLinear):
         self.block_size = check_block_size(block_size)
         self.scale_block_size = check_block_size(scale_block_size, "scale block size")
         self.double_quant = double_quant
+        # The same block count quantize_nf4 computes, so load_state_dict finds buffers of matching shapes.
         n_blocks = math.ceil(in_features * out_features / block_size)
         self.register_buffer("packed", torch.zeros(n_blocks * block_size // 2, dtype=torch.uint8, device=device))
         if double_quant:
@@ -243,6 +247,7 @@ def quantize_model(model: nn.Module, scheme: str, *, skip: Sequence[str] = DEFAU
     if is_quantized(model):
         raise ValueError(f"model is already quantized ({quantization_of(model)['scheme']}); "
                          "quantize a full-precision model instead")
+    # Names first, then replacement: swapping modules while named_modules() walks them is unsafe.
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(name, skip)]
     if not names:
         raise ValueError(f"model has no nn.Linear layer outside skip={list(skip)} to quantize")
@@ -267,6 +272,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         weight = layer.dequantized_weight().to(dtype or layer.compute_dtype)
         linear = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                         device="meta", dtype=weight.dtype)
+        # The layer was built on meta (no memory), so assigning the weight allocates nothing twice.
         linear.weight = nn.Parameter(weight)
         if layer.bias is not None:
             linear.bias = nn.Parameter(layer.bias.to(weight.dtype))

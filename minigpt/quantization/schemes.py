@@ -162,17 +162,24 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = Fal
     check_block_size(scale_block_size, "scale block size")
     if not w.is_floating_point():
         raise TypeError(f"only floating-point tensors can be quantized, got {w.dtype}")
+    # Blocks run over the flattened weight, row after row: a block may straddle two rows.
     flat = w.detach().reshape(-1).float()
     n_blocks = math.ceil(flat.numel() / block_size)
     if n_blocks * block_size != flat.numel():
         # Zeros are exact in NF4 and never raise a block's absmax: the padding changes nothing.
         flat = torch.nn.functional.pad(flat, (0, n_blocks * block_size - flat.numel()))
     blocks = flat.view(n_blocks, block_size)
+    # Block absmax: each block is scaled by its own largest magnitude, so one outlier only coarsens
+    # the other values of its block, not the whole matrix.
     absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
+    # blocks / absmax lies in [-1, 1], the range of the code; each value becomes a 4-bit index 0..15.
     indices = nearest_code(blocks / _absmax_divisor(absmax)[:, None]).view(-1)
+    # Two codes per byte: the even-indexed value in the high nibble, the odd one in the low nibble;
+    # block_size is even, so a byte never spans two blocks.
     packed = indices[0::2] << 4 | indices[1::2]
     q = NF4Weight(packed, absmax, None, None, None, tuple(w.shape), block_size, scale_block_size)
     if double_quant:
+        # Double quantization: the float32 scales (0.5 bits per weight at block 64) become int8 codes.
         q.scale_codes, q.scale_factors, q.scale_mean = _quantize_scales(absmax, scale_block_size)
         q.scales = None
     return q
@@ -184,10 +191,13 @@ def _quantize_scales(scales: torch.Tensor, block_size: int) -> tuple[torch.Tenso
     As torchao's NF4Tensor: ``factor = 256 / (2 * absmax)`` of each block of centred scales,
     ``code = clamp(round(centred * factor), -128, 127)``.
     """
+    # Absmax scales are all positive: centring them first spends the int8 range on their spread
+    # instead of their offset.
     mean = scales.mean()
     centred = scales - mean
     n_blocks = math.ceil(centred.numel() / block_size)
     padded = torch.nn.functional.pad(centred, (0, n_blocks * block_size - centred.numel()))
+    # 256 / (2 * absmax) maps [-absmax, absmax] onto [-128, 128]; the clamp keeps +128 at 127.
     factors = 256 / (2 * _absmax_divisor(padded.view(n_blocks, block_size).abs().amax(dim=1)))
     codes = (padded.view(n_blocks, block_size) * factors[:, None]).round().clamp(-128, 127)
     return codes.view(-1)[:scales.numel()].to(torch.int8), factors, mean
@@ -198,6 +208,7 @@ def dequantize_scales(q: NF4Weight) -> torch.Tensor:
     if q.scales is not None:
         return q.scales
     factors = q.scale_factors.repeat_interleave(q.scale_block_size)[:q.scale_codes.numel()]
+    # Undo both steps: divide by the block's factor, add the mean back.
     return q.scale_codes / factors + q.scale_mean
 
 
@@ -209,7 +220,9 @@ _NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], 
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Back to floats: ``code[index] * scale`` for every element, in ``dtype``, shape ``q.shape``."""
     pairs = _NF4_PAIRS.to(q.packed.device)
+    # pairs[packed] is (n_bytes, 2), high nibble's value first, so view(-1) restores the order.
     values = pairs[q.packed.int()].view(-1, q.block_size) * dequantize_scales(q)[:, None]  # (n_blocks, block_size)
+    # Drop the zero padding of the last block, then restore the original shape.
     return values.view(-1)[:math.prod(q.shape)].view(q.shape).to(dtype)
 
 
@@ -218,7 +231,10 @@ def quantize_int8(w: torch.Tensor) -> Int8Weight:
     if w.dim() != 2:
         raise ValueError(f"int8 quantization keeps one scale per row of a 2-D weight, got shape {tuple(w.shape)}")
     w = w.detach().float()
+    # int8 per-row absmax: each output row's largest |w| maps to 127; symmetric, so 0 stays 0
+    # and -128 is never used.
     scales = w.abs().amax(dim=1) / 127  # (out,)
+    # round to nearest; the clamp only guards float rounding at the row's maximum.
     data = (w / _absmax_divisor(scales)[:, None]).round().clamp(-127, 127).to(torch.int8)
     return Int8Weight(data, scales)
 
@@ -242,6 +258,7 @@ def bits_per_weight(scheme: str, block_size: int = 64, scale_block_size: int = 2
         return 8 + (32 / row_length if row_length else 0.0)
     if scheme == "nf4":
         return 4 + 32 / block_size
+    # nf4-dq: 4 bits + an int8 code per block + a float32 factor per scale_block_size blocks.
     return 4 + 8 / block_size + 32 / (block_size * scale_block_size)
 
 
@@ -261,4 +278,5 @@ def quantized_bytes(shape: int | Sequence[int], scheme: str, block_size: int = 6
     packed = n_blocks * block_size // 2
     if scheme == "nf4":
         return packed + 4 * n_blocks
+    # packed codes + one int8 per block + float32 factors + the float32 mean.
     return packed + n_blocks + 4 * math.ceil(n_blocks / scale_block_size) + 4

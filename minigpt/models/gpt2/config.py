@@ -12,9 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+# qkv_bias=False is the book's choice for training from scratch; OpenAI's checkpoints have
+# query/key/value biases, and reading them sets qkv_bias=True (hf_layout.config_from_hf).
 _GPT2_BASE = dict(vocab_size=50257, context_length=1024, drop_rate=0.1, qkv_bias=False)
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # Every OpenAI size keeps head_dim = emb_dim / n_heads = 64; only width and depth grow.
     "gpt2-small": dict(_GPT2_BASE, emb_dim=768, n_layers=12, n_heads=12),    # 124M
     "gpt2-medium": dict(_GPT2_BASE, emb_dim=1024, n_layers=24, n_heads=16),  # 355M
     "gpt2-large": dict(_GPT2_BASE, emb_dim=1280, n_layers=36, n_heads=20),   # 774M
@@ -45,6 +48,7 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             value = getattr(self, name)
+            # bool is a subclass of int, so True would pass as 1 without the explicit check.
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.emb_dim % self.n_heads != 0:

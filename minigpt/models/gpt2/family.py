@@ -43,5 +43,6 @@ GPT2 = Family(
     read_config=load_config,
     tokenizer=_tokenizer,
     chat_template=_no_chat_template,
+    # The book's .pth holds tensors only: the caller supplies the config (load(..., cfg=...)).
     load_file=load_pth,
 )

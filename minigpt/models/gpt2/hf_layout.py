@@ -61,6 +61,7 @@ _HF_MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(masked_)?bias")
 def strip_hf_names(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A Hugging Face file's tensors with the optional ``transformer.`` prefix removed and
     the stored causal-mask buffers (``h.{i}.attn.bias``, ``h.{i}.attn.masked_bias``) dropped."""
+    # Files saved from GPT2LMHeadModel prefix the trunk with "transformer.", GPT2Model's do not.
     hf = {name.removeprefix("transformer."): t for name, t in tensors.items()}
     return {name: t for name, t in hf.items() if not _HF_MASK_BUFFER.fullmatch(name)}
 
@@ -85,6 +86,8 @@ def hf_to_minigpt(hf: Mapping[str, torch.Tensor], cfg: GPTConfig) -> dict[str, t
         tensor = hf[theirs]
         if how[0] in "qkv":  # c_attn is [query | key | value] along its last dimension
             tensor = tensor.chunk(3, dim=-1)["qkv".index(how[0])]
+        # Conv1D's (in, out) becomes nn.Linear's (out, in). .T and chunk make views, so the parameter
+        # still points into the memory-mapped file.
         state[ours] = tensor.T if how.endswith("T") else tensor
     return state
 
@@ -96,12 +99,15 @@ def minigpt_to_hf(state: Mapping[str, torch.Tensor], cfg: GPTConfig) -> dict[str
     for ours, theirs, how in _rows(cfg):
         if ours not in state:  # query/key/value biases of a qkv_bias=False model
             continue
+        # Back to Conv1D's (in, out) layout.
         tensor = state[ours].T if how.endswith("T") else state[ours]
         if how[0] in "qkv":
             fused.setdefault(theirs, []).append(tensor)  # rows come in q, k, v order
         else:
             hf[theirs] = tensor
     for theirs, parts in fused.items():
+        # Fuse q, k, v along the output axis, the last one in the (in, out) layout: a (emb, 3*emb)
+        # weight, or a (3*emb,) bias.
         hf[theirs] = torch.cat(parts, dim=-1)
     for i in range(cfg.n_layers):  # Hugging Face's c_attn always has a bias: ours is zero
         hf.setdefault(f"h.{i}.attn.c_attn.bias", state["tok_emb.weight"].new_zeros(3 * cfg.emb_dim))
@@ -118,6 +124,7 @@ def hf_shapes(shapes: Mapping[str, tuple[int, ...]], cfg: GPTConfig) -> dict[str
     for ours, theirs, how in _rows(cfg):
         if ours not in shapes:
             continue
+        # A transposed tensor's shape is the reversed shape.
         shape = tuple(reversed(shapes[ours])) if how.endswith("T") else tuple(shapes[ours])
         if how[0] in "qkv" and theirs in hf:  # fused along the last dimension
             shape = (*shape[:-1], shape[-1] + hf[theirs][-1])
@@ -137,6 +144,7 @@ def config_from_hf(config: Mapping[str, Any], source: str = "config") -> GPTConf
 
     minigpt has one dropout rate; it takes ``resid_pdrop`` (OpenAI's three rates are all 0.1).
     """
+    # Fields a config.json leaves out take transformers' defaults, so it reads as transformers reads it.
     c = {**_HF_DEFAULTS, **config}
     unsupported = [
         f"{field}={c.get(field)!r}" for field, ok in (
@@ -158,6 +166,8 @@ def config_from_hf(config: Mapping[str, Any], source: str = "config") -> GPTConf
         warnings.warn(f"{source}: minigpt uses one dropout rate everywhere; taking "
                       f"resid_pdrop={c['resid_pdrop']} (embd_pdrop={c['embd_pdrop']}, "
                       f"attn_pdrop={c['attn_pdrop']})", stacklevel=2)
+    # HF's GPT-2 always has query/key/value biases (c_attn.bias), hence qkv_bias=True;
+    # n_positions is the context length (n_ctx in the oldest files).
     return GPTConfig(
         vocab_size=c["vocab_size"], context_length=c.get("n_positions", c.get("n_ctx", 1024)),
         emb_dim=c["n_embd"], n_heads=c["n_head"], n_layers=c["n_layer"],
@@ -181,5 +191,6 @@ def export_hf(model: GPTModel, directory: str | os.PathLike) -> Path:
     """Write a Hugging Face directory that ``GPT2LMHeadModel.from_pretrained`` loads
     with the same logits (Conv1D weights transposed, query/key/value fused into c_attn)."""
     hf = minigpt_to_hf(model.state_dict(), model.cfg)
+    # GPT2LMHeadModel keeps the trunk under "transformer." and the head at the top level.
     tensors = {name if name == "lm_head.weight" else f"transformer.{name}": t for name, t in hf.items()}
     return write_checkpoint(directory, tensors, config_to_hf(model.cfg))

@@ -26,6 +26,8 @@ class LayerNorm(nn.Module):
     def __init__(self, emb_dim: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
+        # scale 1 and shift 0: a fresh LayerNorm is the plain normalisation. Hugging Face calls
+        # them ln_*.weight and ln_*.bias.
         self.scale = nn.Parameter(torch.ones(emb_dim))
         self.shift = nn.Parameter(torch.zeros(emb_dim))
 
@@ -55,6 +57,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
+        # The indices are part of the checkpoint names: layers.0 is HF's c_fc, layers.2 its c_proj,
+        # the residual write whose initialisation GPT-2 scales down.
         self.layers = nn.Sequential(
             Linear(cfg.emb_dim, 4 * cfg.emb_dim),
             GELU(),
@@ -74,6 +78,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
+        # d_in == d_out == emb_dim: the branch's output is added back onto its input.
         self.att = MultiHeadAttention(
             d_in=cfg.emb_dim,
             d_out=cfg.emb_dim,
@@ -91,5 +96,8 @@ class TransformerBlock(nn.Module):
         self, x: torch.Tensor, use_cache: bool = False, attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``attn_mask``: see :meth:`MultiHeadAttention.forward` (``None``: plain causal)."""
+        # Pre-norm (GPT-2's order; the original Transformer normalised after the sum): the norm sits
+        # inside the branch, so the shortcut carries x, and its gradient, through unchanged.
         x = x + self.drop_shortcut(self.att(self.norm1(x), use_cache=use_cache, attn_mask=attn_mask))
+        # Attention moved information between tokens; the feed-forward now works on each token alone.
         return x + self.drop_shortcut(self.ff(self.norm2(x)))

@@ -106,6 +106,7 @@ def _build_from_hf(cfg: GPTConfig, tensors: Mapping[str, torch.Tensor], source: 
     # The shapes our model needs, in Hugging Face's names: errors then name the file's tensors.
     expected = hf_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, cfg)
     check_tensors(expected, hf, source, cfg)
+    # The translated tensors are views of the file's: no weight is copied.
     return _assign(model, hf_to_minigpt(hf, cfg))
 
 
@@ -122,6 +123,7 @@ def build_model(cfg: GPTConfig, state: Mapping[str, torch.Tensor], source: str) 
     """
     model = _meta_model(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # A tied head is the embedding: the file stores that matrix once, as tok_emb.weight.
     if cfg.tie_weights:
         expected.pop("out_head.weight")
     check_tensors(expected, state, source, cfg)
@@ -134,6 +136,8 @@ def _build_quantized(cfg: GPTConfig, entry: Mapping[str, Any], state: Mapping[st
     (see :mod:`minigpt.quantization.checkpoint`)."""
     model = _meta_model(cfg)
     with on_meta():
+        # Swap the meta linears for empty quantized layers of the saved scheme, so the file's packed
+        # codes and scales have a place to go.
         quantize_skeleton(model, entry, source)
     expected = dict(model.state_dict())
     if cfg.tie_weights:
@@ -146,6 +150,9 @@ def _build_quantized(cfg: GPTConfig, entry: Mapping[str, Any], state: Mapping[st
 
 def _assign(model: GPTModel, state: Mapping[str, torch.Tensor]) -> GPTModel:
     tied = model.cfg.tie_weights
+    # assign=True makes the meta parameters *be* the given tensors instead of copying into them
+    # (a meta tensor has no memory to copy into). A tied head is absent from the file, hence
+    # strict=False for it.
     model.load_state_dict(dict(state), strict=not tied, assign=True)
     if tied:
         model.out_head.weight = model.tok_emb.weight  # assign replaced the shared Parameter

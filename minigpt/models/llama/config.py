@@ -16,6 +16,7 @@ _SMOLLM2 = dict(model_type="llama", vocab_size=49152, max_position_embeddings=81
                 rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 # The published config.json of each named model (the fields that shape it).
 PRESETS: dict[str, dict[str, Any]] = {
+    # SmolLM2-135M: 9 query heads share 3 kv heads, head_dim 576 / 9 = 64.
     "smollm2-135m": dict(_SMOLLM2, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3),
     "smollm2-360m": dict(_SMOLLM2, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
@@ -24,6 +25,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                        rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_size=1024, intermediate_size=3072,
                        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                        bos_token_id=151643, eos_token_id=151645),
+    # Llama 3.2 trained at 8,192 tokens; the llama3 rope_scaling stretches it to 131,072.
     "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
                          rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                            original_max_position_embeddings=8192),
@@ -69,6 +71,7 @@ class LlamaConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        # Qwen3 sets head_dim apart from emb_dim / n_heads (128 vs 64 for 0.6B); the others derive it.
         if self.head_dim is None:
             if self.emb_dim % self.n_heads:
                 raise ValueError(f"LlamaConfig: emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}; "

@@ -31,6 +31,7 @@ def _checkpoint_config(model: LlamaModel) -> dict[str, Any]:
     return model.cfg.to_hf()
 
 
+# No load_file: Llama-family weights come as directories only (config.json + safetensors).
 LLAMA = Family(
     name="llama",
     model_class=LlamaModel,
@@ -45,5 +46,7 @@ LLAMA = Family(
     read_config=read_config,
     tokenizer=_tokenizer,
     chat_template=_chat_template,
+    # Llama-family tokenizers and chat templates live in the checkpoint directory, so a
+    # fine-tuned copy must carry these files beside its weights.
     tokenizer_files=(TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, "special_tokens_map.json", CHAT_TEMPLATE_FILE),
 )

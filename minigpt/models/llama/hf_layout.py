@@ -33,6 +33,7 @@ from minigpt.models.llama.config import MODEL_TYPES, LlamaConfig
 from minigpt.models.llama.model import LlamaModel
 from minigpt.models.llama.rope import RoPE
 
+# No transposes here: HF's Llama uses nn.Linear, which stores (out, in) like ours.
 # minigpt parameter                 Hugging Face tensor ({i}: block index)
 HF_TO_MINIGPT: tuple[tuple[str, str], ...] = (
     ("tok_emb.weight",                  "model.embed_tokens.weight"),
@@ -48,6 +49,7 @@ HF_TO_MINIGPT: tuple[tuple[str, str], ...] = (
     ("trf_blocks.{i}.att.q_norm.weight",  "model.layers.{i}.self_attn.q_norm.weight"),  # Qwen3 only
     ("trf_blocks.{i}.att.k_norm.weight",  "model.layers.{i}.self_attn.k_norm.weight"),
     ("trf_blocks.{i}.norm2.weight",     "model.layers.{i}.post_attention_layernorm.weight"),
+    # SwiGLU: fc1 is the gate (through SiLU), fc2 the up projection, fc3 the down projection.
     ("trf_blocks.{i}.ff.fc1.weight",    "model.layers.{i}.mlp.gate_proj.weight"),
     ("trf_blocks.{i}.ff.fc2.weight",    "model.layers.{i}.mlp.up_proj.weight"),
     ("trf_blocks.{i}.ff.fc3.weight",    "model.layers.{i}.mlp.down_proj.weight"),
@@ -63,6 +65,7 @@ def name_map(cfg: LlamaConfig, ours: set[str] | None = None) -> dict[str, str]:
     for mine, theirs in HF_TO_MINIGPT:
         for i in range(cfg.n_layers) if "{i}" in mine else [0]:
             rows[mine.format(i=i)] = theirs.format(i=i)
+    # Optional rows (biases, Qwen3's q/k norms) are kept only where the model has them.
     return {k: v for k, v in rows.items() if ours is None or k in ours}
 
 
@@ -90,7 +93,9 @@ def load_directory(directory: Path) -> LlamaModel:
         names.pop("out_head.weight")
     shapes = model.state_dict()
     check_tensors({theirs: tuple(shapes[ours].shape) for ours, theirs in names.items()}, tensors, source, cfg)
+    # Renaming only: every value is still the memory-mapped tensor of the file.
     state = {ours: tensors[theirs] for ours, theirs in names.items()}
+    # assign=True: the parameters become the file's tensors, in the file's dtype, not copies.
     model.load_state_dict(state, strict=not cfg.tie_weights, assign=True)
     if cfg.tie_weights:
         model.out_head.weight = model.tok_emb.weight  # assign replaced the shared Parameter
@@ -106,6 +111,7 @@ def llama_to_hf(model: LlamaModel) -> dict[str, torch.Tensor]:
     names = name_map(model.cfg)
     if model.cfg.tie_weights:
         names.pop("out_head.weight")
+    # Anything outside the name table (LoRA's A and B, quantized buffers) has no place in HF's format.
     unknown = sorted(set(state) - set(name_map(model.cfg)))
     if unknown:
         raise ValueError(f"cannot export {unknown[:3]}{' ...' if len(unknown) > 3 else ''}: the Hugging Face format "
@@ -117,6 +123,7 @@ def llama_to_hf(model: LlamaModel) -> dict[str, torch.Tensor]:
 def export_llama(model: LlamaModel, directory: str | os.PathLike) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``transformers`` (``AutoModelForCausalLM``)
     loads with the same logits, each file atomically."""
+    # torch_dtype tells transformers which dtype the weights were saved in.
     config = {**model.cfg.to_hf(), "torch_dtype": str(model.tok_emb.weight.dtype).removeprefix("torch.")}
     return write_checkpoint(directory, llama_to_hf(model), config)
 

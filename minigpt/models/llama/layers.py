@@ -36,8 +36,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        # Upcast: in bfloat16 (8 significant bits) the mean of squares over hundreds of features
+        # loses enough digits to shift every vector's scale.
         x = x.float()
+        # Divide by the root mean square: no mean subtraction and no shift, unlike LayerNorm; eps
+        # keeps an all-zero vector finite.
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Cast back *before* the weight multiply, as the reference does, so the rounding matches.
         return self.weight * x.to(dtype)
 
     def extra_repr(self) -> str:
@@ -59,12 +64,16 @@ class SwiGLU(nn.Module):
         self.fc3 = Linear(hidden_dim, emb_dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The gate: silu(fc1(x)) decides, per hidden unit, how much of fc2(x) passes;
+        # (b, T, hidden) * (b, T, hidden), then fc3 projects back to (b, T, emb_dim).
         return self.fc3(nn.functional.silu(self.fc1(x)) * self.fc2(x))
 
 
 def repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
     """``(batch, n_kv_heads, tokens, head_dim) -> (batch, n_kv_heads * groups, tokens, head_dim)``:
     each key/value head repeated for the ``groups`` query heads that share it."""
+    # repeat_interleave, not repeat: kv head j must serve query heads j*groups .. (j+1)*groups - 1,
+    # the grouping the checkpoints were trained with (and SDPA's enable_gqa assumes).
     return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
 
@@ -97,13 +106,20 @@ class GroupedQueryAttention(CachedAttention):
         self.context_length = rope.context_length
         self.use_sdpa = use_sdpa
         self.W_query = Linear(d_in, n_heads * head_dim, bias=qkv_bias)
+        # Keys and values get n_kv_heads heads only: their projections and the KV cache are
+        # n_heads / n_kv_heads times smaller than the queries'.
         self.W_key = Linear(d_in, n_kv_heads * head_dim, bias=qkv_bias)
         self.W_value = Linear(d_in, n_kv_heads * head_dim, bias=qkv_bias)
+        # n_heads * head_dim need not equal d_in (Qwen3-0.6B: 16 * 128 = 2048 from 1024).
         self.out_proj = Linear(n_heads * head_dim, d_in, bias=qkv_bias)
+        # Qwen3's QK-norm: one RMSNorm over head_dim, shared by every head, keeps the attention
+        # logits from growing large.
         self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
         self.rope = [rope]  # shared by every block; a list keeps it out of this module's children
         self.last_attn_weights: torch.Tensor | None = None
+        # Starts at 256 tokens and doubles up to the context (131,072 for Llama 3.2): a short
+        # chat never reserves the whole context.
         self.kv_cache = KVCache(self.context_length, min_capacity=256)
 
     def _heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
@@ -113,16 +129,20 @@ class GroupedQueryAttention(CachedAttention):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, use_cache: bool = False,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, tokens, _ = x.shape
+        # queries (b, n_heads, T, hd); keys and values (b, n_kv_heads, T, hd).
         queries = self._heads(self.W_query(x), self.n_heads)
         keys = self._heads(self.W_key(x), self.n_kv_heads)
         values = self._heads(self.W_value(x), self.n_kv_heads)
         if self.q_norm is not None:  # Qwen3: each head's query and key normalised before rotating
             queries, keys = self.q_norm(queries), self.k_norm(keys)
         rope = self.rope[0]
+        # Rotate before caching: a cached key keeps the rotation of its own absolute position.
+        # `positions` already continue at cache_pos (Decoder._positions_and_mask).
         queries, keys = rope(queries, positions), rope(keys, positions)
         past = self.cache_len if use_cache else 0
         if use_cache:
             keys, values = self.kv_cache.append(keys, values)
+        # allowed: True where a query may see a key (SDPA's meaning of a bool mask); None: no mask.
         allowed = attn_mask
         if allowed is None and past > 0 and tokens > 1:  # new tokens after cached ones: causal from `past` on
             allowed = ~_causal(tokens, past, x.device)
@@ -134,22 +154,29 @@ class GroupedQueryAttention(CachedAttention):
                 is_causal = True
             if self.groups > 1:
                 enable_gqa = True
+            # enable_gqa lets SDPA share each key/value head across its query group without
+            # repeat_kv's copies.
             context = nn.functional.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=allowed, is_causal=is_causal, enable_gqa=enable_gqa)
         else:
+            # The explicit path copies each kv head for its group: (b, n_heads, past + T, hd).
             keys, values = repeat_kv(keys, self.groups), repeat_kv(values, self.groups)
             scores = queries @ keys.transpose(2, 3) / self.head_dim ** 0.5  # (b, heads, tokens, past + tokens)
             if allowed is not None:
                 scores = scores.masked_fill(~allowed, float("-inf"))
             elif past == 0 and tokens > 1:
                 scores = scores.masked_fill(_causal(tokens, 0, x.device), float("-inf"))
+            # Softmax in float32, as the reference does, then back to the compute dtype.
             weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(queries.dtype)
             self.last_attn_weights = weights.detach()
             context = weights @ values  # (b, heads, tokens, head_dim)
+        # Merge the heads back: (b, n_heads, T, hd) -> (b, T, n_heads * hd), then project to d_in.
         return self.out_proj(context.transpose(1, 2).reshape(b, tokens, self.n_heads * self.head_dim))
 
 
 def _causal(tokens: int, past: int, device: torch.device) -> torch.Tensor:
     """``(tokens, past + tokens)`` bool, True above the diagonal: query ``i`` (at ``past + i``)
     must not see keys after it."""
+    # triu(past + 1): key j is hidden from query i when j > past + i, i.e. in its future; the
+    # diagonal is shifted by the cache offset since the queries are the last `tokens` keys.
     return torch.ones(tokens, past + tokens, dtype=torch.bool, device=device).triu(past + 1)

@@ -44,6 +44,7 @@ class LlamaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, use_cache: bool = False,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # GPT-2's pre-norm residual layout, with RMSNorm and no dropout.
         x = x + self.att(self.norm1(x), positions, use_cache=use_cache, attn_mask=attn_mask)
         return x + self.ff(self.norm2(x))
 
@@ -60,11 +61,13 @@ class LlamaModel(Decoder):
             cfg = LlamaConfig.from_hf(cfg)
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        # One RoPE, and one pair of cos/sin tables, for every block: the angles depend on position only.
         self.rope = RoPE(cfg.head_dim, cfg.context_length, cfg.rope_theta, cfg.rope_scaling)
         self.trf_blocks = nn.ModuleList(LlamaBlock(cfg, self.rope) for _ in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.emb_dim, cfg.rms_norm_eps)
         self.out_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
+            # Tied: the head scores against the embedding rows (every preset here ties).
             self.out_head.weight = self.tok_emb.weight
         self.gradient_checkpointing = False
         self.cache_pos = 0  # tokens fed with use_cache=True since the last reset
@@ -75,6 +78,7 @@ class LlamaModel(Decoder):
     def _init_parameters(self) -> None:
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
+                # Random weights only: a loaded model is built on meta and skips this method.
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)  # Hugging Face's initializer_range
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -92,6 +96,7 @@ class LlamaModel(Decoder):
         start = self.cache_pos if use_cache else 0
         self._check_ids(in_idx, start)
         positions, allowed = self._positions_and_mask(in_idx, start, use_cache, attention_mask)
+        # No position embedding: positions enter inside attention, as RoPE rotations.
         x = self.tok_emb(in_idx)
         for block in self.trf_blocks:
             if self.gradient_checkpointing and self.training and not use_cache:
@@ -120,4 +125,5 @@ class LlamaModel(Decoder):
     def kv_cache_bytes_per_token(self) -> int:
         """Bytes the KV cache holds per token of one sequence: keys and values of every layer."""
         itemsize = self.tok_emb.weight.element_size()
+        # 2: keys and values. GQA's saving shows here: n_kv_heads, not n_heads.
         return 2 * self.cfg.n_layers * self.cfg.n_kv_heads * self.cfg.head_dim * itemsize

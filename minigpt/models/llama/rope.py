@@ -36,7 +36,10 @@ def inverse_frequencies(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     """``(head_dim // 2,)`` float32 angles per position, ``theta ** (-2i / head_dim)``."""
     if head_dim < 2 or head_dim % 2:
         raise ValueError(f"RoPE rotates pairs of numbers, so head_dim must be even, got {head_dim}")
+    # 2i / head_dim for i = 0 .. head_dim/2 - 1, computed as the reference does (int64 arange,
+    # then float) so the frequencies match it bit for bit.
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    # theta^(-2i/d): pair 0 turns one radian per position, the last about 1/theta radians.
     return 1.0 / (theta ** exponents)
 
 
@@ -48,10 +51,16 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: Mapping[str, Any]) -> torch
         raise ValueError(f"rope_scaling of type 'llama3' needs {', '.join(missing)}; got {dict(scaling)}")
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_context = scaling["original_max_position_embeddings"]
+    # A pair's wavelength: the number of positions one full turn takes.
     wavelength = 2 * math.pi / inv_freq
+    # Pairs slower than old_context / low never completed a turn in pretraining: divide their
+    # frequency by `factor`, so factor times longer contexts stay within angles the model has seen.
     scaled = torch.where(wavelength > old_context / low, inv_freq / factor, inv_freq)
+    # smooth rises from 0 at wavelength old/low to 1 at old/high.
     smooth = (old_context / wavelength - low) / (high - low)
+    # Between the cut-offs `scaled` is inv_freq, so this blends divided and kept frequencies.
     blended = (1 - smooth) * scaled / factor + smooth * scaled
+    # The band old/high <= wavelength <= old/low, bounds included, as in transformers.
     middle = ~(wavelength < old_context / high) & ~(wavelength > old_context / low)
     return torch.where(middle, blended, scaled)
 
@@ -59,6 +68,7 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: Mapping[str, Any]) -> torch
 def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None) -> torch.Tensor:
     """The frequencies of a Hugging Face ``rope_scaling`` setting: none/``default`` or ``llama3``."""
     inv_freq = inverse_frequencies(head_dim, theta)
+    # Newer config.json files say rope_type, older ones type.
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
         return inv_freq
@@ -70,8 +80,12 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Turn each pair ``(x[i], x[i + d/2])`` of ``x`` ``(..., tokens, head_dim)`` by the angle
     whose ``cos``/``sin`` ``(..., tokens, head_dim / 2)`` are given (broadcast over heads)."""
+    # Rotate-half: pair i is (x[i], x[i + d/2]), the two halves of the head, not neighbours
+    # (x[2i], x[2i + 1]) as in the RoPE paper; HF's conversion permuted q/k weights to this.
     x1, x2 = x.chunk(2, dim=-1)
+    # The tables are float32; rounding them to x's dtype first matches the reference in bfloat16.
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    # The 2-D rotation [[cos, -sin], [sin, cos]] applied to every (x1, x2) pair.
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
@@ -101,14 +115,17 @@ class RoPE(nn.Module):
             inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
             positions = torch.arange(self.context_length, dtype=torch.int64).float()
             angles = positions[:, None] * inv_freq[None, :]  # (context_length, head_dim / 2)
+            # Half-width tables: rotate() applies each angle to both halves, where HF repeats the columns.
             self.cos, self.sin = angles.cos(), angles.sin()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # Moved lazily: the tables are not buffers, so model.to(device) does not move them.
         if self.cos.device != x.device:
             self.cos, self.sin = self.cos.to(x.device), self.sin.to(x.device)
         cos, sin = self.cos[positions], self.sin[positions]  # (tokens | batch x tokens, head_dim / 2)
         if positions.dim() == 2:  # one row of angles per sequence: broadcast over the heads
             cos, sin = cos[:, None], sin[:, None]
+        # cos/sin are (T, hd/2), broadcast over batch and heads, or (b, 1, T, hd/2), over heads.
         return rotate(x, cos, sin)
 
     def extra_repr(self) -> str:
