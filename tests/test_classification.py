@@ -210,3 +210,19 @@ def test_a_small_random_gpt_learns_spam_far_above_chance(data_dir, tmp_path, one
     assert loaded_labels == ["ham", "spam"]
     assert classify("WINNER!! Claim your FREE prize now, call 09061701461", loaded, tokenizer,
                     loaded_labels, max_length=32) == "spam"
+
+
+def test_a_llama_family_classifier_saves_and_loads_back(tmp_path):
+    from minigpt.finetuning.classification import load_classifier, make_classifier, save_classifier
+    from minigpt.models.llama.config import LlamaConfig
+    from minigpt.models.llama.model import LlamaModel
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, context_length=16, emb_dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2)
+    model = make_classifier(LlamaModel(cfg), num_classes=3).eval()
+    save_classifier(model, tmp_path, ["a", "b", "c"])
+    loaded, labels = load_classifier(tmp_path)
+    ids = torch.randint(0, 64, (2, 8))
+    assert isinstance(loaded, LlamaModel) and labels == ["a", "b", "c"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)

@@ -34,10 +34,9 @@ from minigpt.data.windows import tokenize
 from minigpt.finetuning.labelled_data import Example, label_names_of
 from minigpt.io.files import write_json
 from minigpt.io.state_dict import tensor_mismatches
-from minigpt.io.weight_files import CONFIG_FILE
+from minigpt.io.weight_files import CONFIG_FILE, read_config_json, stored_once, write_checkpoint
 from minigpt.models.base import CausalLM, evaluating
-from minigpt.models.gpt2.config import GPTConfig
-from minigpt.models.gpt2.model import GPTModel
+from minigpt.models.registry import family_of, family_of_config
 from minigpt.runtime.linear import Linear
 from minigpt.runtime.runtime import select_device
 from minigpt.tokenizers.gpt2 import PAD_TOKEN_ID
@@ -147,7 +146,7 @@ def make_classifier(
     return model
 
 
-def replace_head(model: GPTModel, out_features: int) -> GPTModel:
+def replace_head(model: CausalLM, out_features: int) -> CausalLM:
     """Give ``model`` (in place) a fresh output head ``Linear(emb_dim, out_features)``, on the
     embedding's device and dtype; a tied head is simply replaced (``cfg.tie_weights`` becomes
     False in a copy of the config). A classifier has a row per class, a reward model one."""
@@ -327,16 +326,16 @@ def save_classifier(model: CausalLM, directory: str | os.PathLike, label_names: 
     """Write the model as ``save_pretrained`` does, plus ``classifier.json`` (the label names).
 
     The head has ``num_classes`` rows instead of ``vocab_size``, so the directory is
-    read with :func:`load_classifier`, not ``GPTModel.from_pretrained``.
+    read with :func:`load_classifier`, not ``minigpt.models.load``.
     """
     if model.out_head.out_features != len(label_names):
         raise ValueError(f"the head has {model.out_head.out_features} classes but {len(label_names)} "
                          "label names were given")
-    model.save_pretrained(directory)
+    save_with_head(model, directory)
     write_json(Path(directory) / LABELS_FILE, {"label_names": list(label_names)})
 
 
-def load_classifier(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[GPTModel, list[str]]:
+def load_classifier(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CausalLM, list[str]]:
     """``(model, label_names)`` from a directory written by :func:`save_classifier`, in eval mode.
 
     The tensors are read by the weights layer's checked loader and must match a classifier
@@ -351,16 +350,22 @@ def load_classifier(directory: str | os.PathLike, device: str | torch.device = "
     return model.to(device).eval(), label_names
 
 
-def load_with_head(directory: str | os.PathLike, out_features: int, what: str) -> GPTModel:
-    """A GPT saved with a :func:`replace_head` head of ``out_features`` rows, in its saved
-    precision. The tensors are read by the weights layer's checked loader; a mismatch names
-    each tensor and says the directory does not hold ``what``."""
+def save_with_head(model: CausalLM, directory: str | os.PathLike) -> None:
+    """Write a model whose head was replaced: its family's config and every tensor under our names
+    (a Hugging Face layout has no place for a head of another shape), each file atomically."""
+    write_checkpoint(directory, stored_once(model.state_dict()), family_of(model).checkpoint_config(model))
+
+
+def load_with_head(directory: str | os.PathLike, out_features: int, what: str) -> CausalLM:
+    """A model of any family saved by :func:`save_with_head` with a head of ``out_features`` rows,
+    in its saved precision. The tensors are read by the checked loader; a mismatch names each
+    tensor and says the directory does not hold ``what``."""
     directory = Path(directory)
-    # minigpt's GPT-2 config fields: this loader rebuilds a GPTModel only.
-    cfg = GPTConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
+    family = family_of_config(read_config_json(directory), str(directory / CONFIG_FILE))
+    cfg = family.read_config(directory)
     state = load_state(directory)
     # Built with random weights and the saved head's shape, then overwritten by the file's tensors.
-    model = replace_head(GPTModel(cfg), out_features)
+    model = replace_head(family.model_class(cfg), out_features)
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     # Names and shapes are checked first, so an error names each tensor instead of failing inside
     # load_state_dict.

@@ -6,9 +6,9 @@ instruction-tuning entry with two answers instead of one::
     {"instruction": ..., "input": ..., "chosen": "the preferred answer", "rejected": "the other"}
 
 Each pair is tokenized once, as instruction tuning formats a text: the Alpaca prompt
-(:func:`minigpt.finetuning.instruction.format_input`), the response header, then the answer and one
+(:func:`minigpt.finetuning.prompt_format.format_input`), the response header, then the answer and one
 end-of-text; or, for a chat model, its chat template's user turn and assistant turn
-(:class:`minigpt.finetuning.instruction.ChatTemplateFormat`). The two answers share the prompt.
+(:class:`minigpt.finetuning.prompt_format.ChatTemplateFormat`). The two answers share the prompt.
 A batch holds both sequences of every pair and, for each, a mask that marks the answer's
 tokens: only they are scored, since the prompt is the same on both sides and tells nothing
 about the preference (:mod:`minigpt.finetuning.dpo` computes the loss).

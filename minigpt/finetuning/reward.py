@@ -27,17 +27,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt.finetuning.classification import last_token_logits, load_with_head, replace_head, set_trainable
+from minigpt.finetuning.classification import (
+    last_token_logits,
+    load_with_head,
+    replace_head,
+    save_with_head,
+    set_trainable,
+)
 from minigpt.io.files import write_json
-from minigpt.models.base import evaluating
-from minigpt.models.gpt2.model import GPTModel
+from minigpt.models.base import CausalLM, evaluating
 from minigpt.training.losses import NUM_SCORED
 
 REWARD_FILE = "reward_model.json"  # marks a directory as a reward model's
 METRIC_NAMES = ("accuracy", "margin")
 
 
-def make_reward_model(model: GPTModel, trainable: list[str] | Literal["all"] = "all") -> GPTModel:
+def make_reward_model(model: CausalLM, trainable: list[str] | Literal["all"] = "all") -> CausalLM:
     """Turn ``model`` (in place) into a reward model: ``(b, T) -> (b, T, 1)`` scores, one per
     position, of which :func:`reward_scores` reads the last real one. The new head is always
     trained; ``trainable`` names the other submodules that train (default: all)."""
@@ -128,16 +133,16 @@ def score_texts(model: nn.Module, prompt_ids: list[list[int]], answer_ids: list[
         return reward_scores(model, ids, torch.tensor([len(t) - 1 for t in texts], device=ids.device))
 
 
-def save_reward_model(model: GPTModel, directory: str | os.PathLike) -> None:
+def save_reward_model(model: CausalLM, directory: str | os.PathLike) -> None:
     """Write the model as ``save_pretrained`` does, plus ``reward_model.json``, which marks it."""
     if model.out_head.out_features != 1:
         raise ValueError(f"a reward model has a head with one output, this one has {model.out_head.out_features}")
     # The head has one row, so the directory is read back by load_reward_model, not by load().
-    model.save_pretrained(directory)
+    save_with_head(model, directory)
     write_json(Path(directory) / REWARD_FILE, {"head": "scalar, read at the last real token"})
 
 
-def load_reward_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> GPTModel:
+def load_reward_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> CausalLM:
     """A reward model written by :func:`save_reward_model` (``minigpt finetune reward``), in eval mode."""
     directory = Path(directory)
     if not (directory / REWARD_FILE).is_file():

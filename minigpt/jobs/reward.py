@@ -33,7 +33,7 @@ from minigpt.jobs.finetune import (
     train,
 )
 from minigpt.jobs.instruct import InstructConfig
-from minigpt.models.gpt2.model import GPTModel
+from minigpt.models.base import CausalLM
 from minigpt.training.plots import plot_reward_model
 
 
@@ -70,7 +70,7 @@ class RewardConfig(FinetuneConfig):
         check_prompt_format(self.prompt_format)
 
 
-def finetune_reward(settings: RewardConfig, model: GPTModel | None = None, *, resume: bool = False,
+def finetune_reward(settings: RewardConfig, model: CausalLM | None = None, *, resume: bool = False,
                     progress: bool = True) -> dict[str, Any]:
     """Train a reward model from ``model`` (default: ``settings.model``) on ``settings.data``.
 

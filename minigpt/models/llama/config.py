@@ -125,7 +125,7 @@ class LlamaConfig:
                 n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"], head_dim=c.get("head_dim"),
                 rope_theta=float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0),
                 rope_scaling=dict(scaling) if scaling else None,
-                rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), tie_weights=bool(c.get("tie_word_embeddings", True)),
+                rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)), tie_weights=bool(c.get("tie_word_embeddings", False)),
                 qkv_bias=bool(c.get("attention_bias", False)), qk_norm=model_type == "qwen3", model_type=model_type,
                 bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"),
             )
