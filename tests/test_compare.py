@@ -18,7 +18,8 @@ from minigpt.evaluation.pairwise import ModelPairJudge, judge_both_orders
 from minigpt.evaluation.perplexity import sliding_window_perplexity
 from minigpt.jobs.compare import CompareConfig, chat_endpoint, compare, judge_backend
 from minigpt.jobs.evaluate import EvalConfig, evaluate_perplexity
-from minigpt.lora.adapters import apply_lora, merge_lora, save_lora
+from minigpt.lora.adapters import apply_lora, merge_lora
+from minigpt.lora.files import save_lora
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 

@@ -19,7 +19,8 @@ from minigpt.finetuning.preference import load_preference_data
 from minigpt.io import sources
 from minigpt.jobs.dpo import DPOConfig, finetune_dpo
 from minigpt.jobs.instruct import InstructConfig, finetune_instructions
-from minigpt.lora.adapters import load_lora, merge_lora
+from minigpt.lora.adapters import merge_lora
+from minigpt.lora.files import load_lora
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.training.loop import TrainingInterrupted

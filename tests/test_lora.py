@@ -8,7 +8,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from minigpt.lora.adapters import LinearWithLoRA, LoRALayer, apply_lora, load_lora, lora_disabled, merge_lora, save_lora
+from minigpt.lora.adapters import apply_lora, lora_disabled, merge_lora
+from minigpt.lora.files import load_lora, save_lora
+from minigpt.lora.layers import LinearWithLoRA, LoRALayer
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 

@@ -31,7 +31,9 @@ from minigpt.jobs.finetune import FinetuneConfig
 from minigpt.jobs.generate import GenerateConfig, generate_text
 from minigpt.jobs.info import preset_sizes
 from minigpt.jobs.instruct import InstructConfig, finetune_instructions
-from minigpt.lora.adapters import LinearWithLoRA, apply_lora, load_lora, lora_disabled, merge_lora, save_lora
+from minigpt.lora.adapters import apply_lora, lora_disabled, merge_lora
+from minigpt.lora.files import load_lora, save_lora
+from minigpt.lora.layers import LinearWithLoRA
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.models.gpt2.weights import load_config

@@ -344,7 +344,8 @@ def test_prompt_format_is_read_from_the_run_record(tmp_path):
 
 
 def test_load_engine_with_adapter_and_quantization(tmp_path, engine, one_thread):
-    from minigpt.lora.adapters import apply_lora, save_lora
+    from minigpt.lora.adapters import apply_lora
+    from minigpt.lora.files import save_lora
     from minigpt.quantization.layers import is_quantized
     from minigpt.serving.server import ServeConfig, load_engine
 

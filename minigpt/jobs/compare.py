@@ -42,7 +42,8 @@ from minigpt.evaluation.perplexity import sliding_window_perplexity
 from minigpt.io.files import write_json, write_text
 from minigpt.jobs.evaluate import WIKITEXT2, text_token_ids
 from minigpt.jobs.finetune import choose_prompt_format
-from minigpt.lora.adapters import load_lora, merge_lora
+from minigpt.lora.adapters import merge_lora
+from minigpt.lora.files import load_lora
 from minigpt.models.loader import load, load_tokenizer
 from minigpt.runtime.runtime import select_device
 

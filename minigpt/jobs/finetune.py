@@ -32,7 +32,8 @@ from minigpt.finetuning.neftune import disable_neftune, enable_neftune
 from minigpt.finetuning.prompt_format import ALPACA, PROMPT_FORMATS, PromptFormat, prompt_format
 from minigpt.io.files import write_bytes, write_json
 from minigpt.jobs.quantize import check_quantize, quantize_field
-from minigpt.lora.adapters import apply_lora, merge_lora, save_lora
+from minigpt.lora.adapters import apply_lora, merge_lora
+from minigpt.lora.files import save_lora
 from minigpt.models.base import CausalLM, evaluating
 from minigpt.models.loader import chat_template_of, load, load_tokenizer, resolve
 from minigpt.quantization.layers import is_quantized, quantize_model

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from minigpt.io.weight_files import CONFIG_FILE, read_config_json
-from minigpt.lora.adapters import load_lora
+from minigpt.lora.files import load_lora
 from minigpt.models.base import CausalLM, Family
 from minigpt.models.registry import (
     FAMILIES,
