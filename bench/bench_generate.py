@@ -40,8 +40,8 @@ import torch
 from common import interleaved_seconds
 
 from minigpt import GPTConfig, GPTModel, generate
+from minigpt.generation.batch import generate_batch
 from minigpt.generation.decoding import compile_for_decoding
-from minigpt.generation.generate import generate_batch
 from minigpt.runtime.runtime import has_fast_bfloat16
 
 MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm",

@@ -23,7 +23,8 @@ import cycle anywhere):
     terminal chat; 14. ``cli``: the ``minigpt`` command.
 """
 
-from minigpt.generation.generate import generate, stream_generate, text_to_token_ids, token_ids_to_text
+from minigpt.generation.generate import generate, stream_generate
+from minigpt.generation.text import text_to_token_ids, token_ids_to_text
 from minigpt.models import CausalLM, load
 from minigpt.models.gpt2.config import PRESETS, GPTConfig
 from minigpt.models.gpt2.model import GPTModel

@@ -15,8 +15,8 @@ from torch._dynamo.exc import TorchDynamoException
 from torch._dynamo.utils import counters
 
 from minigpt import GPTConfig, GPTModel, generate
+from minigpt.generation.batch import generate_batch
 from minigpt.generation.decoding import DecodingModel, compile_for_decoding
-from minigpt.generation.generate import generate_batch
 from minigpt.models.llama.config import LlamaConfig
 from minigpt.models.llama.model import LlamaModel
 

@@ -8,14 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt.generation.generate import (
-    IncrementalDecoder,
-    check_sampling,
-    generate,
-    sample_next_token,
-    stream_generate,
-    truncate_prompt,
-)
+from minigpt.generation.generate import generate, stream_generate
+from minigpt.generation.sampling import check_sampling, sample_next_token
+from minigpt.generation.text import IncrementalDecoder, truncate_prompt
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer

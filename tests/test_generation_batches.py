@@ -8,14 +8,8 @@ import pytest
 import torch
 from test_generation import CFG, CountingModel
 
-from minigpt.generation.generate import (
-    generate,
-    generate_batch,
-    pad_prompts,
-    stream_generate,
-    stream_steps,
-    token_logprobs,
-)
+from minigpt.generation.batch import generate_batch, pad_prompts, token_logprobs
+from minigpt.generation.generate import generate, stream_generate, stream_steps
 from minigpt.models.gpt2.model import GPTModel
 
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minigpt.data.windows import tokenize
-from minigpt.generation.generate import IncrementalDecoder
+from minigpt.generation.text import IncrementalDecoder
 from minigpt.io.files import PACKAGE_DATA_DIR
 from minigpt.tokenizers.bpe import ENDOFTEXT, bytes_to_unicode
 from minigpt.tokenizers.pretokenizers import normalizer_of, pre_tokenize, pre_tokenizer_steps

@@ -13,7 +13,8 @@ from torch import nn
 from minigpt.finetuning.dpo import DPOLoss, sequence_logprobs
 from minigpt.finetuning.instruction import instruction_loss
 from minigpt.finetuning.neftune import enable_neftune, neftune_lengths
-from minigpt.generation.generate import generate, generate_batch
+from minigpt.generation.batch import generate_batch
+from minigpt.generation.generate import generate
 from minigpt.lora.adapters import apply_lora, merge_lora
 from minigpt.models.llama.config import PRESETS, LlamaConfig
 from minigpt.models.llama.model import LlamaModel

@@ -2,7 +2,7 @@
 and raw HTTP, against a real uvicorn server on a free port of 127.0.0.1.
 
 The reference for every generated text is :func:`minigpt.generation.generate.generate` with the
-same seed and settings; for log-probabilities, :func:`minigpt.generation.generate.token_logprobs`
+same seed and settings; for log-probabilities, :func:`minigpt.generation.batch.token_logprobs`
 and lm-evaluation-harness' own parser of the ``local-completions`` backend.
 """
 
@@ -23,7 +23,8 @@ httpx = pytest.importorskip("httpx", reason="raw HTTP requests need httpx")
 uvicorn = pytest.importorskip("uvicorn", reason="the server runs on uvicorn (pip install 'minigpt[serve]')")
 
 from minigpt.finetuning.prompt_format import AlpacaFormat, PlainFormat  # noqa: E402
-from minigpt.generation.generate import generate, token_logprobs  # noqa: E402
+from minigpt.generation.batch import token_logprobs  # noqa: E402
+from minigpt.generation.generate import generate  # noqa: E402
 from minigpt.models.gpt2.model import GPTModel  # noqa: E402
 from minigpt.serving import Engine, Limits, create_app  # noqa: E402
 from minigpt.serving.server import BackgroundServer  # noqa: E402

@@ -39,7 +39,8 @@ from minigpt.evaluation.pairwise import Outcome, PairJudge, PairVerdict, judge_b
 from minigpt.evaluation.rouge import words
 from minigpt.finetuning.instruction import Entry, end_of_text_id, load_instruction_data, split_instruction_data
 from minigpt.finetuning.prompt_format import ALPACA, PromptFormat, extract_response, format_input
-from minigpt.generation.generate import check_sampling, generate_batch
+from minigpt.generation.batch import generate_batch
+from minigpt.generation.sampling import check_sampling
 from minigpt.io.files import atomic_write
 from minigpt.training.plots import BEFORE_COLOR, TRAIN_COLOR, VAL_COLOR, new_figure, save_figure
 

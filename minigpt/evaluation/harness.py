@@ -46,7 +46,9 @@ except ImportError as err:  # an optional dependency: say how to get it
     ) from err
 
 from minigpt.data.windows import tokenize
-from minigpt.generation.generate import check_sampling, pad_prompts, stream_generate, token_logprobs
+from minigpt.generation.batch import pad_prompts, token_logprobs
+from minigpt.generation.generate import stream_generate
+from minigpt.generation.sampling import check_sampling
 from minigpt.models.loader import load, load_tokenizer
 from minigpt.quantization.layers import quantization_of
 from minigpt.runtime.runtime import select_device

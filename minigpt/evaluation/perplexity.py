@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from minigpt.generation.generate import token_logprobs
+from minigpt.generation.batch import token_logprobs
 from minigpt.models.base import evaluating
 from minigpt.training.losses import perplexity
 

@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt.generation.generate import EosIds, _eos_list, check_sampling, generate_batch
+from minigpt.generation.batch import generate_batch
+from minigpt.generation.generate import EosIds, eos_list
+from minigpt.generation.sampling import check_sampling
 from minigpt.training.losses import IGNORE_INDEX
 
 
@@ -123,7 +125,7 @@ def sample_rollouts(model: nn.Module, prompt_ids: Sequence[Sequence[int]], setti
     answers = generate_batch(model, prompts, settings.max_new_tokens, temperature=settings.temperature,
                              top_k=settings.top_k, top_p=settings.top_p, eos_id=settings.eos_id,
                              batch_size=settings.batch_size)
-    eos = set(_eos_list(settings.eos_id))
+    eos = set(eos_list(settings.eos_id))
     # P and A: at least one answer column, so the layout holds even if every answer is empty.
     width, answer_width = max(len(p) for p in prompts), max(1, max(len(a) for a in answers))
     b, T = len(prompts), width + answer_width

@@ -17,7 +17,9 @@ import torch
 
 from minigpt.data.windows import tokenize
 from minigpt.generation.decoding import compile_for_decoding
-from minigpt.generation.generate import IncrementalDecoder, check_sampling, stream_generate, truncate_prompt
+from minigpt.generation.generate import stream_generate
+from minigpt.generation.sampling import check_sampling
+from minigpt.generation.text import IncrementalDecoder, truncate_prompt
 from minigpt.jobs.quantize import check_quantize, quantize_field
 from minigpt.models.base import CausalLM
 from minigpt.models.gpt2.config import PRESETS

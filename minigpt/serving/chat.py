@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from minigpt.generation.generate import check_sampling
+from minigpt.generation.sampling import check_sampling
 from minigpt.serving.engine import Engine, Finished, Sampling, request_generator
 
 HELP = """commands:

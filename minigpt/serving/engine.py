@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from minigpt.finetuning.prompt_format import PLAIN, Messages, PromptFormat
-from minigpt.generation.generate import IncrementalDecoder, stream_steps
+from minigpt.generation.generate import stream_steps
+from minigpt.generation.text import IncrementalDecoder
 from minigpt.models.base import evaluating
 from minigpt.serving.markup import content_spans
 from minigpt.tokenizers.bpe import special_token_pattern

@@ -34,7 +34,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm  # plain text: no widget library needed in notebooks
 
-from minigpt.generation.generate import check_sampling, generate, text_to_token_ids, token_ids_to_text
+from minigpt.generation.generate import generate
+from minigpt.generation.sampling import check_sampling
+from minigpt.generation.text import text_to_token_ids, token_ids_to_text
 from minigpt.models.base import check_token_ids, evaluating
 from minigpt.runtime.runtime import (
     PRECISIONS,
