@@ -32,6 +32,7 @@ says how to get access.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import os
@@ -39,6 +40,7 @@ import re
 import shutil
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
@@ -108,8 +110,26 @@ def default_weights_dir() -> Path:
 
 def _repo_of(name: str) -> str:
     if name not in GPT2_REPOS:
-        raise ValueError(f"unknown GPT-2 name {name!r}; known: {', '.join(GPT2_REPOS)}")
+        check_model_name(name)  # a typo gets the closest name
+        raise ValueError(f"{name!r} is not a GPT-2 name; known: {', '.join(GPT2_REPOS)}")
     return GPT2_REPOS[name]
+
+
+def check_model_name(name_or_path: str | os.PathLike, presets: Sequence[str] = ()) -> None:
+    """Raise unless ``name_or_path`` is a known name (or one of ``presets``, where a caller
+    takes those too) or something that exists: a name that looks like a path is "not found"
+    (``FileNotFoundError``); another gets the closest known name (``gpt2-smal`` ->
+    ``gpt2-small``) and every known name, GPT-2 and the Llama family."""
+    name = str(name_or_path)
+    known = [*GPT2_REPOS, *LLAMA_REPOS, *presets]
+    if name in known or Path(name).exists():
+        return
+    if "/" in name or os.sep in name or name.startswith("."):
+        raise FileNotFoundError(f"{name} not found: no such file or directory; give a run or weights directory "
+                                "that exists, or a model name")
+    close = difflib.get_close_matches(name, known, n=1)
+    guess = f"did you mean {close[0]}? " if close else ""
+    raise ValueError(f"unknown model name {name!r}: {guess}known names: {', '.join(known)}, or a directory")
 
 
 def _complete(directory: Path) -> bool:
@@ -332,7 +352,8 @@ def download_llama(name: str, weights_dir: str | os.PathLike | None = None, *, p
     login``) it raises ``PermissionError`` saying how to get access.
     """
     if name not in LLAMA_REPOS:
-        raise ValueError(f"unknown model name {name!r}; known: {', '.join(LLAMA_REPOS)}")
+        check_model_name(name)  # a typo gets the closest name
+        raise ValueError(f"{name!r} is not a Llama-family name; known: {', '.join(LLAMA_REPOS)}")
     repo, revision, gated = LLAMA_REPOS[name]
     local = data_dir()
     if local is not None and (local / name / CONFIG_FILE).is_file():

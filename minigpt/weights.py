@@ -54,7 +54,7 @@ from minigpt.hf_gpt2 import (
     strip_hf_names,
     write_checkpoint,
 )
-from minigpt.hub import GPT2_REPOS, download_gpt2
+from minigpt.hub import GPT2_REPOS, check_model_name, download_gpt2
 from minigpt.model import GPTModel
 from minigpt.quantization import check_scheme
 from minigpt.quantized_weights import (
@@ -101,10 +101,8 @@ def load_pretrained(
         if str(name_or_path) in GPT2_REPOS:
             path = download_gpt2(str(name_or_path), weights_dir, progress=progress)
         elif not path.is_dir():
-            raise ValueError(
-                f"{str(name_or_path)!r} is neither a GPT-2 name (known: {', '.join(GPT2_REPOS)}) "
-                f"nor a directory with {CONFIG_FILE}, nor a .pth state dict"
-            )
+            check_model_name(name_or_path)  # a typo in a name, a path that does not exist
+            raise ValueError(f"{path} is neither a directory with {CONFIG_FILE} nor a .pth state dict")
         model = _load_directory(path)
     if quantize is not None:
         # The parameters are still the mapped file's pages: quantizing one linear at a

@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("only_localhost")
 TIMEOUT = 5.0  # seconds; every request below is to 127.0.0.1 and answers at once
 CONTENT = random.Random(0).randbytes(300_000)
 CONTENT_SHA256 = hashlib.sha256(CONTENT).hexdigest()
-SHIPPED = [sources.GPT2_ENCODER_JSON, sources.GPT2_VOCAB_BPE, sources.THE_VERDICT, sources.TINY_SHAKESPEARE]
+SHIPPED = list(sources.PINNED_FILES.values())  # every pinned file ships: only model weights need a network
 
 
 class RangeHandler(QuietHandler):
@@ -235,6 +235,17 @@ def test_shipped_files_need_no_network_and_no_data_dir(pinned, monkeypatch):
     assert not cache_dir().exists()
 
 
+@pytest.mark.parametrize(("folder", "licence", "attribution"), [
+    ("instruct", "Apache License\n                           Version 2.0, January 2004", "generated with Llama 3.1"),
+    ("sms_spam", "Creative Commons Attribution 4.0", "Almeida"),
+    ("wikitext2", "Creative Commons Attribution-ShareAlike 3.0", "Merity"),
+])
+def test_each_shipped_data_set_has_its_licence_and_attribution_beside_it(folder, licence, attribution):
+    text = (files.PACKAGE_DATA_DIR / folder / "LICENSE").read_text(encoding="utf-8")
+    assert licence in text and attribution in text
+    assert folder in (files.PACKAGE_DATA_DIR / "README.md").read_text(encoding="utf-8")
+
+
 def test_gpt2_files_ship_with_their_licence():
     licence = (files.PACKAGE_DATA_DIR / "gpt2" / "LICENSE").read_text(encoding="utf-8")
     assert licence.startswith("Modified MIT License\n\nSoftware Copyright (c) 2019 OpenAI")
@@ -293,10 +304,10 @@ def zip_of(members: dict[str, bytes]) -> bytes:
 
 def test_zip_member_is_extracted_verified_and_kept_alone(server):
     (server.root / "sms+spam+collection.zip").write_bytes(zip_of({"readme": b"about", "SMSSpamCollection": SPAM}))
-    pinned = served(server, "sms_spam/SMSSpamCollection.tsv", hashlib.sha256(SPAM).hexdigest(),
+    pinned = served(server, "zipped/SMSSpamCollection.tsv", hashlib.sha256(SPAM).hexdigest(),
                     "sms+spam+collection.zip", member="SMSSpamCollection")
     path = fetch(pinned, progress=False)
-    assert path == cache_dir() / "sms_spam" / "SMSSpamCollection.tsv"
+    assert path == cache_dir() / "zipped" / "SMSSpamCollection.tsv"
     assert path.read_bytes() == SPAM
     assert os.listdir(path.parent) == [path.name]  # the archive is gone, no temporary file is left
     assert fetch(pinned, progress=False) == path  # the second time from the cache
@@ -305,24 +316,25 @@ def test_zip_member_is_extracted_verified_and_kept_alone(server):
 
 def test_zip_member_with_the_wrong_checksum_is_not_kept(server):
     (server.root / "spam.zip").write_bytes(zip_of({"SMSSpamCollection": SPAM}))
-    pinned = served(server, "sms_spam/SMSSpamCollection.tsv", "0" * 64, "spam.zip", member="SMSSpamCollection")
+    pinned = served(server, "zipped/SMSSpamCollection.tsv", "0" * 64, "spam.zip", member="SMSSpamCollection")
     with pytest.raises(ChecksumError, match=f"SMSSpamCollection in .* has SHA-256 {hashlib.sha256(SPAM).hexdigest()}"):
         fetch(pinned, progress=False)
-    assert os.listdir(cache_dir() / "sms_spam") == []  # neither the member nor the archive
+    assert os.listdir(cache_dir() / "zipped") == []  # neither the member nor the archive
 
 
 def test_zip_without_the_member_is_an_error_naming_it(server):
     (server.root / "spam.zip").write_bytes(zip_of({"readme": b"about"}))
-    pinned = served(server, "sms_spam/SMSSpamCollection.tsv", hashlib.sha256(SPAM).hexdigest(), "spam.zip",
+    pinned = served(server, "zipped/SMSSpamCollection.tsv", hashlib.sha256(SPAM).hexdigest(), "spam.zip",
                     member="SMSSpamCollection")
     with pytest.raises(ChecksumError, match="not a zip archive holding SMSSpamCollection"):
         fetch(pinned, progress=False)
-    assert os.listdir(cache_dir() / "sms_spam") == []
+    assert os.listdir(cache_dir() / "zipped") == []
 
 
-def test_sms_spam_is_extracted_from_uci_s_archive(server, data_path):
+def test_sms_spam_is_extracted_from_uci_s_archive(server, data_path, tmp_path, monkeypatch):
     # The registry's real entry (member name, checksum), served from a zip made of the real file.
     real = (data_path / sources.SMS_SPAM.relpath).read_bytes()
+    monkeypatch.setattr(files, "PACKAGE_DATA_DIR", tmp_path / "no-package-data")  # a package built without it
     (server.root / "sms+spam+collection.zip").write_bytes(zip_of({"readme": b"", "SMSSpamCollection": real}))
     pinned = dataclasses.replace(sources.SMS_SPAM, url=server.url("sms+spam+collection.zip"))
     assert fetch(pinned, progress=False).read_bytes() == real
@@ -338,6 +350,7 @@ def test_offline_fetch_says_which_file_to_place_where(tmp_path, monkeypatch):
         raise urllib.error.URLError("network is unreachable")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(files, "PACKAGE_DATA_DIR", tmp_path / "no-package-data")  # a package built without them
     with pytest.raises(ConnectionError) as err:
         fetch(sources.SMS_SPAM, progress=False)
     message = str(err.value)
@@ -370,7 +383,7 @@ def test_every_pinned_file_has_the_checksum_of_the_data_folder(data_path):
 def test_shipped_files_are_the_registered_ones_and_equal_the_data_folder(data_path):
     shipped = sorted(
         path.relative_to(files.PACKAGE_DATA_DIR).as_posix() for path in files.PACKAGE_DATA_DIR.rglob("*")
-        if path.is_file() and path.name not in ("LICENSE", "README.md")
+        if path.is_file() and path.name not in ("LICENSE", "README.md", "readme.txt")
     )
     assert shipped == sorted(pinned.relpath for pinned in SHIPPED)
     sums = sha256_sums(data_path)

@@ -176,8 +176,10 @@ def test_load_model_takes_a_name_a_directory_or_a_preset(tmp_path):
     GPTModel(SMALL).save_pretrained(tmp_path)
     assert load_model(str(tmp_path)).cfg == SMALL
     assert load_model("tiny").cfg == GPTConfig.from_preset("tiny")
-    with pytest.raises(ValueError, match="neither a GPT-2 name .* a directory, nor a preset"):
-        load_model("gpt2-tiny")
+    with pytest.raises(ValueError, match="did you mean gpt2-small\\? known names: gpt2-small, .*smollm2-135m.*, tiny"):
+        load_model("gpt2-smal")
+    with pytest.raises(FileNotFoundError, match="runs/does-not-exist not found"):
+        load_model("runs/does-not-exist")
 
 
 def spam_like(tmp_path, rows: int = 40):

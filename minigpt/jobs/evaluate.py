@@ -22,9 +22,11 @@ from torch.utils.data import DataLoader
 
 from minigpt import sources
 from minigpt.checkpoint import SETTINGS_FILE
+from minigpt.config import PRESETS
 from minigpt.corpora import split_text
 from minigpt.data import GPTDataset
 from minigpt.download import fetch
+from minigpt.hub import check_model_name
 from minigpt.jobs.finetune import load_model, tokenizer_of
 from minigpt.jobs.pretrain import PretrainConfig, _token_ids, windows
 from minigpt.jobs.quantize import check_quantize, quantize_field
@@ -87,6 +89,7 @@ class EvalResult:
 
 def evaluate(settings: EvalConfig) -> EvalResult:
     """Load ``settings.checkpoint`` and measure its loss on the corpus (see the module docstring)."""
+    check_model_name(settings.checkpoint, presets=list(PRESETS))  # a run that does not exist is "not found"
     is_run = (Path(settings.checkpoint) / SETTINGS_FILE).is_file()
     if settings.corpus is None and not is_run:
         raise ValueError(f"corpus is needed: {settings.checkpoint} is not a run directory naming its corpus")

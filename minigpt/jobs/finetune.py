@@ -34,7 +34,7 @@ from minigpt.checkpoint import SETTINGS_FILE, STATE_FILE, load_settings, save_se
 from minigpt.config import PRESETS
 from minigpt.distributed import ShardSampler, rank_and_world_size
 from minigpt.files import write_bytes, write_json
-from minigpt.hub import GPT2_REPOS, LLAMA_REPOS, download_llama
+from minigpt.hub import GPT2_REPOS, LLAMA_REPOS, check_model_name, download_llama
 from minigpt.instruction import ALPACA, ChatTemplateFormat, PromptFormat
 from minigpt.jobs.quantize import check_quantize, load_quantized, quantize_field
 from minigpt.lora import apply_lora, merge_lora, save_lora
@@ -141,12 +141,10 @@ def is_pretrained(spec: str) -> bool:
 def load_model(spec: str, quantize: str | None = None) -> nn.Module:
     """A GPT-2 or Llama-family name or a directory loads weights (:mod:`minigpt.pretrained`);
     a GPT-2 preset name gives random ones; quantized with ``quantize`` when given."""
+    check_model_name(spec, presets=list(PRESETS))  # a typo gets the closest name, a missing path "not found"
     if is_pretrained(spec):
         return load_pretrained_model(spec, quantize=quantize)
-    if spec in PRESETS:
-        return load_quantized(None, spec, quantize)
-    raise ValueError(f"model {spec!r} is neither a GPT-2 name ({', '.join(GPT2_REPOS)}), a Llama-family name "
-                     f"({', '.join(LLAMA_REPOS)}), a directory, nor a preset ({', '.join(PRESETS)})")
+    return load_quantized(None, spec, quantize)  # a preset: random weights
 
 
 def tokenizer_of(spec: str) -> Any:

@@ -8,12 +8,21 @@
 - :mod:`minigpt.serving.server`: ``minigpt serve``'s settings, loading and uvicorn;
 - :mod:`minigpt.serving.chat`: a terminal chat's session (history, commands).
 
-Needs the ``serve`` extra: ``pip install "minigpt[serve]"`` (FastAPI and uvicorn).
+Needs the ``serve`` extra: ``pip install "minigpt[serve]"`` (FastAPI and uvicorn). The names
+below are imported on first use, so that the settings (``ServeConfig``, ``ChatConfig``) and
+``--help`` work without the extra.
 """
 
-from minigpt.serving.app import create_app
-from minigpt.serving.engine import Engine, Sampling
-from minigpt.serving.protocol import APIError, Limits
-from minigpt.serving.server import ServeConfig, load_engine, serve
+import importlib
+from typing import Any
 
-__all__ = ["APIError", "Engine", "Limits", "Sampling", "ServeConfig", "create_app", "load_engine", "serve"]
+_HOMES = {"create_app": "app", "Engine": "engine", "Sampling": "engine", "APIError": "protocol",
+          "Limits": "protocol", "ServeConfig": "server", "load_engine": "server", "serve": "server"}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import uvicorn
 
 from minigpt.chat_template import render_chat
 from minigpt.config import PRESETS
@@ -30,10 +29,8 @@ from minigpt.pretrained import chat_template_of, load_model, load_tokenizer
 from minigpt.quantization import SCHEMES
 from minigpt.quantized_linear import quantize_model
 from minigpt.runtime import select_device
-from minigpt.serving.app import create_app
 from minigpt.serving.engine import Engine
 from minigpt.serving.formats import FORMATS, AlpacaFormat, ChatFormat, PlainFormat, TemplateFormat, chat_format_of
-from minigpt.serving.protocol import Limits
 from minigpt.tokenizer import get_gpt2_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -76,7 +73,10 @@ class ServeConfig:
         if self.quantize is not None and self.quantize not in SCHEMES:
             raise ValueError(f"quantize must be one of {', '.join(SCHEMES)}, got {self.quantize!r}")
 
-    def limits(self) -> Limits:
+    def limits(self) -> Any:
+        """The request limits (:class:`minigpt.serving.protocol.Limits`)."""
+        from minigpt.serving.protocol import Limits  # pydantic, of the serve extra
+
         return Limits(max_tokens=self.max_tokens, max_n=self.max_n)
 
 
@@ -122,14 +122,37 @@ def load_engine(settings: ServeConfig) -> Engine:
     return engine
 
 
-def serve(settings: ServeConfig, engine: Engine | None = None) -> None:
-    """Serve ``engine`` (default: the one the settings name) until interrupted."""
+def bind(settings: ServeConfig) -> socket.socket:
+    """A socket bound to ``host:port``, so that a busy port fails here, before anything says
+    "serving", with what to do; :func:`serve` then listens on it."""
+    host = settings.host.strip("[]")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port left in TIME_WAIT is free; one in use is not
+    try:
+        sock.bind((host, settings.port))
+    except OSError as err:
+        sock.close()
+        raise ValueError(f"cannot listen on {host} port {settings.port}: {err.strerror}; choose another port, "
+                         "or stop the program that uses it") from err
+    return sock
+
+
+def serve(settings: ServeConfig, engine: Engine | None = None, sock: socket.socket | None = None) -> None:
+    """Serve ``engine`` (default: the one the settings name) on ``sock`` (default: :func:`bind`)
+    until interrupted."""
+    import uvicorn  # the serve extra
+
+    from minigpt.serving.app import create_app
+
     engine = engine or load_engine(settings)
+    sock = sock or bind(settings)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         logger.warning("listening on %s without an API key: anyone who can reach this machine can use the model",
                        settings.host)
     app = create_app(engine, api_key=settings.api_key, limits=settings.limits())
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    with sock:
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info")
+        uvicorn.Server(config).run(sockets=[sock])
 
 
 class BackgroundServer:
@@ -137,6 +160,8 @@ class BackgroundServer:
     benchmarks and notebooks: ``with BackgroundServer(app) as server: server.base_url``."""
 
     def __init__(self, app: Any, *, timeout: float = 30.0) -> None:
+        import uvicorn  # the serve extra
+
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))  # the OS picks a free port; uvicorn serves this very socket
         self.base_url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
