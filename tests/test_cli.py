@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import QuietHandler
 from test_jobs import signal_after_step
+import torch
 from torch import nn
 
 from minigpt import runtime
@@ -72,7 +73,7 @@ def test_help_takes_its_defaults_from_the_settings(capsys):
     text = " ".join(capsys.readouterr().out.split())
     defaults = GenerateConfig()
     assert f"(default: {defaults.temperature})" in text and f"(default: {defaults.max_new_tokens})" in text
-    assert "--top-k N sample only among the k likeliest tokens (default: no limit)" in text
+    assert "--top-k N sample only among the k likeliest tokens (default: 40)" in text
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -95,7 +96,60 @@ def test_options_left_out_are_not_in_the_namespace():
     assert not hasattr(args, "lr")  # the settings keep their own lr
 
 
+def test_a_mistyped_option_gets_the_sub_command_s_usage_and_the_closest_option(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--temprature", "0.5"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: minigpt generate ")  # not the top level's usage
+    assert "unrecognized arguments: --temprature 0.5 (did you mean --temperature?)" in err
+    with pytest.raises(SystemExit):
+        main(["finetune", "dpo", "--lora-rnk", "8"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: minigpt finetune dpo ") and "(did you mean --lora-rank?)" in err
+
+
+@pytest.mark.parametrize("command", [["generate", "--model"], ["eval", "--checkpoint"], ["compare", "--base"]])
+def test_a_mistyped_model_name_gets_the_closest_name_and_every_known_one(command, capsys):
+    assert main([*command, "gpt2-smal", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model name 'gpt2-smal': did you mean gpt2-small?" in err
+    assert "gpt2-xl" in err and "smollm2-135m" in err and "qwen3-0.6b" in err  # the Llama family too
+
+
+def test_a_run_that_does_not_exist_is_not_found(capsys):
+    assert main(["eval", "--checkpoint", "runs/does-not-exist", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "runs/does-not-exist not found" in err and "corpus" not in err
+
+
 # ---------------------------------------------------------------------------- generate
+
+
+def newline_model(path: Path) -> Path:
+    """A model whose likeliest next token is always "\n" (as a briefly pretrained one's often
+    is), with a few words close behind: greedy decoding of it writes nothing but newlines."""
+    tokenizer = get_gpt2_tokenizer()
+    model = GPTModel(dataclasses.replace(SMALL, tie_weights=False))
+    with torch.no_grad():
+        model.final_norm.scale.zero_()  # the last hidden state is the shift, whatever the input
+        model.final_norm.shift.fill_(1.0)
+        model.out_head.weight.zero_()  # logit of token t = the sum of out_head.weight[t]
+        model.out_head.weight[tokenizer.encode(" the cat sat on a mat and the dog ran home")] = 1.0 / SMALL.emb_dim
+        model.out_head.weight[tokenizer.encode("\n")] = 2.0 / SMALL.emb_dim
+    model.save_pretrained(path)
+    return path
+
+
+def test_generate_shows_text_on_the_default_run_where_greedy_shows_only_newlines(tmp_path, capsys):
+    model = str(newline_model(tmp_path / "model"))
+    assert main(["generate", "--model", model, "--prompt", "First Citizen:", "--temperature", "0",
+                 "--device", "cpu"]) == 0
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("First Citizen:") and greedy.removeprefix("First Citizen:").strip() == ""
+    assert main(["generate", "--model", model, "--prompt", "First Citizen:", "--device", "cpu"]) == 0  # defaults
+    sampled = capsys.readouterr().out.removeprefix("First Citizen:")
+    assert len(re.findall(r"[a-z]+", sampled)) >= 10  # words, not only newlines
 
 
 @pytest.mark.parametrize("option, value, words", [
