@@ -109,7 +109,8 @@ def test_a_mistyped_option_gets_the_sub_command_s_usage_and_the_closest_option(c
     assert err.startswith("usage: minigpt finetune dpo ") and "(did you mean --lora-rank?)" in err
 
 
-@pytest.mark.parametrize("command", [["generate", "--model"], ["eval", "--checkpoint"], ["compare", "--base"]])
+@pytest.mark.parametrize("command", [["generate", "--model"], ["eval", "--checkpoint"],
+                                     ["compare", "--adapter", "adapter.safetensors", "--base"]])
 def test_a_mistyped_model_name_gets_the_closest_name_and_every_known_one(command, capsys):
     assert main([*command, "gpt2-smal", "--device", "cpu"]) == 2
     err = capsys.readouterr().err

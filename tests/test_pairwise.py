@@ -135,9 +135,13 @@ def chat_server(http_server, choose, ollama=False):
             bodies.append(body)
             keys.append(self.headers.get("Authorization"))
             prompt = body["messages"][0]["content"]
-            a = prompt.split("Response A: `")[1].split("`")[0]
-            b = prompt.split("Response B: `")[1].split("`")[0]
-            message = {"role": "assistant", "content": choose(a, b)}
+            if "Response A: `" in prompt:
+                a = prompt.split("Response A: `")[1].split("`")[0]
+                b = prompt.split("Response B: `")[1].split("`")[0]
+                content = choose(a, b)
+            else:  # compare's check that the judge answers
+                content = "ready"
+            message = {"role": "assistant", "content": content}
             self.send_json({"message": message} if ollama else {"choices": [{"message": message}]})
 
     server = http_server(ChatHandler)
