@@ -52,7 +52,7 @@ from minigpt.data import tokenize
 from minigpt.download import fetch
 from minigpt.files import write_json
 from minigpt.generation import generate
-from minigpt.losses import IGNORE_INDEX, next_token_loss
+from minigpt.losses import IGNORE_INDEX, language_model_loss, next_token_loss
 from minigpt.neftune import neftune_lengths
 from minigpt.tokenizer import ENDOFTEXT_ID, PAD_TOKEN_ID
 
@@ -346,6 +346,7 @@ def example_lengths(targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> 
     return torch.where(scored.any(dim=1), last, targets.shape[1])
 
 
+@language_model_loss
 def instruction_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The loss for instruction batches ``(inputs, targets)``: the next-token loss, with each
     example's length (:func:`example_lengths`) given to NEFTune (:mod:`minigpt.neftune`).

@@ -27,7 +27,7 @@ from minigpt.lora import apply_lora, merge_lora
 from minigpt.model import GPTModel
 from minigpt.tokenizer import PAD_TOKEN_ID, get_gpt2_tokenizer
 
-# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+# Files this module reads from the data folder (without it, from the copies minigpt ships).
 DATA_FILES = ["sms_spam/SMSSpamCollection.tsv"]
 
 PAD = 50256

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import QuietHandler
 from test_jobs import signal_after_step
-import torch
 from torch import nn
 
 from minigpt import runtime
@@ -32,7 +32,7 @@ from minigpt.jobs.pretrain import PretrainConfig
 from minigpt.model import GPTModel
 from minigpt.tokenizer import get_gpt2_tokenizer
 
-# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+# Files this module reads from the data folder (without it, from the copies minigpt ships).
 DATA_FILES = ["sms_spam/SMSSpamCollection.tsv", "instruct/instruction-data.json"]
 
 REPO = Path(__file__).resolve().parents[1]

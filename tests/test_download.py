@@ -27,7 +27,7 @@ from minigpt import corpora, files, sources
 from minigpt.download import PinnedFile, download, fetch
 from minigpt.files import ChecksumError, cache_dir, data_dir, sha256_of, write_bytes, write_json, write_text
 
-# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+# Files this module reads from the data folder (without it, from the copies minigpt ships).
 DATA_FILES = ["SHA256SUMS", "sms_spam/SMSSpamCollection.tsv"]
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("only_localhost")]

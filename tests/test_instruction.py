@@ -24,7 +24,7 @@ from minigpt.model import GPTModel
 from minigpt.tokenizer import get_gpt2_tokenizer
 from minigpt.training import TrainConfig, train_model
 
-# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+# Files this module reads from the data folder (without it, from the copies minigpt ships).
 DATA_FILES = ["instruct/instruction-data.json"]
 
 PAD = 50256

@@ -15,7 +15,7 @@ from minigpt.labelled_data import (
     split_examples,
 )
 
-# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+# Files this module reads from the data folder (without it, from the copies minigpt ships).
 DATA_FILES = ["sms_spam/SMSSpamCollection.tsv"]
 
 

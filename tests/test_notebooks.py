@@ -9,7 +9,7 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+# Files this module reads from the data folder (without it, from the copies minigpt ships).
 DATA_FILES = ["sms_spam/SMSSpamCollection.tsv", "instruct/instruction-data.json",
               "instruct/instruction-data-with-preference.json"]
 

@@ -48,7 +48,7 @@ from minigpt.preference import (
 from minigpt.tokenizer import get_gpt2_tokenizer
 from minigpt.training import TrainConfig, train_model
 
-# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+# Files this module reads from the data folder (without it, from the copies minigpt ships).
 DATA_FILES = ["instruct/instruction-data-with-preference.json", "instruct/instruction-data.json"]
 
 SMALL = GPTConfig(vocab_size=50257, context_length=96, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)

@@ -38,7 +38,7 @@ from minigpt.hub import GPT2_REPOS, LLAMA_REPOS, check_model_name, download_llam
 from minigpt.instruction import ALPACA, ChatTemplateFormat, PromptFormat
 from minigpt.jobs.quantize import check_quantize, load_quantized, quantize_field
 from minigpt.lora import apply_lora, merge_lora, save_lora
-from minigpt.losses import LossFn, next_token_loss, perplexity, summed_loss_and_metrics
+from minigpt.losses import LossFn, has_perplexity, next_token_loss, perplexity, summed_loss_and_metrics
 from minigpt.model import GPTModel, evaluating
 from minigpt.neftune import disable_neftune, enable_neftune
 from minigpt.plots import plot_losses
@@ -293,7 +293,7 @@ def finish(run: Run, history: History, test_loader: DataLoader, metrics: dict[st
     the saved model is a full-precision one."""
     scores = split_scores(run, test_loader, loss_fn)
     metrics = {**metrics, "test_loss": scores["loss"]}
-    if loss_fn is next_token_loss:
+    if has_perplexity(loss_fn):
         metrics["test_perplexity"] = perplexity(scores["loss"])
     if len(scores) > 1:
         metrics["test"] = scores
