@@ -172,7 +172,7 @@ def train_model(
             if _stop_requested(loop):
                 _checkpoint(loop)  # no-op when this step's checkpoint is saved already
                 raise TrainingInterrupted(loop.step, loop.run_dir, loop.interrupt.exit_code,
-                                          loop.interrupt.signal_name)
+                                          loop.interrupt.signal_name, loop.history)
             start = time.perf_counter()
             tokens = _optimizer_step(loop, batches)
             bar.update(1)

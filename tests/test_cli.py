@@ -293,6 +293,24 @@ def test_a_signal_stops_pretrain_with_one_line_naming_the_resume_command(tmp_pat
     assert len(json.loads((tmp_path / "run" / "history.json").read_text())["step_losses"]) == 5
 
 
+def test_ctrl_c_in_the_final_evaluation_names_the_resume_command(tmp_path, capsys, monkeypatch):
+    from minigpt.jobs import pretrain as pretrain_job
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    whole_split_loss = pretrain_job._whole_split_loss
+    monkeypatch.setattr(pretrain_job, "_whole_split_loss", ctrl_c)
+    assert main(["pretrain", *TINY_RUN, "--out-dir", str(tmp_path), "--name", "run"]) == 130
+    err = capsys.readouterr().err
+    assert f"stopped after step 2; the checkpoint is saved in {tmp_path / 'run'}. Continue with: minigpt pretrain " \
+           f"--resume {tmp_path / 'run'} --device cpu" in err
+    assert (tmp_path / "run" / "samples.txt").is_file()
+    monkeypatch.setattr(pretrain_job, "_whole_split_loss", whole_split_loss)
+    assert main(["pretrain", "--resume", str(tmp_path / "run")]) == 0  # only the final evaluation is left
+    assert "validation loss" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_ctrl_c_in_a_real_process_saves_and_the_resumed_run_repeats_the_uninterrupted_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -138,6 +138,8 @@ def test_pretrain_stops_on_a_signal_with_a_checkpoint_and_resumes_exactly(tmp_pa
     with signal_after_step(2), pytest.raises(TrainingInterrupted) as stop:
         pretrain(settings, tmp_path / "cut", device="cpu", progress=False)
     assert stop.value.exit_code == 130 and stop.value.step >= 2
+    samples = (tmp_path / "cut" / "samples.txt").read_text()  # a stopped run shows what it learned so far
+    assert "--- step 0 " in samples and "--- step 2 " in samples and (tmp_path / "cut" / "loss.png").is_file()
     resumed = pretrain(PretrainConfig.load(tmp_path / "cut"), tmp_path / "cut", resume=True, device="cpu",
                        progress=False).history
     assert resumed.step_losses == whole.step_losses and resumed.val_losses == whole.val_losses
