@@ -10,6 +10,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,33 @@ def test_a_run_that_does_not_exist_is_not_found(capsys):
     assert main(["eval", "--checkpoint", "runs/does-not-exist", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "runs/does-not-exist not found" in err and "corpus" not in err
+
+
+@pytest.mark.parametrize("command", ["serve", "chat"])
+def test_serve_and_chat_show_their_options_without_the_serve_extra(command):
+    code = ("import sys\n"
+            "for name in ('fastapi', 'uvicorn', 'pydantic', 'starlette'): sys.modules[name] = None  # not installed\n"
+            f"from minigpt.cli import main; main(['{command}', '--help'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    help = " ".join(result.stdout.split())
+    assert "--model TEXT" in help and "--preset" in help
+    if command == "serve":  # the server needs the extra: the help says which
+        assert "--port N" in help and "It needs FastAPI and uvicorn: pip install 'minigpt[serve]'." in help
+    else:  # the terminal chat needs none of it
+        assert "--temperature X" in help and "pip install" not in help
+
+
+def test_serve_on_a_busy_port_fails_before_it_announces_anything(capsys):
+    pytest.importorskip("uvicorn", reason="the serve extra")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1 port {port}: Address already in use; choose another port" in err
+    assert "serving" not in err
 
 
 # ---------------------------------------------------------------------------- generate
