@@ -170,6 +170,20 @@ def newline_model(path: Path) -> Path:
     return path
 
 
+def test_the_command_line_tools_sample_by_default_and_the_library_stays_greedy():
+    import inspect
+
+    from minigpt.generation import generate
+    from minigpt.serving.chat import ChatConfig
+
+    assert (GenerateConfig().temperature, GenerateConfig().top_k) == (0.8, 40)
+    assert ChatConfig().temperature > 0 and ChatConfig().top_k == 50
+    page = (REPO / "minigpt" / "serving" / "static" / "index.html").read_text()
+    assert 'id="temperature" type="range" min="0" max="2" step="0.05" value="0.7"' in page  # the chat's defaults
+    assert 'id="top-k" type="range" min="0" max="100" step="1" value="50"' in page
+    assert inspect.signature(generate).parameters["temperature"].default == 0.0
+
+
 def test_generate_shows_text_on_the_default_run_where_greedy_shows_only_newlines(tmp_path, capsys):
     model = str(newline_model(tmp_path / "model"))
     assert main(["generate", "--model", model, "--prompt", "First Citizen:", "--temperature", "0",
