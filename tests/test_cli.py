@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -150,6 +151,28 @@ def test_serve_on_a_busy_port_fails_before_it_announces_anything(capsys):
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1 port {port}: Address already in use; choose another port" in err
     assert "serving" not in err
+
+
+def offline_commands() -> list[str]:
+    """The commands of the README's blocks marked ``<!-- offline -->`` (the ones CI runs without network)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"<!-- offline -->\n```bash\n(.*?)```", readme, flags=re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line.startswith("minigpt ")]
+
+
+def test_every_offline_readme_command_parses_and_names_no_hub_model():
+    from minigpt.hub import GPT2_REPOS, LLAMA_REPOS
+
+    commands = offline_commands()
+    assert {" ".join(c.split()[1:3]) if " finetune " in c else c.split()[1] for c in commands} >= {
+        "generate", "eval", "info", "finetune instruct", "finetune dpo", "finetune classify", "compare", "serve", "chat"}
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        args, extras = build_parser(argv[0]).parse_known_args(argv)
+        assert not extras, command
+        assert not set(argv) & {*GPT2_REPOS, *LLAMA_REPOS}, command  # those need the hub
+        assert "--temperature" not in argv, command  # the defaults show text
 
 
 # ---------------------------------------------------------------------------- generate

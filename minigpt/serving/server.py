@@ -22,7 +22,7 @@ import torch
 
 from minigpt.chat_template import render_chat
 from minigpt.config import PRESETS
-from minigpt.hub import GPT2_REPOS, LLAMA_REPOS
+from minigpt.hub import check_model_name
 from minigpt.lora import load_lora
 from minigpt.model import GPTModel
 from minigpt.pretrained import chat_template_of, load_model, load_tokenizer
@@ -85,9 +85,7 @@ def _load_model(s: ServeConfig) -> torch.nn.Module:
         torch.manual_seed(s.seed)
         model = GPTModel(s.preset)
         return quantize_model(model, s.quantize) if s.quantize else model
-    if s.model not in GPT2_REPOS and s.model not in LLAMA_REPOS and not Path(s.model).exists():
-        raise FileNotFoundError(f"model {s.model!r} is neither a known name ({', '.join([*GPT2_REPOS, *LLAMA_REPOS])}) "
-                                "nor an existing directory")
+    check_model_name(s.model)  # a typo gets the closest name, a missing directory "not found"
     return load_model(s.model, quantize=s.quantize)
 
 
