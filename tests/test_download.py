@@ -246,6 +246,22 @@ def test_each_shipped_data_set_has_its_licence_and_attribution_beside_it(folder,
     assert folder in (files.PACKAGE_DATA_DIR / "README.md").read_text(encoding="utf-8")
 
 
+def test_the_fine_tuning_lab_reads_its_default_data_with_no_network_and_no_data_folder(monkeypatch):
+    from minigpt.evaluation import golden_from_instructions
+    from minigpt.instruction import load_instruction_data
+    from minigpt.jobs.evaluate import text_token_ids
+    from minigpt.labelled_data import load_labelled_texts
+    from minigpt.preference import load_preference_data
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: pytest.fail("went to the network"))
+    assert len(load_instruction_data()) == 1100  # finetune instruct
+    assert len(load_preference_data()) > 1000  # finetune dpo and the preference notebook
+    assert len(load_labelled_texts("spam")) > 5000  # finetune classify
+    assert len(golden_from_instructions()) == 110  # compare's golden set
+    assert len(text_token_ids("wikitext2", max_tokens=1000)) == 1000  # compare's forgetting check
+    assert not any((cache_dir() / relpath).exists() for relpath in sources.PINNED_FILES)  # only token ids cached
+
+
 def test_gpt2_files_ship_with_their_licence():
     licence = (files.PACKAGE_DATA_DIR / "gpt2" / "LICENSE").read_text(encoding="utf-8")
     assert licence.startswith("Modified MIT License\n\nSoftware Copyright (c) 2019 OpenAI")
