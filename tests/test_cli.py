@@ -165,8 +165,9 @@ def test_every_offline_readme_command_parses_and_names_no_hub_model():
     from minigpt.hub import GPT2_REPOS, LLAMA_REPOS
 
     commands = offline_commands()
-    assert {" ".join(c.split()[1:3]) if " finetune " in c else c.split()[1] for c in commands} >= {
-        "generate", "eval", "info", "finetune instruct", "finetune dpo", "finetune classify", "compare", "serve", "chat"}
+    named = {" ".join(c.split()[1:3]) if " finetune " in c else c.split()[1] for c in commands}
+    assert named >= {"generate", "eval", "info", "finetune instruct", "finetune dpo", "finetune classify", "compare",
+                     "serve", "chat"}
     for command in commands:
         argv = shlex.split(command)[1:]
         args, extras = build_parser(argv[0]).parse_known_args(argv)
