@@ -141,6 +141,16 @@ def test_serve_and_chat_show_their_options_without_the_serve_extra(command):
         assert "--temperature X" in help and "pip install" not in help
 
 
+def test_chat_answers_without_the_serve_extra():
+    code = ("import sys\n"
+            "for name in ('fastapi', 'uvicorn', 'pydantic', 'starlette'): sys.modules[name] = None  # not installed\n"
+            "from minigpt.cli import main; sys.exit(main(['chat', '--max-tokens', '3', '--device', 'cpu']))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            input="Hello\n", env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "you> model> " in result.stdout  # one answer, then Ctrl-D (the end of the input) leaves
+
+
 def test_serve_on_a_busy_port_fails_before_it_announces_anything(capsys):
     pytest.importorskip("uvicorn", reason="the serve extra")
     with socket.socket() as busy:
