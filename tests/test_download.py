@@ -262,6 +262,17 @@ def test_the_fine_tuning_lab_reads_its_default_data_with_no_network_and_no_data_
     assert not any((cache_dir() / relpath).exists() for relpath in sources.PINNED_FILES)  # only token ids cached
 
 
+def test_without_the_data_folder_tests_read_the_shipped_copies_and_skip_only_for_unshipped_files(tmp_path,
+                                                                                                  monkeypatch):
+    from conftest import _need_data
+
+    monkeypatch.setenv("MINIGPT_TEST_DATA", str(tmp_path / "absent"))
+    assert _need_data("tinyshakespeare.txt", "sms_spam/SMSSpamCollection.tsv") == files.PACKAGE_DATA_DIR
+    with pytest.raises(pytest.skip.Exception, match=r"needs SHA256SUMS from the data folder .*absent "
+                                                    r"\(minigpt does not ship it\)"):
+        _need_data("tinyshakespeare.txt", "SHA256SUMS")  # the message names only the file that is not shipped
+
+
 def test_gpt2_files_ship_with_their_licence():
     licence = (files.PACKAGE_DATA_DIR / "gpt2" / "LICENSE").read_text(encoding="utf-8")
     assert licence.startswith("Modified MIT License\n\nSoftware Copyright (c) 2019 OpenAI")
