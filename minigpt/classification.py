@@ -35,7 +35,7 @@ from minigpt.data import tokenize
 from minigpt.files import write_json
 from minigpt.labelled_data import Example, label_names_of
 from minigpt.linear import Linear
-from minigpt.losses import IGNORE_INDEX
+from minigpt.losses import IGNORE_INDEX, next_token_loss
 from minigpt.model import GPTModel, evaluating
 from minigpt.runtime import select_device
 from minigpt.state_dict import tensor_mismatches
@@ -212,6 +212,12 @@ class ClassifierTraining:
     accuracy_after: dict[str, float]
 
 
+def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The next-token loss, scored only at each text's label position (see the module docstring):
+    a cross-entropy over the classes, not over the vocabulary, so no perplexity is logged for it."""
+    return next_token_loss(model, batch)
+
+
 def train_classifier(
     model: GPTModel,
     train_loader: DataLoader,
@@ -241,7 +247,8 @@ def train_classifier(
     settings: dict[str, Any] = {} if precision is None else {"precision": precision}
     config = TrainConfig(max_steps=epochs * len(train_loader), lr=lr, min_lr=lr, warmup_steps=0,
                          weight_decay=weight_decay, eval_every=eval_every, eval_iter=eval_iter, **settings)
-    history = train_model(model, train_loader, val_loader, config, device=device, progress=progress)
+    history = train_model(model, train_loader, val_loader, config, device=device, loss_fn=classification_loss,
+                          progress=progress)
     after = {"train": calc_accuracy_loader(train_loader, model, device),
              "val": calc_accuracy_loader(val_loader, model, device)}
     return ClassifierTraining(history, before, after)
