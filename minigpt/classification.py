@@ -9,7 +9,8 @@ That makes a label just another next-token target. A classification example is
 ``(input_ids, targets)`` like a pretraining one, except that ``targets`` is
 ``-100`` (ignored by the loss) everywhere but the last real token, which holds
 the class id. Padding after the text is never read, so the training loop's
-ordinary next-token loss (``minigpt.losses.next_token_loss``) trains a
+ordinary next-token loss (``minigpt.losses.next_token_loss``; named
+:func:`classification_loss` here, a loss over classes, with no perplexity) trains a
 classifier unchanged, and a padded text gets exactly the scores of the unpadded one.
 
 Reading, balancing and splitting the labelled texts is :mod:`minigpt.labelled_data`.
