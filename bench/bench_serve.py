@@ -35,7 +35,8 @@ import torch
 
 from minigpt.serving import create_app, load_engine
 from minigpt.serving.protocol import Limits
-from minigpt.serving.server import BackgroundServer, ServeConfig
+from minigpt.serving.server import BackgroundServer
+from minigpt.serving.settings import ServeConfig
 
 KINDS = ("completion", "completion-stream", "chat", "chat-stream")
 

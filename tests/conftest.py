@@ -14,6 +14,8 @@ import tiktoken
 import torch
 from tiktoken_ext.openai_public import r50k_pat_str
 
+from minigpt.io.files import PACKAGE_DATA_DIR
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 
@@ -23,20 +25,24 @@ def _data_root() -> Path:
 
 
 def _need_data(*relpaths: str) -> Path:
-    """The data folder, or a skip that names the files a test needs from it."""
+    """The data folder; without it, the package's own copies when it ships every file asked for;
+    else a skip that names the files minigpt does not ship."""
     root = _data_root()
-    missing = [relpath for relpath in relpaths if not (root / relpath).is_file()]
-    if not root.is_dir() or missing:
-        names = ", ".join(missing or relpaths) or "its files"
-        pytest.skip(f"needs {names} from the data folder {root} (not shipped with minigpt)")
-    return root
+    if root.is_dir() and all((root / relpath).is_file() for relpath in relpaths):
+        return root
+    unshipped = [relpath for relpath in relpaths if not (PACKAGE_DATA_DIR / relpath).is_file()]
+    if not unshipped:
+        return PACKAGE_DATA_DIR
+    pytest.skip(f"needs {', '.join(unshipped)} from the data folder {root} (minigpt does not ship "
+                f"{'it' if len(unshipped) == 1 else 'them'})")
 
 
 @pytest.fixture
 def data_path(request) -> Path:
-    """The folder of real data that minigpt does not ship (``../shared/data``, or
-    ``$MINIGPT_TEST_DATA``). A test module lists the files it reads from it in ``DATA_FILES``;
-    where the folder or one of them is absent, the test is skipped with their names."""
+    """The folder of real data (``../shared/data``, or ``$MINIGPT_TEST_DATA``), an independent copy
+    of what minigpt ships plus reference files it does not. A test module lists the files it reads
+    from it in ``DATA_FILES``; without the folder, the shipped copies stand in, and a test that needs
+    a file minigpt does not ship is skipped with its name."""
     return _need_data(*getattr(request.module, "DATA_FILES", ()))
 
 

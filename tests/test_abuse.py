@@ -30,7 +30,8 @@ from minigpt.models.gpt2.model import GPTModel  # noqa: E402
 from minigpt.serving import Engine, Limits, create_app  # noqa: E402
 from minigpt.serving.engine import StopMatcher, TokenEvent  # noqa: E402
 from minigpt.serving.responses import CompletionChoice  # noqa: E402
-from minigpt.serving.server import BackgroundServer, ServeConfig  # noqa: E402
+from minigpt.serving.server import BackgroundServer  # noqa: E402
+from minigpt.serving.settings import ServeConfig  # noqa: E402
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer  # noqa: E402
 
 CFG = dict(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=True)

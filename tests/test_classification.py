@@ -3,6 +3,7 @@ and freezing, padding-proof pooling, saving and checked loading, and a classifie
 really learns spam from the real data."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.tokenizers.gpt2 import PAD_TOKEN_ID, get_gpt2_tokenizer
 
-# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+# Files this module reads from the data folder (without it, from the copies minigpt ships).
 DATA_FILES = ["sms_spam/SMSSpamCollection.tsv"]
 
 PAD = 50256
@@ -182,7 +183,7 @@ def test_lora_on_a_classifier_trains_only_the_adapters_and_merges_back(tmp_path)
 # --- learning ------------------------------------------------------------------------------
 
 
-def test_a_small_random_gpt_learns_spam_far_above_chance(data_dir, tmp_path, one_thread):
+def test_a_small_random_gpt_learns_spam_far_above_chance(data_dir, tmp_path, one_thread, caplog):
     sms = load_labelled_texts("spam")
     train, val, test = split_examples(balance_classes(sms, seed=123), seed=123)
     tokenizer = get_gpt2_tokenizer()
@@ -193,11 +194,13 @@ def test_a_small_random_gpt_learns_spam_far_above_chance(data_dir, tmp_path, one
     cfg = GPTConfig(vocab_size=50257, context_length=32, emb_dim=64, n_heads=2, n_layers=2,
                     drop_rate=0.0, tie_weights=True)
     model = make_classifier(GPTModel(cfg), num_classes=2, trainable="all")
-    result = train_classifier(
-        model, DataLoader(train_set, batch_size=16, shuffle=True, drop_last=True),
-        DataLoader(val_set, batch_size=32), epochs=2, lr=1e-3, eval_every=20, eval_iter=2,
-        device="cpu", progress=False, precision="float32",
-    )
+    with caplog.at_level(logging.INFO, logger="minigpt.training"):
+        result = train_classifier(
+            model, DataLoader(train_set, batch_size=16, shuffle=True, drop_last=True),
+            DataLoader(val_set, batch_size=32), epochs=2, lr=1e-3, eval_every=20, eval_iter=2,
+            device="cpu", progress=False, precision="float32",
+        )
+    assert "val loss" in caplog.text and "perplexity" not in caplog.text  # a loss over 2 classes, not the vocabulary
     # On balanced classes, always answering one class scores 50 %.
     assert result.accuracy_before["val"] < 0.65
     assert result.accuracy_after["train"] > 0.9

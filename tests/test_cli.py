@@ -9,12 +9,15 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import QuietHandler
 from test_jobs import signal_after_step
 from torch import nn
@@ -31,7 +34,7 @@ from minigpt.models.gpt2.model import GPTModel
 from minigpt.runtime import runtime
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
-# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+# Files this module reads from the data folder (without it, from the copies minigpt ships).
 DATA_FILES = ["sms_spam/SMSSpamCollection.tsv", "instruct/instruction-data.json"]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +75,7 @@ def test_help_takes_its_defaults_from_the_settings(capsys):
     text = " ".join(capsys.readouterr().out.split())
     defaults = GenerateConfig()
     assert f"(default: {defaults.temperature})" in text and f"(default: {defaults.max_new_tokens})" in text
-    assert "--top-k N sample only among the k likeliest tokens (default: no limit)" in text
+    assert "--top-k N sample only among the k likeliest tokens (default: 40)" in text
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -95,7 +98,135 @@ def test_options_left_out_are_not_in_the_namespace():
     assert not hasattr(args, "lr")  # the settings keep their own lr
 
 
+def test_a_mistyped_option_gets_the_sub_command_s_usage_and_the_closest_option(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--temprature", "0.5"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: minigpt generate ")  # not the top level's usage
+    assert "unrecognized arguments: --temprature 0.5 (did you mean --temperature?)" in err
+    with pytest.raises(SystemExit):
+        main(["finetune", "dpo", "--lora-rnk", "8"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: minigpt finetune dpo ") and "(did you mean --lora-rank?)" in err
+
+
+@pytest.mark.parametrize("command", [["generate", "--model"], ["eval", "--checkpoint"],
+                                     ["compare", "--adapter", "adapter.safetensors", "--base"]])
+def test_a_mistyped_model_name_gets_the_closest_name_and_every_known_one(command, capsys):
+    assert main([*command, "gpt2-smal", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "'gpt2-smal' is not a model minigpt knows: did you mean 'gpt2-small'?" in err
+    assert "gpt2-xl" in err and "smollm2-135m" in err and "qwen3-0.6b" in err  # the Llama family too
+
+
+def test_a_run_that_does_not_exist_is_not_found(capsys):
+    assert main(["eval", "--checkpoint", "runs/does-not-exist", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "runs/does-not-exist not found" in err and "corpus" not in err
+
+
+@pytest.mark.parametrize("command", ["serve", "chat"])
+def test_serve_and_chat_show_their_options_without_the_serve_extra(command):
+    code = ("import sys\n"
+            "for name in ('fastapi', 'uvicorn', 'pydantic', 'starlette'): sys.modules[name] = None  # not installed\n"
+            f"from minigpt.cli import main; main(['{command}', '--help'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    help = " ".join(result.stdout.split())
+    assert "--model TEXT" in help and "--preset" in help
+    if command == "serve":  # the server needs the extra: the help says which
+        assert "--port N" in help and "It needs FastAPI and uvicorn: pip install 'minigpt[serve]'." in help
+    else:  # the terminal chat needs none of it
+        assert "--temperature X" in help and "pip install" not in help
+
+
+def test_chat_answers_without_the_serve_extra():
+    code = ("import sys\n"
+            "for name in ('fastapi', 'uvicorn', 'pydantic', 'starlette'): sys.modules[name] = None  # not installed\n"
+            "from minigpt.cli import main; sys.exit(main(['chat', '--max-tokens', '3', '--device', 'cpu']))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            input="Hello\n", env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "you> model> " in result.stdout  # one answer, then Ctrl-D (the end of the input) leaves
+
+
+def test_serve_on_a_busy_port_fails_before_it_announces_anything(capsys):
+    pytest.importorskip("uvicorn", reason="the serve extra")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1 port {port}: Address already in use; choose another port" in err
+    assert "serving" not in err
+
+
+def offline_commands() -> list[str]:
+    """The commands of the README's blocks marked ``<!-- offline -->`` (the ones CI runs without network)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"<!-- offline -->\n```bash\n(.*?)```", readme, flags=re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line.startswith("minigpt ")]
+
+
+def test_every_offline_readme_command_parses_and_names_no_hub_model():
+    from minigpt.io.hub import GPT2_REPOS, LLAMA_REPOS
+
+    commands = offline_commands()
+    named = {" ".join(c.split()[1:3]) if " finetune " in c else c.split()[1] for c in commands}
+    assert named >= {"generate", "eval", "info", "finetune instruct", "finetune dpo", "finetune classify", "compare",
+                     "serve", "chat"}
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        args, extras = build_parser(argv[0]).parse_known_args(argv)
+        assert not extras, command
+        assert not set(argv) & {*GPT2_REPOS, *LLAMA_REPOS}, command  # those need the hub
+        assert "--temperature" not in argv, command  # the defaults show text
+
+
 # ---------------------------------------------------------------------------- generate
+
+
+def newline_model(path: Path) -> Path:
+    """A model whose likeliest next token is always "\n" (as a briefly pretrained one's often
+    is), with a few words close behind: greedy decoding of it writes nothing but newlines."""
+    tokenizer = get_gpt2_tokenizer()
+    model = GPTModel(dataclasses.replace(SMALL, tie_weights=False))
+    with torch.no_grad():
+        model.final_norm.scale.zero_()  # the last hidden state is the shift, whatever the input
+        model.final_norm.shift.fill_(1.0)
+        model.out_head.weight.zero_()  # logit of token t = the sum of out_head.weight[t]
+        model.out_head.weight[tokenizer.encode(" the cat sat on a mat and the dog ran home")] = 1.0 / SMALL.emb_dim
+        model.out_head.weight[tokenizer.encode("\n")] = 2.0 / SMALL.emb_dim
+    model.save_pretrained(path)
+    return path
+
+
+def test_the_command_line_tools_sample_by_default_and_the_library_stays_greedy():
+    import inspect
+
+    from minigpt.generation.generate import generate
+    from minigpt.serving.chat import ChatConfig
+
+    assert (GenerateConfig().temperature, GenerateConfig().top_k) == (0.8, 40)
+    assert ChatConfig().temperature > 0 and ChatConfig().top_k == 50
+    page = (REPO / "minigpt" / "serving" / "static" / "index.html").read_text()
+    assert 'id="temperature" type="range" min="0" max="2" step="0.05" value="0.7"' in page  # the chat's defaults
+    assert 'id="top-k" type="range" min="0" max="100" step="1" value="50"' in page
+    assert inspect.signature(generate).parameters["temperature"].default == 0.0
+
+
+def test_generate_shows_text_on_the_default_run_where_greedy_shows_only_newlines(tmp_path, capsys):
+    model = str(newline_model(tmp_path / "model"))
+    assert main(["generate", "--model", model, "--prompt", "First Citizen:", "--temperature", "0",
+                 "--device", "cpu"]) == 0
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("First Citizen:") and greedy.removeprefix("First Citizen:").strip() == ""
+    assert main(["generate", "--model", model, "--prompt", "First Citizen:", "--device", "cpu"]) == 0  # defaults
+    sampled = capsys.readouterr().out.removeprefix("First Citizen:")
+    assert len(re.findall(r"[a-z]+", sampled)) >= 10  # words, not only newlines
 
 
 @pytest.mark.parametrize("option, value, words", [
@@ -256,6 +387,24 @@ def test_a_signal_stops_pretrain_with_one_line_naming_the_resume_command(tmp_pat
     assert "Traceback" not in err and "done in" not in out
     assert main(stop[0].split("Continue with: minigpt ")[1].split()) == 0
     assert len(json.loads((tmp_path / "run" / "history.json").read_text())["step_losses"]) == 5
+
+
+def test_ctrl_c_in_the_final_evaluation_names_the_resume_command(tmp_path, capsys, monkeypatch):
+    from minigpt.jobs import pretrain as pretrain_job
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    whole_split_loss = pretrain_job._whole_split_loss
+    monkeypatch.setattr(pretrain_job, "_whole_split_loss", ctrl_c)
+    assert main(["pretrain", *TINY_RUN, "--out-dir", str(tmp_path), "--name", "run"]) == 130
+    err = capsys.readouterr().err
+    assert f"stopped after step 2; the checkpoint is saved in {tmp_path / 'run'}. Continue with: minigpt pretrain " \
+           f"--resume {tmp_path / 'run'} --device cpu" in err
+    assert (tmp_path / "run" / "samples.txt").is_file()
+    monkeypatch.setattr(pretrain_job, "_whole_split_loss", whole_split_loss)
+    assert main(["pretrain", "--resume", str(tmp_path / "run")]) == 0  # only the final evaluation is left
+    assert "validation loss" in capsys.readouterr().out
 
 
 @pytest.mark.slow

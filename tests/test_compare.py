@@ -98,9 +98,49 @@ def test_a_judge_preferring_position_a_makes_every_verdict_a_tie(setup, http_ser
                               perplexity=False), progress=False)
     w = result.comparison.win
     assert (w.wins, w.ties, w.losses, w.rate) == (0, 3, 0, 0.5)
-    assert server.requests == [("POST", path)] * 6  # two orders per prompt
-    assert server.keys == ["Bearer s3cret"] * 6 and {b["model"] for b in server.bodies} == {"big"}
+    assert server.requests == [("POST", path)] * 7  # the check that it answers, then two orders per prompt
+    assert server.keys == ["Bearer s3cret"] * 7 and {b["model"] for b in server.bodies} == {"big"}
     assert f"big at {server.base_url}{path}" in result.report
+
+
+@pytest.fixture
+def no_answers(monkeypatch):
+    """compare fails the test if a model starts answering."""
+    monkeypatch.setattr("minigpt.jobs.compare.answer_prompts",
+                        lambda *args, **kwargs: pytest.fail("a model answered before every input was checked"))
+
+
+@pytest.mark.parametrize(("change", "error", "words"), [
+    ({"perplexity_text": "missing.txt"}, (FileNotFoundError, ValueError), "missing.txt"),
+    ({"golden": "missing.jsonl"}, FileNotFoundError, "no golden set at missing.jsonl"),
+    ({"candidate": "runs/does-not-exist"}, FileNotFoundError, "runs/does-not-exist not found"),
+    ({"adapter": "missing.safetensors"}, FileNotFoundError, "adapter missing.safetensors not found"),
+    ({"judge": "openai:http://127.0.0.1:9/v1"}, ConnectionError, "did not answer"),  # port 9: nothing listens
+])
+def test_every_input_is_checked_before_any_model_answers(setup, no_answers, change, error, words, monkeypatch):
+    monkeypatch.chdir(setup)
+    with pytest.raises(error, match=words):
+        compare(settings(setup, **change), progress=False)
+    assert not (setup / "out").exists()
+
+
+def test_a_failure_after_judging_leaves_the_report_of_what_was_done(setup, one_thread, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr("minigpt.jobs.compare.sliding_window_perplexity", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        compare(settings(setup), progress=False)
+    report = (setup / "out" / "report.md").read_text()
+    assert "| judge | prompts | wins | ties | losses |" in report  # the win rate was measured and is kept
+    assert "compare stopped while measuring perplexity: RuntimeError('out of memory')" in report
+    assert (setup / "out" / "answers.jsonl").is_file() and (setup / "out" / "win_rate.png").is_file()
+
+
+def test_the_report_says_which_judge_ran_and_what_it_cannot_see(setup, one_thread):
+    report = compare(settings(setup, perplexity=False), progress=False).report
+    assert "Judged by ROUGE-L overlap (margin 0.02): the overlap judge counts the words" in report
+    assert "cannot see whether an answer is right" in report and "| degenerate answers |" in report
 
 
 def test_a_minigpt_model_can_judge(setup, one_thread):

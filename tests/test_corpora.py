@@ -14,7 +14,7 @@ from minigpt.io.download import PinnedFile
 from minigpt.io.files import cache_dir
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
-# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+# Files this module reads from the data folder (without it, from the copies minigpt ships).
 DATA_FILES = ["tinyshakespeare.txt"]
 
 

@@ -28,14 +28,14 @@ from minigpt.io import files, sources
 from minigpt.io.download import PinnedFile, download, fetch
 from minigpt.io.files import ChecksumError, cache_dir, data_dir, sha256_of, write_bytes, write_json, write_text
 
-# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+# Files this module reads from the data folder (without it, from the copies minigpt ships).
 DATA_FILES = ["SHA256SUMS", "sms_spam/SMSSpamCollection.tsv"]
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("only_localhost")]
 TIMEOUT = 5.0  # seconds; every request below is to 127.0.0.1 and answers at once
 CONTENT = random.Random(0).randbytes(300_000)
 CONTENT_SHA256 = hashlib.sha256(CONTENT).hexdigest()
-SHIPPED = [sources.GPT2_ENCODER_JSON, sources.GPT2_VOCAB_BPE, sources.THE_VERDICT, sources.TINY_SHAKESPEARE]
+SHIPPED = list(sources.PINNED_FILES.values())  # every pinned file ships: only model weights need a network
 
 
 class RangeHandler(QuietHandler):
@@ -236,6 +236,44 @@ def test_shipped_files_need_no_network_and_no_data_dir(pinned, monkeypatch):
     assert not cache_dir().exists()
 
 
+@pytest.mark.parametrize(("folder", "licence", "attribution"), [
+    ("instruct", "Apache License\n                           Version 2.0, January 2004", "generated with Llama 3.1"),
+    ("sms_spam", "Creative Commons Attribution 4.0", "Almeida"),
+    ("wikitext2", "Creative Commons Attribution-ShareAlike 3.0", "Merity"),
+])
+def test_each_shipped_data_set_has_its_licence_and_attribution_beside_it(folder, licence, attribution):
+    text = (files.PACKAGE_DATA_DIR / folder / "LICENSE").read_text(encoding="utf-8")
+    assert licence in text and attribution in text
+    assert folder in (files.PACKAGE_DATA_DIR / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_fine_tuning_lab_reads_its_default_data_with_no_network_and_no_data_folder(monkeypatch):
+    from minigpt.evaluation.comparison import golden_from_instructions
+    from minigpt.finetuning.instruction import load_instruction_data
+    from minigpt.finetuning.labelled_data import load_labelled_texts
+    from minigpt.finetuning.preference import load_preference_data
+    from minigpt.jobs.evaluate import text_token_ids
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: pytest.fail("went to the network"))
+    assert len(load_instruction_data()) == 1100  # finetune instruct
+    assert len(load_preference_data()) > 1000  # finetune dpo and the preference notebook
+    assert len(load_labelled_texts("spam")) > 5000  # finetune classify
+    assert len(golden_from_instructions()) == 110  # compare's golden set
+    assert len(text_token_ids("wikitext2", max_tokens=1000)) == 1000  # compare's forgetting check
+    assert not any((cache_dir() / relpath).exists() for relpath in sources.PINNED_FILES)  # only token ids cached
+
+
+def test_without_the_data_folder_tests_read_the_shipped_copies_and_skip_only_for_unshipped_files(tmp_path,
+                                                                                                  monkeypatch):
+    from conftest import _need_data
+
+    monkeypatch.setenv("MINIGPT_TEST_DATA", str(tmp_path / "absent"))
+    assert _need_data("tinyshakespeare.txt", "sms_spam/SMSSpamCollection.tsv") == files.PACKAGE_DATA_DIR
+    with pytest.raises(pytest.skip.Exception, match=r"needs SHA256SUMS from the data folder .*absent "
+                                                    r"\(minigpt does not ship it\)"):
+        _need_data("tinyshakespeare.txt", "SHA256SUMS")  # the message names only the file that is not shipped
+
+
 def test_gpt2_files_ship_with_their_licence():
     licence = (files.PACKAGE_DATA_DIR / "gpt2" / "LICENSE").read_text(encoding="utf-8")
     assert licence.startswith("Modified MIT License\n\nSoftware Copyright (c) 2019 OpenAI")
@@ -294,10 +332,10 @@ def zip_of(members: dict[str, bytes]) -> bytes:
 
 def test_zip_member_is_extracted_verified_and_kept_alone(server):
     (server.root / "sms+spam+collection.zip").write_bytes(zip_of({"readme": b"about", "SMSSpamCollection": SPAM}))
-    pinned = served(server, "sms_spam/SMSSpamCollection.tsv", hashlib.sha256(SPAM).hexdigest(),
+    pinned = served(server, "zipped/SMSSpamCollection.tsv", hashlib.sha256(SPAM).hexdigest(),
                     "sms+spam+collection.zip", member="SMSSpamCollection")
     path = fetch(pinned, progress=False)
-    assert path == cache_dir() / "sms_spam" / "SMSSpamCollection.tsv"
+    assert path == cache_dir() / "zipped" / "SMSSpamCollection.tsv"
     assert path.read_bytes() == SPAM
     assert os.listdir(path.parent) == [path.name]  # the archive is gone, no temporary file is left
     assert fetch(pinned, progress=False) == path  # the second time from the cache
@@ -306,24 +344,25 @@ def test_zip_member_is_extracted_verified_and_kept_alone(server):
 
 def test_zip_member_with_the_wrong_checksum_is_not_kept(server):
     (server.root / "spam.zip").write_bytes(zip_of({"SMSSpamCollection": SPAM}))
-    pinned = served(server, "sms_spam/SMSSpamCollection.tsv", "0" * 64, "spam.zip", member="SMSSpamCollection")
+    pinned = served(server, "zipped/SMSSpamCollection.tsv", "0" * 64, "spam.zip", member="SMSSpamCollection")
     with pytest.raises(ChecksumError, match=f"SMSSpamCollection in .* has SHA-256 {hashlib.sha256(SPAM).hexdigest()}"):
         fetch(pinned, progress=False)
-    assert os.listdir(cache_dir() / "sms_spam") == []  # neither the member nor the archive
+    assert os.listdir(cache_dir() / "zipped") == []  # neither the member nor the archive
 
 
 def test_zip_without_the_member_is_an_error_naming_it(server):
     (server.root / "spam.zip").write_bytes(zip_of({"readme": b"about"}))
-    pinned = served(server, "sms_spam/SMSSpamCollection.tsv", hashlib.sha256(SPAM).hexdigest(), "spam.zip",
+    pinned = served(server, "zipped/SMSSpamCollection.tsv", hashlib.sha256(SPAM).hexdigest(), "spam.zip",
                     member="SMSSpamCollection")
     with pytest.raises(ChecksumError, match="not a zip archive holding SMSSpamCollection"):
         fetch(pinned, progress=False)
-    assert os.listdir(cache_dir() / "sms_spam") == []
+    assert os.listdir(cache_dir() / "zipped") == []
 
 
-def test_sms_spam_is_extracted_from_uci_s_archive(server, data_path):
+def test_sms_spam_is_extracted_from_uci_s_archive(server, data_path, tmp_path, monkeypatch):
     # The registry's real entry (member name, checksum), served from a zip made of the real file.
     real = (data_path / sources.SMS_SPAM.relpath).read_bytes()
+    monkeypatch.setattr(files, "PACKAGE_DATA_DIR", tmp_path / "no-package-data")  # a package built without it
     (server.root / "sms+spam+collection.zip").write_bytes(zip_of({"readme": b"", "SMSSpamCollection": real}))
     pinned = dataclasses.replace(sources.SMS_SPAM, url=server.url("sms+spam+collection.zip"))
     assert fetch(pinned, progress=False).read_bytes() == real
@@ -339,6 +378,7 @@ def test_offline_fetch_says_which_file_to_place_where(tmp_path, monkeypatch):
         raise urllib.error.URLError("network is unreachable")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(files, "PACKAGE_DATA_DIR", tmp_path / "no-package-data")  # a package built without them
     with pytest.raises(ConnectionError) as err:
         fetch(sources.SMS_SPAM, progress=False)
     message = str(err.value)
@@ -371,7 +411,7 @@ def test_every_pinned_file_has_the_checksum_of_the_data_folder(data_path):
 def test_shipped_files_are_the_registered_ones_and_equal_the_data_folder(data_path):
     shipped = sorted(
         path.relative_to(files.PACKAGE_DATA_DIR).as_posix() for path in files.PACKAGE_DATA_DIR.rglob("*")
-        if path.is_file() and path.name not in ("LICENSE", "README.md")
+        if path.is_file() and path.name not in ("LICENSE", "README.md", "readme.txt")
     )
     assert shipped == sorted(pinned.relpath for pinned in SHIPPED)
     sums = sha256_sums(data_path)
@@ -451,7 +491,7 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
 def test_pip_install_ships_every_file_of_the_package_data():
     # The globs of pyproject.toml's [tool.setuptools.package-data], as setuptools expands them.
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    project = Path(files.__file__).resolve().parents[1]
+    project = Path(files.__file__).resolve().parents[2]  # minigpt/io/files.py -> the project
     globs = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"][
         "package-data"]["minigpt"]
     package = project / "minigpt"

@@ -4,6 +4,7 @@ batched answers equal to answering each prompt alone, the win rate and its boots
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -154,9 +155,20 @@ def comparison() -> Comparison:
 def test_report_table_shows_counts_rate_scores_lengths_and_perplexity():
     table = report_table(comparison())
     assert "| ROUGE-L overlap | 3 | 1 | 1 | 1 | 0.500 (" in table
-    assert "| base | gpt2 | 20.0 | 1.7 | 30.00 |" in table  # scores 10 and 30 (one missing); 5 words / 3
-    assert "| candidate | runs/instruct | 80.0 | 1.0 | 33.00 |" in table
+    assert "| base | gpt2 | 20.0 | 1.7 | 0% | 30.00 |" in table  # scores 10 and 30 (one missing); 5 words / 3
+    assert "| candidate | runs/instruct | 80.0 | 1.0 | 0% | 33.00 |" in table
     assert "perplexity (wikitext2)" in table
+
+
+def test_report_table_shows_the_share_of_degenerate_answers_and_what_the_judge_cannot_see():
+    c = dataclasses.replace(comparison(), judge_limits="it cannot see whether an answer is right")
+    c.base_answers = ["", "chien", "Add two and two."]  # empty, fine, the prompt echoed
+    c.candidate_answers = ["Blue blue is blue blue is.", "chat", "Four."]  # a loop, fine, fine
+    table = report_table(c)
+    assert "| degenerate answers |" in table
+    assert "| base | gpt2 | 20.0 | 1.7 | 67% | 30.00 |" in table
+    assert "| candidate | runs/instruct | 80.0 | 2.7 | 33% | 33.00 |" in table
+    assert "Judged by ROUGE-L overlap: it cannot see whether an answer is right." in table
 
 
 def test_result_rows_keep_both_answers_and_every_verdict():

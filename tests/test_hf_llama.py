@@ -191,7 +191,7 @@ def test_truncated_file_and_missing_config_fail_clearly(tmp_path):
     (directory / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json"):
         load(directory)
-    with pytest.raises(ValueError, match="nowhere'. no such directory"):
+    with pytest.raises(FileNotFoundError, match="nowhere not found"):
         load(tmp_path / "nowhere")
 
 

@@ -22,7 +22,7 @@ from minigpt.models.gpt2.model import GPTModel
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 from minigpt.training.loop import TrainConfig, train_model
 
-# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+# Files this module reads from the data folder (without it, from the copies minigpt ships).
 DATA_FILES = ["instruct/instruction-data.json"]
 
 PAD = 50256

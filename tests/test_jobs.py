@@ -139,6 +139,8 @@ def test_pretrain_stops_on_a_signal_with_a_checkpoint_and_resumes_exactly(tmp_pa
     with signal_after_step(2), pytest.raises(TrainingInterrupted) as stop:
         pretrain(settings, tmp_path / "cut", device="cpu", progress=False)
     assert stop.value.exit_code == 130 and stop.value.step >= 2
+    samples = (tmp_path / "cut" / "samples.txt").read_text()  # a stopped run shows what it learned so far
+    assert "--- step 0 " in samples and "--- step 2 " in samples and (tmp_path / "cut" / "loss.png").is_file()
     resumed = pretrain(PretrainConfig.load(tmp_path / "cut"), tmp_path / "cut", resume=True, device="cpu",
                        progress=False).history
     assert resumed.step_losses == whole.step_losses and resumed.val_losses == whole.val_losses
@@ -180,6 +182,8 @@ def test_load_takes_a_name_a_directory_or_a_preset(tmp_path):
     with pytest.raises(ValueError, match="not a model minigpt knows: did you mean 'gpt2-small'.* smollm2-135m"):
         load("gpt2-smal")
     assert load("random:smollm2-135m", dtype=torch.bfloat16).tok_emb.weight.dtype == torch.bfloat16
+    with pytest.raises(FileNotFoundError, match="runs/does-not-exist not found"):
+        load("runs/does-not-exist")
 
 
 def spam_like(tmp_path, rows: int = 40):

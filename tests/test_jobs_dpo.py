@@ -25,7 +25,7 @@ from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.training.loop import TrainingInterrupted
 
-# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+# Files this module reads from the data folder (without it, from the copies minigpt ships).
 DATA_FILES = ["instruct/instruction-data-with-preference.json"]
 
 SMALL = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0,
@@ -73,9 +73,10 @@ def test_defaults_follow_the_book():
 
 
 def test_the_job_tunes_a_tiny_model_and_writes_what_a_reader_needs(tmp_path, base, caplog):
-    with caplog.at_level(logging.WARNING, logger="minigpt"):
+    with caplog.at_level(logging.INFO, logger="minigpt"):
         metrics = finetune_dpo(settings(tmp_path, base, eval_every=5), progress=False)
     assert "dropped 1 of 21 pairs whose chosen and rejected answers are the same" in caplog.text
+    assert "val loss" in caplog.text and "perplexity" not in caplog.text  # exp of a preference loss is no perplexity
     assert metrics["examples"] == {"train": 17, "val": 1, "test": 2}
     assert metrics["reference"] == "frozen copy"
     for split in ("val_before", "val", "test"):

@@ -15,7 +15,7 @@ from minigpt.finetuning.labelled_data import (
 from minigpt.io import sources
 from minigpt.io.files import ChecksumError
 
-# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+# Files this module reads from the data folder (without it, from the copies minigpt ships).
 DATA_FILES = ["sms_spam/SMSSpamCollection.tsv"]
 
 

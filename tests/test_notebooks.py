@@ -9,15 +9,8 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
-DATA_FILES = ["sms_spam/SMSSpamCollection.tsv", "instruct/instruction-data.json",
-              "instruct/instruction-data-with-preference.json"]
-
+# Every notebook runs with no data folder (the package ships the data they read), as on a fresh clone.
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
-
-# Notebooks that read data minigpt does not ship (the SMS spam, instruction and preference sets): they run
-# with the data folder, and are skipped, naming it, where it is absent.
-NEEDS_DATA = {"appendix_e_lora", "ch06_classification", "ch07_instruction_finetuning", "ch07_preference_tuning"}
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -46,9 +39,7 @@ def _problems(notebook) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, tmp_path, request):
-    if path.stem in NEEDS_DATA:
-        request.getfixturevalue("data_dir")
+def test_notebook_runs(path, tmp_path):
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

@@ -28,7 +28,8 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from minigpt.models.gpt2.model import GPTModel  # noqa: E402
 from minigpt.serving import Engine, create_app  # noqa: E402
-from minigpt.serving.server import BackgroundServer, ServeConfig, load_engine  # noqa: E402
+from minigpt.serving.server import BackgroundServer  # noqa: E402
+from minigpt.serving.settings import ServeConfig, load_engine  # noqa: E402
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

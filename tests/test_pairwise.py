@@ -16,6 +16,7 @@ from minigpt.evaluation.pairwise import (
     ChatPairJudge,
     ModelPairJudge,
     OverlapJudge,
+    degenerate,
     judge_both_orders,
     pairwise_prompt,
     parse_verdict,
@@ -73,6 +74,37 @@ def test_a_judge_that_prefers_position_a_gives_only_ties():
     assert verdict == ("tie", "A", "A")
 
 
+SHEEP = {"instruction": "What is the plural of sheep?", "input": "", "output": "The plural of sheep is sheep."}
+
+
+@pytest.mark.parametrize(("entry", "answer", "kind"), [
+    (SHEEP, "", "empty"), (SHEEP, "...", "empty"),
+    (SHEEP, "The plural is sheep is sheep.", "repetition"),
+    ({"instruction": "Summarize the task.", "input": "", "output": "Write a summary."},
+     "that the task that the task that the task", "repetition"),
+    (SHEEP, "What is the plural of sheep?", "echo"),
+    (SHEEP, "The plural of sheep is sheep.", None), (SHEEP, "Sheep.", None),
+    (ENTRY, GOOD, None), (ENTRY, "Very very good.", None),  # one word twice is English, not a loop
+    ({"instruction": "Repeat the word hello.", "input": "", "output": "Repeat the word hello."},
+     "Repeat the word hello.", None),  # the reference itself repeats the prompt: no echo
+])
+def test_degenerate_answers_are_named(entry, answer, kind):
+    assert degenerate(entry, answer) == kind
+
+
+def test_the_overlap_judge_scores_junk_as_a_loss():
+    # Both answers came from a model that learned the reference's words but not to stop: ROUGE-L
+    # alone prefers them to an empty base answer, or even to a correct answer in other words.
+    judge = OverlapJudge()
+    assert judge_both_orders(judge, SHEEP, "The plural is sheep is sheep.", "") == ("tie", "tie", "tie")
+    assert judge_both_orders(judge, SHEEP, "The plural is sheep is sheep.", "Sheep.") == ("loss", "B", "A")
+    assert judge_both_orders(judge, SHEEP, "What is the plural of sheep?", "Sheep.") == ("loss", "B", "A")
+    assert judge_both_orders(judge, SHEEP, "Sheep.", "") == ("win", "A", "B")
+    assert judge.score(SHEEP, "The plural is sheep is sheep.") == 0.0
+    assert judge.score(SHEEP, "The plural of sheep is sheep.") == 100.0
+    assert "cannot see whether an answer is right" in OverlapJudge.LIMITS
+
+
 def test_a_consistent_judge_decides_both_ways():
     judge = OverlapJudge()
     assert judge_both_orders(judge, ENTRY, GOOD, BAD) == ("win", "A", "B")
@@ -103,9 +135,13 @@ def chat_server(http_server, choose, ollama=False):
             bodies.append(body)
             keys.append(self.headers.get("Authorization"))
             prompt = body["messages"][0]["content"]
-            a = prompt.split("Response A: `")[1].split("`")[0]
-            b = prompt.split("Response B: `")[1].split("`")[0]
-            message = {"role": "assistant", "content": choose(a, b)}
+            if "Response A: `" in prompt:
+                a = prompt.split("Response A: `")[1].split("`")[0]
+                b = prompt.split("Response B: `")[1].split("`")[0]
+                content = choose(a, b)
+            else:  # compare's check that the judge answers
+                content = "ready"
+            message = {"role": "assistant", "content": content}
             self.send_json({"message": message} if ollama else {"choices": [{"message": message}]})
 
     server = http_server(ChatHandler)

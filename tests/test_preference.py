@@ -46,7 +46,7 @@ from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 from minigpt.training.loop import TrainConfig, train_model
 from minigpt.training.losses import input_tokens, scored_targets
 
-# Files this module reads from the data folder (not shipped); tests that need them skip, naming them.
+# Files this module reads from the data folder (without it, from the copies minigpt ships).
 DATA_FILES = ["instruct/instruction-data-with-preference.json", "instruct/instruction-data.json"]
 
 SMALL = GPTConfig(vocab_size=50257, context_length=96, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)
@@ -178,7 +178,7 @@ class FixedLogits(nn.Module):
         super().__init__()
         self.logits = logits
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.logits[:, : ids.shape[1]]
 
 

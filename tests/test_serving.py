@@ -348,7 +348,7 @@ def test_load_engine_with_adapter_and_quantization(tmp_path, engine, one_thread)
     from minigpt.lora.adapters import apply_lora
     from minigpt.lora.files import save_lora
     from minigpt.quantization.layers import is_quantized
-    from minigpt.serving.server import ServeConfig, load_engine
+    from minigpt.serving.settings import ServeConfig, load_engine
 
     engine.model.save_pretrained(tmp_path / "base")
     tuned = GPTModel(CFG)
@@ -377,7 +377,7 @@ def test_a_llama_family_directory_brings_its_tokenizer_and_chat_template(tmp_pat
     transformers = pytest.importorskip("transformers", reason="the small Llama is written by transformers")
     tokenizers = pytest.importorskip("tokenizers", reason="its tokenizer.json is trained by tokenizers")
     from minigpt.data.corpora import load_corpus
-    from minigpt.serving.server import ServeConfig, load_engine
+    from minigpt.serving.settings import ServeConfig, load_engine
     from minigpt.tokenizers.chat_template import render_chat
 
     bpe = tokenizers.Tokenizer(tokenizers.models.BPE())

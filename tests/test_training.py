@@ -138,9 +138,13 @@ def test_metrics_a_loss_returns_are_recorded_per_evaluation_and_split(caplog):
     targets = torch.cat([y for _, y in val])
     assert history.metrics["val/low"][-1] == pytest.approx((targets < 20).float().mean().item())
     assert "val   double" in caplog.text and "train double" in caplog.text
+    assert "perplexity" not in caplog.text  # exp of a loss that is not next-token cross-entropy means nothing
     # The same run without metrics has the same losses, and records none.
-    _, plain = _train(_config(eval_iter=None))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="minigpt.training"):
+        _, plain = _train(_config(eval_iter=None))
     assert plain.val_losses == history.val_losses and plain.metrics == {}
+    assert f"(perplexity {math.exp(plain.val_losses[-1]):,.1f}, " in caplog.text  # the next-token loss has one
     # Saved and read back with the history; a history saved before metrics existed still loads.
     assert History.from_dict(json.loads(json.dumps(history.to_dict()))) == history
     old = {k: v for k, v in plain.to_dict().items() if k != "metrics"}

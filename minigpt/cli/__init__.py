@@ -11,6 +11,7 @@ here on stderr.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import logging
 import os
@@ -41,8 +42,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         flags: dict[str, str] = {}
         if command in (None, name):
             module.add(p, flags)
-        p.set_defaults(func=module.run, flags=flags)
+        p.set_defaults(func=module.run, flags=flags, parser=p)  # a nested parser (finetune's tasks) sets its own
     return parser
+
+
+def unrecognized(extras: Sequence[str], parser: argparse.ArgumentParser) -> str:
+    """The error for arguments ``parser`` does not know, with the closest option of that
+    sub-command for each mistyped one: ``--temprature`` -> ``--temperature``."""
+    options = [option for action in parser._actions for option in action.option_strings]
+    hints = []
+    for extra in extras:
+        close = difflib.get_close_matches(extra.split("=")[0], options, n=1) if extra.startswith("--") else []
+        if close:
+            hints.append(f"did you mean {close[0]}?")
+    return f"unrecognized arguments: {' '.join(extras)}" + (f" ({' '.join(hints)})" if hints else "")
 
 
 class _LogHandler(logging.Handler):
@@ -69,7 +82,9 @@ def configure_logging(level: int = logging.INFO) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    args, extras = build_parser(command if command in COMMANDS else None).parse_known_args(argv)
+    if extras:  # shown with the sub-command's usage, not the top level's
+        args.parser.error(unrecognized(extras, args.parser))
     configure_logging()
     try:
         return args.func(args)

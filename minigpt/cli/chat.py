@@ -7,28 +7,21 @@ import argparse
 from minigpt.cli.options import add_settings, given_settings
 
 HELP = "chat with a model in the terminal"
-EXTRA = "minigpt chat needs FastAPI and uvicorn: pip install 'minigpt[serve]'"
 # The settings of `minigpt serve` that choose the model; the rest is about HTTP.
 MODEL_FIELDS = ("model", "preset", "adapter", "quantize", "chat_format", "device", "seed")
 
 
 def add(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
-    try:
-        from minigpt.serving.chat import ChatConfig
-        from minigpt.serving.server import ServeConfig
-    except ModuleNotFoundError:
-        p.description = f"{p.description} ({EXTRA})"
-        return
+    from minigpt.serving.chat import ChatConfig  # the terminal chat needs none of the serve extra
+    from minigpt.serving.settings import ServeConfig
+
     add_settings(p, ServeConfig(), flags, skip=[name for name in vars(ServeConfig()) if name not in MODEL_FIELDS])
     add_settings(p, ChatConfig(), flags)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from minigpt.serving.chat import ChatConfig, ChatSession
-        from minigpt.serving.server import ServeConfig, load_engine
-    except ModuleNotFoundError as err:
-        raise ValueError(f"{EXTRA} ({err.name} is missing)") from err
+    from minigpt.serving.chat import ChatConfig, ChatSession
+    from minigpt.serving.settings import ServeConfig, load_engine
 
     model = {k: v for k, v in given_settings(args, ServeConfig).items() if k in MODEL_FIELDS}
     chat = ChatConfig(**given_settings(args, ChatConfig))

@@ -37,6 +37,7 @@ def add(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
         task = tasks.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
         add_settings(task, _finetune_job(name)[0](), flags)
         task.add_argument("--resume", metavar="OUTPUT", help="continue the interrupted run in OUTPUT")
+        task.set_defaults(parser=task)  # a mistyped option is shown with this task's usage
 
 
 def run(args: argparse.Namespace) -> int:

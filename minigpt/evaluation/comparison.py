@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm import tqdm
 
-from minigpt.evaluation.pairwise import Outcome, PairJudge, PairVerdict, judge_both_orders
+from minigpt.evaluation.pairwise import Outcome, PairJudge, PairVerdict, degenerate, judge_both_orders
 from minigpt.evaluation.rouge import words
 from minigpt.finetuning.instruction import Entry, end_of_text_id, load_instruction_data, split_instruction_data
 from minigpt.finetuning.prompt_format import ALPACA, PromptFormat, extract_response, format_input
@@ -218,6 +218,7 @@ class Comparison:
     base_scores: list[float | None] | None = None
     candidate_scores: list[float | None] | None = None
     perplexity: dict[str, Any] | None = None
+    judge_limits: str | None = None  # what the judge cannot see, said under the table
     win: WinRate = field(init=False)
 
     def __post_init__(self) -> None:
@@ -233,21 +234,33 @@ def _cell(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def degenerate_share(entries: Sequence[Entry], answers: Sequence[str]) -> float:
+    """The share of answers that are empty, loop, or echo their prompt
+    (:func:`minigpt.evaluation.pairwise.degenerate`)."""
+    return sum(degenerate(entry, answer) is not None for entry, answer in zip(entries, answers, strict=True)) / len(
+        answers)
+
+
 def report_table(c: Comparison) -> str:
-    """The report in Markdown: the verdicts and win rate, then each model's mean score,
-    mean answer length in words (long answers flatter judges) and perplexity."""
+    """The report in Markdown: the judge and what it cannot see, the verdicts and win rate,
+    then each model's mean score, mean answer length in words (long answers flatter judges),
+    share of degenerate answers (empty, looping, the prompt echoed) and perplexity."""
     w = c.win
     lines = [f"| judge | prompts | wins | ties | losses | win rate ({w.confidence:.0%} CI) |",
              "|---|---:|---:|---:|---:|---|",
              f"| {c.judge} | {w.n} | {w.wins} | {w.ties} | {w.losses} | {w.rate:.3f} ({w.low:.3f} to {w.high:.3f}) |",
              ""]
+    if c.judge_limits:
+        lines += [f"Judged by {c.judge}: {c.judge_limits}.", ""]
     ppl = c.perplexity or {}
     text = f"perplexity ({ppl['text']})" if ppl else "perplexity"
-    lines += [f"| model | | mean score (0-100) | mean answer length (words) | {text} |", "|---|---|---:|---:|---:|"]
+    lines += [f"| model | | mean score (0-100) | mean answer length (words) | degenerate answers | {text} |",
+              "|---|---|---:|---:|---:|---:|"]
     for role, name, answers, scores in (("base", c.base, c.base_answers, c.base_scores),
                                         ("candidate", c.candidate, c.candidate_answers, c.candidate_scores)):
         length = sum(len(words(a)) for a in answers) / len(answers)
-        lines.append(f"| {role} | {name} | {_cell(_mean(scores))} | {length:.1f} | {_cell(ppl.get(role), 2)} |")
+        lines.append(f"| {role} | {name} | {_cell(_mean(scores))} | {length:.1f} | "
+                     f"{degenerate_share(c.entries, answers):.0%} | {_cell(ppl.get(role), 2)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -16,7 +16,9 @@ A pairwise judge is anything with the call ``judge(entry, answer_a, answer_b) ->
 * :class:`ModelPairJudge`: a minigpt model, comparing its probabilities of "A" and "B" as
   the next token;
 * :class:`OverlapJudge`: offline, the answer whose words overlap the reference more
-  (ROUGE-L, :mod:`minigpt.evaluation.rouge`), a tie within a margin.
+  (ROUGE-L, :mod:`minigpt.evaluation.rouge`), a tie within a margin; a degenerate answer
+  (:func:`degenerate`: empty, looping, or the prompt echoed) loses to any other, since
+  word overlap alone rewards an answer that repeats the reference's words in a loop.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 
 from minigpt.data.windows import tokenize
 from minigpt.evaluation.judges import HTTPJudge
-from minigpt.evaluation.rouge import rouge_l
+from minigpt.evaluation.rouge import rouge_l, words
 from minigpt.finetuning.instruction import Entry
 from minigpt.finetuning.prompt_format import RESPONSE_HEADER, format_input
 from minigpt.models.base import CausalLM, evaluating
@@ -104,10 +106,47 @@ class ModelPairJudge:
         return "A" if p_a > p_b else "B" if p_b > p_a else "tie"
 
 
+Degeneracy = Literal["empty", "repetition", "echo"]
+ECHO_F1 = 0.8  # an answer this close to its prompt (ROUGE-L F1) repeats the prompt rather than answers it
+
+
+def repeats_a_phrase(answer_words: list[str], shortest: int = 2) -> bool:
+    """Whether a phrase of ``shortest`` or more words comes twice in a row ("is sheep is sheep",
+    "that the task that the task"): the loop a small model falls into, rare in written answers."""
+    n = len(answer_words)
+    return any(answer_words[i] == answer_words[i + k] and answer_words[i:i + k] == answer_words[i + k:i + 2 * k]
+               for k in range(shortest, n // 2 + 1) for i in range(n - 2 * k + 1))
+
+
+def degenerate(entry: Entry, answer: str) -> Degeneracy | None:
+    """What is wrong with an answer no judge of word overlap should reward, or None:
+    ``"empty"`` (no words), ``"repetition"`` (:func:`repeats_a_phrase`) or ``"echo"`` (the
+    prompt repeated: ROUGE-L F1 against it of ``ECHO_F1`` or more, where the reference's is lower)."""
+    answer_words = words(answer)
+    if not answer_words:
+        return "empty"
+    if repeats_a_phrase(answer_words):
+        return "repetition"
+    prompt = f"{entry['instruction']} {entry.get('input', '')}"
+    if rouge_l(answer, prompt).f1 >= ECHO_F1 > rouge_l(entry["output"], prompt).f1:
+        return "echo"
+    return None
+
+
 class OverlapJudge:
     """The answer with the higher ROUGE-L F1 against the reference wins; F1 values within
-    ``margin`` of each other are a tie. Needs no model and no network; symmetric, so it
-    never flips with the order. ``score`` rates one answer: its F1 times 100."""
+    ``margin`` of each other are a tie. A :func:`degenerate` answer loses to one that is not
+    (two degenerate answers tie), since overlap alone would reward "the the capital capital".
+    Needs no model and no network; symmetric, so it never flips with the order. ``score``
+    rates one answer: its F1 times 100, 0 when degenerate.
+
+    What it cannot see: whether an answer is right, fluent or helpful; only how many of the
+    reference's words it repeats in order. A correct answer in other words loses to a wrong one
+    in the reference's words."""
+
+    LIMITS = ("the overlap judge counts the words an answer shares with the reference, in order (ROUGE-L): it "
+              "cannot see whether an answer is right, fluent or helpful, and a correct answer in other words loses "
+              "to a wrong one in the reference's words; empty, looping and prompt-echoing answers lose")
 
     def __init__(self, margin: float = 0.02) -> None:
         if not 0 <= margin < 1:
@@ -115,13 +154,16 @@ class OverlapJudge:
         self.margin = margin
 
     def __call__(self, entry: Entry, answer_a: str, answer_b: str) -> Verdict:
+        junk_a, junk_b = (degenerate(entry, answer) is not None for answer in (answer_a, answer_b))
+        if junk_a or junk_b:
+            return "tie" if junk_a and junk_b else "B" if junk_a else "A"
         f_a, f_b = (rouge_l(answer, entry["output"]).f1 for answer in (answer_a, answer_b))
         if abs(f_a - f_b) <= self.margin:
             return "tie"
         return "A" if f_a > f_b else "B"
 
     def score(self, entry: Entry, answer: str) -> float:
-        return 100 * rouge_l(answer, entry["output"]).f1
+        return 0.0 if degenerate(entry, answer) else 100 * rouge_l(answer, entry["output"]).f1
 
 
 class PairVerdict(NamedTuple):

@@ -9,7 +9,8 @@ That makes a label just another next-token target. A classification example is
 ``(input_ids, targets)`` like a pretraining one, except that ``targets`` is
 ``-100`` (ignored by the loss) everywhere but the last real token, which holds
 the class id. Padding after the text is never read, so the training loop's
-ordinary next-token loss (``minigpt.training.losses.next_token_loss``) trains a
+ordinary next-token loss (``minigpt.training.losses.next_token_loss``; named
+:func:`classification_loss` here, a loss over classes, with no perplexity) trains a
 classifier unchanged, and a padded text gets exactly the scores of the unpadded one.
 
 Reading, balancing and splitting the labelled texts is :mod:`minigpt.finetuning.labelled_data`.
@@ -42,7 +43,7 @@ from minigpt.runtime.runtime import select_device
 from minigpt.tokenizers.gpt2 import PAD_TOKEN_ID
 from minigpt.training.checkpoint import load_state
 from minigpt.training.loop import History, TrainConfig, train_model
-from minigpt.training.losses import IGNORE_INDEX
+from minigpt.training.losses import IGNORE_INDEX, next_token_loss
 
 # Trained by default: the last transformer block, the final norm and the new head.
 # The book found that tuning these few layers is nearly as good as tuning everything.
@@ -240,6 +241,12 @@ class ClassifierTraining:
     accuracy_after: dict[str, float]
 
 
+def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The next-token loss, scored only at each text's label position (see the module docstring):
+    a cross-entropy over the classes, not over the vocabulary, so no perplexity is logged for it."""
+    return next_token_loss(model, batch)
+
+
 def train_classifier(
     model: CausalLM,
     train_loader: DataLoader,
@@ -271,8 +278,8 @@ def train_classifier(
     # min_lr = lr and no warm-up: a constant learning rate, as the book trains its classifier.
     config = TrainConfig(max_steps=epochs * len(train_loader), lr=lr, min_lr=lr, warmup_steps=0,
                          weight_decay=weight_decay, eval_every=eval_every, eval_iter=eval_iter, **settings)
-    # The ordinary training loop: the classification loss is its next-token loss on these targets.
-    history = train_model(model, train_loader, val_loader, config, device=device, progress=progress)
+    history = train_model(model, train_loader, val_loader, config, device=device, loss_fn=classification_loss,
+                          progress=progress)
     after = {"train": calc_accuracy_loader(train_loader, model, device),
              "val": calc_accuracy_loader(val_loader, model, device)}
     return ClassifierTraining(history, before, after)

@@ -52,7 +52,7 @@ from minigpt.io import sources
 from minigpt.io.download import fetch
 from minigpt.io.files import write_json
 from minigpt.tokenizers.gpt2 import ENDOFTEXT_ID, PAD_TOKEN_ID
-from minigpt.training.losses import IGNORE_INDEX, next_token_loss
+from minigpt.training.losses import IGNORE_INDEX, language_model_loss, next_token_loss
 
 
 def end_of_text_id(tokenizer: Any = None) -> int:
@@ -264,6 +264,7 @@ def example_lengths(targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> 
     return torch.where(scored.any(dim=1), last, targets.shape[1])
 
 
+@language_model_loss
 def instruction_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The loss for instruction batches ``(inputs, targets)``: the next-token loss, with each
     example's length (:func:`example_lengths`) given to NEFTune (:mod:`minigpt.finetuning.neftune`).

@@ -4,7 +4,8 @@ The one idea: a pinned file (:class:`PinnedFile`) is a local name, a public URL 
 SHA-256 of its content. :func:`fetch` looks for it, in order, in
 
 1. ``MINIGPT_DATA_DIR``: an optional folder of local copies, searched first;
-2. the files shipped inside the package (GPT-2's BPE, the-verdict, tiny-shakespeare);
+2. the files shipped inside the package (all of ``minigpt.io.sources``: the BPE, the corpora,
+   the fine-tuning data, WikiText-2's test split);
 3. the cache (``MINIGPT_CACHE_DIR``, default ``~/.cache/minigpt``);
 
 and downloads it into the cache only when none has it. Every copy, wherever it was

@@ -108,7 +108,7 @@ def default_weights_dir() -> Path:
 
 def _repo_of(name: str) -> str:
     if name not in GPT2_REPOS:
-        raise ValueError(f"unknown GPT-2 name {name!r}; known: {', '.join(GPT2_REPOS)}")
+        raise ValueError(f"{name!r} is not a GPT-2 name; known: {', '.join(GPT2_REPOS)}")
     return GPT2_REPOS[name]
 
 
@@ -332,7 +332,7 @@ def download_llama(name: str, weights_dir: str | os.PathLike | None = None, *, p
     login``) it raises ``PermissionError`` saying how to get access.
     """
     if name not in LLAMA_REPOS:
-        raise ValueError(f"unknown model name {name!r}; known: {', '.join(LLAMA_REPOS)}")
+        raise ValueError(f"{name!r} is not a Llama-family name; known: {', '.join(LLAMA_REPOS)}")
     repo, revision, gated = LLAMA_REPOS[name]
     local = data_dir()
     if local is not None and (local / name / CONFIG_FILE).is_file():

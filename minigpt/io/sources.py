@@ -5,9 +5,12 @@ from (the data folder, the package, the cache or the network, see ``minigpt.io.d
 it is the same bytes. The names below are what the rest of minigpt passes to
 ``fetch``; ``PINNED_FILES`` lists them all by their local name.
 
-Shipped inside the package (no network needed): GPT-2's BPE (OpenAI's modified MIT
-licence, beside the files), "The Verdict" and Tiny Shakespeare (both public domain).
-The others are downloaded on first use, or read from ``MINIGPT_DATA_DIR``.
+Every file below ships inside the package (``minigpt/package_data``, each with its licence
+and attribution beside it), so that nothing but model weights needs a network: GPT-2's BPE
+(OpenAI's modified MIT licence), "The Verdict" and Tiny Shakespeare (public domain), the
+instruction and preference data (Apache-2.0), the SMS Spam Collection (CC BY 4.0) and
+WikiText-2's test split (CC BY-SA 3.0). The URL is where each came from; a copy in
+``MINIGPT_DATA_DIR`` is read first.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from minigpt.finetuning.classification import (
     DEFAULT_TRAINABLE,
     ClassificationDataset,
     calc_accuracy_loader,
+    classification_loss,
     make_classifier,
     save_classifier,
 )
@@ -94,7 +95,7 @@ def finetune_classifier(settings: ClassifyConfig, model: CausalLM | None = None,
     trainable_parameters = run.model.num_parameters(trainable_only=True)
     run.model.to(run.device)
     before = {split: calc_accuracy_loader(loader, run.model, run.device) for split, loader in loaders.items()}
-    history = train(run, train_loader, loaders["val"],
+    history = train(run, train_loader, loaders["val"], loss_fn=classification_loss,
                     data=f"{s.data}: {len(train_set)} train, {len(val_set)} validation, {len(test_set)} test")
     after = {split: calc_accuracy_loader(loader, run.model, run.device) for split, loader in loaders.items()}
     logger.info("accuracy: %s", ", ".join(f"{split} {before[split]:.1%} -> {after[split]:.1%}" for split in after))
@@ -104,4 +105,5 @@ def finetune_classifier(settings: ClassifyConfig, model: CausalLM | None = None,
         "examples": {"train": len(train_set), "val": len(val_set), "test": len(test_set)},
         "trainable_parameters": trainable_parameters, "accuracy_before": before, "accuracy": after,
     }
-    return finish(run, history, loaders["test"], metrics, lambda m, out: save_classifier(m, out, labels))
+    return finish(run, history, loaders["test"], metrics, lambda m, out: save_classifier(m, out, labels),
+                  loss_fn=classification_loss)

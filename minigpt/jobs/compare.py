@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from minigpt.evaluation.comparison import (
     Comparison,
     Decoding,
     answer_prompts,
+    degenerate_share,
     forgetting_line,
     golden_from_instructions,
     judge_pairs,
@@ -44,12 +47,14 @@ from minigpt.jobs.evaluate import WIKITEXT2, text_token_ids
 from minigpt.jobs.finetune import choose_prompt_format
 from minigpt.lora.adapters import merge_lora
 from minigpt.lora.files import load_lora
-from minigpt.models.loader import load, load_tokenizer
+from minigpt.models.loader import check_spec, load, load_tokenizer
 from minigpt.runtime.runtime import select_device
 
 logger = logging.getLogger(__name__)
 
 JUDGE_KINDS = ("overlap", "minigpt:PATH", "openai:URL", "ollama:URL")
+MODEL_JUDGE_LIMITS = ("a language model compares the answers blindly, in both orders; it sees what its own training "
+                      "lets it see, and may prefer longer answers or its own style")
 
 
 @dataclass
@@ -136,18 +141,20 @@ def chat_endpoint(kind: str, url: str) -> str:
     return f"{url}/chat/completions" if url.endswith("/v1") else f"{url}/v1/chat/completions"
 
 
-def make_judges(settings: CompareConfig, device: Any) -> tuple[Any, Any, str]:
-    """``(pairwise judge, single-answer 0..100 scorer, a name for the report)``."""
+def make_judges(settings: CompareConfig, device: Any) -> tuple[Any, Any, str, str | None]:
+    """``(pairwise judge, single-answer 0..100 scorer, a name for the report, what it cannot see)``.
+    A judge behind a URL is asked once now, so that an unreachable one fails before any model answers."""
     kind, target = judge_backend(settings.judge)
     if kind == "overlap":
         judge = OverlapJudge(settings.margin)
-        return judge, judge.score, f"ROUGE-L overlap (margin {settings.margin:g})"
+        return judge, judge.score, f"ROUGE-L overlap (margin {settings.margin:g})", OverlapJudge.LIMITS
     if kind == "minigpt":
         model, own = load(target).to(device).eval(), load_tokenizer(target)  # the judge reads its own tokens
-        return ModelPairJudge(model, own), ModelJudge(model, own), f"minigpt {target}"
+        return ModelPairJudge(model, own), ModelJudge(model, own), f"minigpt {target}", MODEL_JUDGE_LIMITS
     url = chat_endpoint(kind, target)
     judge = ChatPairJudge(url, settings.judge_model, api_key=os.environ.get(settings.api_key_env))
-    return judge, judge.score, f"{settings.judge_model} at {url}"
+    judge.score.chat("Reply with the single word: ready.")  # reachable, and it answers
+    return judge, judge.score, f"{settings.judge_model} at {url}", MODEL_JUDGE_LIMITS
 
 
 def load_candidate(settings: CompareConfig) -> nn.Module:
@@ -159,18 +166,33 @@ def load_candidate(settings: CompareConfig) -> nn.Module:
     return model
 
 
-def compare(settings: CompareConfig, progress: bool = True) -> CompareResult:
-    """Answer the golden set with both models, judge every pair in both orders, measure
-    both perplexities, and write the report (see the module docstring)."""
+def check_models(settings: CompareConfig) -> None:
+    """The base, the candidate and the adapter exist, before any of them loads."""
     s = settings
     if s.candidate is None and s.adapter is None:
         raise ValueError("give the fine-tuned model: candidate (a run directory) or adapter (a LoRA file), or both")
+    for name in filter(None, (s.base, s.candidate)):
+        check_spec(name)
+    if s.adapter and not Path(s.adapter).is_file():
+        raise FileNotFoundError(f"adapter {s.adapter} not found: give a LoRA file written by save_lora")
+
+
+def compare(settings: CompareConfig, progress: bool = True) -> CompareResult:
+    """Check every input, answer the golden set with both models, judge every pair in both
+    orders, measure both perplexities, and write the report (see the module docstring).
+
+    Every input (models, golden set, perplexity text, judge) is read or reached before any
+    model answers; a step that fails later leaves a report of what was done."""
+    s = settings
+    check_models(s)
     device, output = select_device(s.device), Path(s.output)
     # Both models read the base's tokenizer (a fine-tune keeps it); the Llama family answers in its chat template.
     tokenizer = load_tokenizer(s.base)
     prompt_format = choose_prompt_format("auto", s.candidate or s.base, tokenizer)
     entries = (read_golden_set(s.golden) if s.golden else golden_from_instructions())[:s.limit]
-    judge, scorer, judge_name = make_judges(s, device)
+    text_ids = text_token_ids(s.perplexity_text, tokenizer, s.perplexity_tokens) if s.perplexity else None
+    judge, scorer, judge_name, limits = make_judges(s, device)
+
     models = {"base": load(s.base).to(device).eval(), "candidate": load_candidate(s).to(device).eval()}
     logger.info("%d golden prompts | base %s | candidate %s | judge %s", len(entries), s.base,
                 s.candidate or f"{s.base} + {s.adapter}", judge_name)
@@ -180,22 +202,43 @@ def compare(settings: CompareConfig, progress: bool = True) -> CompareResult:
                  "base_answer": b, "candidate_answer": c}
                 for e, b, c in zip(entries, answers["base"], answers["candidate"], strict=True)],
                output / "answers.jsonl")
-    verdicts = judge_pairs(judge, entries, answers["candidate"], answers["base"], progress)
-    scores = {role: score_answers(scorer, entries, answers[role], progress) if s.score else None
-              for role in models}
-    perplexity = None
-    if s.perplexity:
-        ids = text_token_ids(s.perplexity_text, tokenizer, s.perplexity_tokens)
-        perplexity = {"text": s.perplexity_text, "tokens": len(ids)}
-        for role, model in models.items():
-            measured = sliding_window_perplexity(model, ids, stride=s.stride, progress=progress)
-            perplexity |= {role: measured.perplexity, "stride": measured.stride}
+    with _noted(output, "judging", "Both models' answers are in answers.jsonl."):
+        verdicts = judge_pairs(judge, entries, answers["candidate"], answers["base"], progress)
+        scores = {role: score_answers(scorer, entries, answers[role], progress) if s.score else None
+                  for role in models}
     comparison = Comparison(s.base, s.candidate or f"{s.base} + {s.adapter}", judge_name, entries, answers["base"],
-                            answers["candidate"], verdicts, scores["base"], scores["candidate"], perplexity)
-    report = report_table(comparison) + (f"\n{forgetting_line(perplexity)}\n" if perplexity else "")
-    save_results(comparison, output / "comparison.jsonl")
-    write_text(output / "report.md", report)
-    plot_win_rate(comparison, output / "win_rate.png")
-    write_json(output / "report.json", {"settings": asdict(s), "win_rate": asdict(comparison.win),
-                                        "perplexity": perplexity})
+                            answers["candidate"], verdicts, scores["base"], scores["candidate"], judge_limits=limits)
+    report = _write_report(comparison, s, output)  # the win rate is saved before the slower perplexity
+    if text_ids is not None:
+        with _noted(output, "measuring perplexity", report):
+            comparison.perplexity = {"text": s.perplexity_text, "tokens": len(text_ids)}
+            for role, model in models.items():
+                measured = sliding_window_perplexity(model, text_ids, stride=s.stride, progress=progress)
+                comparison.perplexity |= {role: measured.perplexity, "stride": measured.stride}
+        report = _write_report(comparison, s, output)
     return CompareResult(comparison, report, output)
+
+
+@contextmanager
+def _noted(output: Path, step: str, done: str) -> Iterator[None]:
+    """Run a step; if it fails (or is interrupted), ``report.md`` says so after what was already done."""
+    try:
+        yield
+    except BaseException as err:
+        write_text(output / "report.md", f"{done}\n\ncompare stopped while {step}: {err!r}\n")
+        raise
+
+
+def _write_report(comparison: Comparison, settings: CompareConfig, output: Path) -> str:
+    """``report.md``, ``comparison.jsonl``, ``win_rate.png`` and ``report.json``; returns the report's text."""
+    c = comparison
+    report = report_table(c) + (f"\n{forgetting_line(c.perplexity)}\n" if c.perplexity else "")
+    save_results(c, output / "comparison.jsonl")
+    write_text(output / "report.md", report)
+    plot_win_rate(c, output / "win_rate.png")
+    write_json(output / "report.json", {"settings": asdict(settings), "win_rate": asdict(c.win),
+                                        "degenerate": {role: degenerate_share(c.entries, answers) for role, answers
+                                                       in (("base", c.base_answers),
+                                                           ("candidate", c.candidate_answers))},
+                                        "perplexity": c.perplexity})
+    return report

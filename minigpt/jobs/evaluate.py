@@ -27,7 +27,7 @@ from minigpt.io import sources
 from minigpt.io.download import fetch
 from minigpt.jobs.pretrain import PretrainConfig, _token_ids, windows
 from minigpt.jobs.quantize import check_quantize, quantize_field
-from minigpt.models.loader import load, load_tokenizer
+from minigpt.models.loader import check_spec, load, load_tokenizer
 from minigpt.runtime.runtime import select_device
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 from minigpt.training.checkpoint import SETTINGS_FILE
@@ -88,6 +88,7 @@ class EvalResult:
 
 def evaluate(settings: EvalConfig) -> EvalResult:
     """Load ``settings.checkpoint`` and measure its loss on the corpus (see the module docstring)."""
+    check_spec(settings.checkpoint)  # a run that does not exist is "not found"
     is_run = (Path(settings.checkpoint) / SETTINGS_FILE).is_file()
     if settings.corpus is None and not is_run:
         raise ValueError(f"corpus is needed: {settings.checkpoint} is not a run directory naming its corpus")

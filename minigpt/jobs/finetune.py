@@ -41,7 +41,7 @@ from minigpt.runtime.runtime import PRECISIONS, resolve_precision, select_device
 from minigpt.training.checkpoint import SETTINGS_FILE, STATE_FILE, load_settings, save_settings
 from minigpt.training.distributed import ShardSampler, rank_and_world_size
 from minigpt.training.loop import History, TrainConfig, train_model
-from minigpt.training.losses import LossFn, next_token_loss, perplexity, summed_loss_and_metrics
+from minigpt.training.losses import LossFn, has_perplexity, next_token_loss, perplexity, summed_loss_and_metrics
 from minigpt.training.plots import plot_losses
 
 logger = logging.getLogger(__name__)
@@ -272,7 +272,7 @@ def finish(run: Run, history: History, test_loader: DataLoader, metrics: dict[st
     the saved model is a full-precision one."""
     scores = split_scores(run, test_loader, loss_fn)
     metrics = {**metrics, "test_loss": scores["loss"]}
-    if loss_fn is next_token_loss:
+    if has_perplexity(loss_fn):
         metrics["test_perplexity"] = perplexity(scores["loss"])
     if len(scores) > 1:
         metrics["test"] = scores

@@ -43,9 +43,12 @@ class GenerateConfig:
                                                   "choices": tuple(PRESETS)})
     prompt: str = field(default="Every effort moves you", metadata={"help": "the text to continue"})
     max_new_tokens: int = field(default=50, metadata={"help": "tokens to add"})
-    temperature: float = field(default=0.0, metadata={
-        "help": "0: greedy (always the likeliest token); above 0: sample, more varied the higher"})
-    top_k: int | None = field(default=None, metadata={
+    # Sampling by default, as other LLM command lines do: greedy decoding of a small model
+    # mostly repeats its likeliest token ("\n" after a short pretraining) and shows no text.
+    temperature: float = field(default=0.8, metadata={
+        "help": "0: greedy (always the likeliest token, which a small model often repeats); above 0: sample, "
+                "more varied the higher"})
+    top_k: int | None = field(default=40, metadata={
         "help": "sample only among the k likeliest tokens", "none": "no limit"})
     top_p: float | None = field(default=None, metadata={
         "help": "sample only among the likeliest tokens that together reach this probability", "none": "no limit"})

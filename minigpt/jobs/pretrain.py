@@ -41,7 +41,7 @@ from minigpt.runtime.runtime import autocast, resolve_precision, select_device
 from minigpt.tokenizers.gpt2 import ENDOFTEXT, get_gpt2_tokenizer
 from minigpt.training.checkpoint import STATE_FILE, load_settings, save_settings
 from minigpt.training.distributed import init_distributed, sharded_loader
-from minigpt.training.loop import History, TrainConfig, train_model
+from minigpt.training.loop import History, TrainConfig, TrainingInterrupted, train_model
 from minigpt.training.losses import calc_loss_loader, perplexity
 
 logger = logging.getLogger(__name__)
@@ -255,12 +255,20 @@ def pretrain(
                     settings.batch_size * world_size * loop.grad_accum, n, f" | resuming {run_dir}" if resume else "")
         if rank == 0:
             save_settings(run_dir, settings.to_dict())
-        history = train_model(model, train_loader, val_loader, loop, device=device, tokenizer=tokenizer,
-                              run_dir=run_dir, resume=resume, progress=progress)
-        val_loss = _whole_split_loss(history, model, val_loader, val_set, loop, device, world_size)
+        try:
+            history = train_model(model, train_loader, val_loader, loop, device=device, tokenizer=tokenizer,
+                                  run_dir=run_dir, resume=resume, progress=progress)
+        except TrainingInterrupted as stop:
+            if rank == 0 and stop.history is not None and stop.history.steps:  # a stopped run shows its curves too
+                _write_figures(run_dir, stop.history, _pair_shares(stop.history, loop.sample_prompt, settings.corpus))
+            raise
         shares = _pair_shares(history, loop.sample_prompt, settings.corpus) if rank == 0 else []
         if rank == 0:
             _write_figures(run_dir, history, shares)
+        try:
+            val_loss = _whole_split_loss(history, model, val_loader, val_set, loop, device, world_size)
+        except KeyboardInterrupt:  # Ctrl-C in the final evaluation: the last step's checkpoint is saved
+            raise TrainingInterrupted(len(history.step_losses), run_dir, 130, "SIGINT", history) from None
         return PretrainResult(run_dir, history, val_loss, len(val_set), len(val_set) * n, shares,
                               time.perf_counter() - start)
     finally:

@@ -84,21 +84,27 @@ def resolve(spec: str | os.PathLike, *, weights_dir: str | os.PathLike | None = 
     family = family_of_preset(text)
     if family is not None:
         return Source(family, preset=text)
-    raise ValueError(_unknown_spec_message(text))
+    check_spec(text)  # not a name, a preset nor a directory: raises with the closest name
+    raise ValueError(f"{text!r} is not a model directory: it has no {CONFIG_FILE}")
 
 
-def _unknown_spec_message(text: str) -> str:
-    names = known_names() + known_presets()
-    close = difflib.get_close_matches(text, names, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
+def check_spec(spec: str | os.PathLike) -> None:
+    """Raise unless ``spec`` is a published name, a preset or an existing path, without downloading:
+    a path that does not exist is "not found"; another spec gets the closest known name."""
+    text = str(spec)
+    if text.removeprefix(RANDOM) in known_names() + known_presets() or Path(text).exists():
+        return
     # Something that looks like a path gets a path's error, not a list of model names.
-    if os.sep in text or text.startswith("."):
-        return f"{text!r}: no such directory (a model directory holds {CONFIG_FILE}); {hint}".rstrip("; ")
+    if "/" in text or os.sep in text or text.startswith("."):
+        raise FileNotFoundError(f"{text} not found: no such file or directory; give a run or weights directory "
+                                "that exists, or a model name")
+    close = difflib.get_close_matches(text, known_names() + known_presets(), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
     published = known_names()
     own_presets = [name for name in known_presets() if name not in published]
-    return (f"{text!r} is not a model minigpt knows: {hint}give a published name ({', '.join(published)}), "
-            f"a preset for random weights ({', '.join(own_presets)}, or {RANDOM}NAME for a published shape), "
-            f"or a directory with {CONFIG_FILE}")
+    raise ValueError(f"{text!r} is not a model minigpt knows: {hint}give a published name ({', '.join(published)}), "
+                     f"a preset for random weights ({', '.join(own_presets)}, or {RANDOM}NAME for a published shape), "
+                     f"or a directory with {CONFIG_FILE}")
 
 
 def load(spec: str | os.PathLike, *, quantize: str | None = None, adapter: str | os.PathLike | None = None,

@@ -29,10 +29,11 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from minigpt.serving.engine import Engine
-from minigpt.serving.guard import LOOPBACK_HOSTS, Guard
+from minigpt.serving.guard import Guard
 from minigpt.serving.job import Job, Run, chat_job, completion_job
 from minigpt.serving.protocol import APIError, DetokenizeRequest, Limits, TokenizeRequest, parse_json, parse_request
 from minigpt.serving.responses import envelope, usage
+from minigpt.serving.settings import LOOPBACK_HOSTS
 
 STATIC = Path(__file__).parent / "static"
 

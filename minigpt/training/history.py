@@ -55,9 +55,11 @@ class History:
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on SIGINT or SIGTERM, after finishing optimizer step ``step`` and
     saving a checkpoint to ``run_dir`` (when given): ``train_model(..., resume=True)``
-    continues from there. ``exit_code``: 130 after SIGINT (Ctrl-C), 143 after SIGTERM."""
+    continues from there. ``exit_code``: 130 after SIGINT (Ctrl-C), 143 after SIGTERM;
+    ``history``: the losses and samples up to the stop, for the figures of a stopped run."""
 
-    def __init__(self, step: int, run_dir: str | os.PathLike | None, exit_code: int, signal_name: str = "") -> None:
-        self.step, self.run_dir, self.exit_code = step, run_dir, exit_code
+    def __init__(self, step: int, run_dir: str | os.PathLike | None, exit_code: int, signal_name: str = "",
+                 history: History | None = None) -> None:
+        self.step, self.run_dir, self.exit_code, self.history = step, run_dir, exit_code, history
         saved = f"; its checkpoint is saved in {run_dir}" if run_dir is not None else "; nothing was saved"
         super().__init__(f"training stopped by {signal_name or 'a signal'} after step {step}{saved}")

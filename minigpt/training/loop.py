@@ -53,6 +53,7 @@ from minigpt.training.interrupt import GracefulInterrupt
 from minigpt.training.losses import (
     LossFn,
     evaluation_scope,
+    has_perplexity,
     input_tokens,
     loss_and_metrics,
     next_token_loss,
@@ -183,7 +184,7 @@ def train_model(
             if _stop_requested(loop):
                 _checkpoint(loop)  # no-op when this step's checkpoint is saved already
                 raise TrainingInterrupted(loop.step, loop.run_dir, loop.interrupt.exit_code,
-                                          loop.interrupt.signal_name)
+                                          loop.interrupt.signal_name, loop.history)
             start = time.perf_counter()
             tokens = _optimizer_step(loop, batches)
             bar.update(1)
@@ -355,9 +356,11 @@ def _evaluate(loop: _Loop) -> None:
     h.record_metrics("train", train_metrics)
     h.record_metrics("val", val_metrics)
     if loop.rank == 0:
-        logger.info("step %6d | tokens %10s | train loss %.3f | val loss %.3f (perplexity %s, %s)", loop.step,
-                    f"{loop.tokens_seen:,}", train_loss, val_loss, f"{perplexity(val_loss):,.1f}",
-                    evaluation_scope(loop.val_loader, loop.config.eval_iter))
+        scope = evaluation_scope(loop.val_loader, loop.config.eval_iter)
+        if has_perplexity(loop.loss_fn):
+            scope = f"perplexity {perplexity(val_loss):,.1f}, {scope}"
+        logger.info("step %6d | tokens %10s | train loss %.3f | val loss %.3f (%s)", loop.step,
+                    f"{loop.tokens_seen:,}", train_loss, val_loss, scope)
         for split, metrics in (("train", train_metrics), ("val", val_metrics)):
             if metrics:
                 logger.info("  %-5s %s", split, " | ".join(f"{name} {value:.3f}" for name, value in metrics.items()))

@@ -74,6 +74,20 @@ def calc_loss_batch(
                            ignore_index=IGNORE_INDEX)
 
 
+def language_model_loss(loss_fn: LossFn) -> LossFn:
+    """Mark ``loss_fn`` as a mean cross-entropy over next tokens: its exponential is a
+    perplexity, which the training loop then logs beside it (a preference or any other loss
+    gets no perplexity: exp of it means nothing)."""
+    loss_fn.is_language_model_loss = True
+    return loss_fn
+
+
+def has_perplexity(loss_fn: LossFn) -> bool:
+    """Whether ``loss_fn`` was marked with :func:`language_model_loss`."""
+    return getattr(loss_fn, "is_language_model_loss", False)
+
+
+@language_model_loss
 def next_token_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The default :data:`LossFn`: ``batch`` is ``(inputs, targets)``, scored by :func:`calc_loss_batch`."""
     input_batch, target_batch = batch
