@@ -118,6 +118,35 @@ def plot_accuracy(
     return save_figure(fig, path)
 
 
+def plot_metrics(history: Any, labels: Mapping[str, str], path: str | os.PathLike | None = None, *,
+                 recorded_by: str = "a loss that returns them") -> Figure:
+    """The loss and each metric of ``labels`` (``{"rewards/margins": "reward margin"}``), training
+    and validation against optimizer steps, one panel each (the loss on top, the steps below the
+    last). Needs a history whose ``metrics`` hold ``train/<name>`` and ``val/<name>`` for every
+    name (``recorded_by`` says in the error what records them); a PNG at ``path`` if given."""
+    h = _as_dict(history)
+    metrics = h.get("metrics") or {}
+    missing = [f"{split}/{name}" for split in ("train", "val") for name in labels if not metrics.get(f"{split}/{name}")]
+    if missing:
+        raise ValueError(f"the history has no {', '.join(missing)}: was it recorded by train_model with "
+                         f"{recorded_by}?")
+    fig, loss_ax = new_figure(height=7 / 3 * (1 + len(labels)))
+    grid = fig.add_gridspec(1 + len(labels), 1)
+    loss_ax.set_subplotspec(grid[0])
+    panels = [(loss_ax, h["train_losses"], h["val_losses"], "loss")]
+    for row, (name, label) in enumerate(labels.items(), start=1):
+        ax = fig.add_subplot(grid[row], sharex=loss_ax)
+        ax.grid(alpha=0.3)
+        panels.append((ax, metrics[f"train/{name}"], metrics[f"val/{name}"], label))
+    for ax, train, val, label in panels:
+        ax.plot(h["steps"], train, "o-", color=TRAIN_COLOR, markersize=3, label="training")
+        ax.plot(h["steps"], val, "o--", color=VAL_COLOR, markersize=3, label="validation")
+        ax.set_ylabel(label)
+    panels[-1][0].set_xlabel("optimizer steps")
+    loss_ax.legend(loc="upper right")
+    return save_figure(fig, path)
+
+
 def plot_preference(history: Any, path: str | os.PathLike | None = None) -> Figure:
     """Preference tuning (:mod:`minigpt.dpo`) at a glance, training and validation against
     optimizer steps in three panels: the loss, the reward margin (chosen minus rejected)
@@ -125,27 +154,9 @@ def plot_preference(history: Any, path: str | os.PathLike | None = None) -> Figu
     margin and accuracy rising on validation pairs mean the preference generalises.
     Needs a history whose ``metrics`` hold ``rewards/margins`` and ``rewards/accuracies``;
     saved as a PNG at ``path`` if given."""
-    h = _as_dict(history)
-    metrics = h.get("metrics") or {}
-    missing = [f"{split}/rewards/{name}" for split in ("train", "val") for name in ("margins", "accuracies")
-               if not metrics.get(f"{split}/rewards/{name}")]
-    if missing:
-        raise ValueError(f"the history has no {', '.join(missing)}: was it recorded by train_model with a "
-                         "preference loss (minigpt.dpo.DPOLoss)?")
-    fig, loss_ax = new_figure(height=7)
-    grid = fig.add_gridspec(3, 1)
-    loss_ax.set_subplotspec(grid[0])
-    panels = [(loss_ax, h["train_losses"], h["val_losses"], "loss")]
-    for row, name, label in ((1, "margins", "reward margin"), (2, "accuracies", "reward accuracy")):
-        ax = fig.add_subplot(grid[row], sharex=loss_ax)
-        ax.grid(alpha=0.3)
-        panels.append((ax, metrics[f"train/rewards/{name}"], metrics[f"val/rewards/{name}"], label))
-    for ax, train, val, label in panels:
-        ax.plot(h["steps"], train, "o-", color=TRAIN_COLOR, markersize=3, label="training")
-        ax.plot(h["steps"], val, "o--", color=VAL_COLOR, markersize=3, label="validation")
-        ax.set_ylabel(label)
-    panels[1][0].axhline(0.0, color=BEFORE_COLOR, linewidth=0.8)  # above zero: chosen answers gain
-    panels[2][0].set_ylim(-0.05, 1.05)
-    panels[2][0].set_xlabel("optimizer steps")
-    loss_ax.legend(loc="upper right")
+    fig = plot_metrics(history, {"rewards/margins": "reward margin", "rewards/accuracies": "reward accuracy"},
+                       recorded_by="a preference loss (minigpt.dpo.DPOLoss)")
+    _, margin_ax, accuracy_ax = fig.axes
+    margin_ax.axhline(0.0, color=BEFORE_COLOR, linewidth=0.8)  # above zero: chosen answers gain
+    accuracy_ax.set_ylim(-0.05, 1.05)
     return save_figure(fig, path)
