@@ -9,16 +9,18 @@ that reads the question from the prompt and checks the answer: 1.0 for ``"7 + 12
 answered ``"19"``, 0.0 for anything else. GRPO (:mod:`minigpt.grpo`) then raises the
 probability of answers that scored above their group's mean.
 
-:func:`arithmetic_task` is such a task, generated offline from a seed: every sum of two
-operands in a range, split once into training prompts and held-out prompts (no pair is in
-both). Its rewards are :func:`correct_sum` (exact match) and :func:`answer_format` (the
-answer is a bare integer and nothing else), weighted 1 and 0.1: the small format reward
-gives a signal even to groups that get no sum right. :func:`load_reward` loads any other
-reward function the user names as ``module:function``.
+:func:`arithmetic_task` is such a task, generated offline from a seed: every sum (or
+larger of two, ``max``) of two operands in a range, split once into training prompts and
+held-out prompts (no pair is in both). Its rewards are :func:`correct_answer` (exact match)
+and :func:`answer_format` (the answer is a bare integer and nothing else), weighted 1 and
+0.1: the small format reward gives a signal even to groups that get no answer right.
+:func:`load_reward` loads any other reward function the user names as ``module:function``;
+:func:`reward_table` runs the functions on a batch of answers and says which one failed, where.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import random
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 RewardFn = Callable[[str, str], float]
-_SUM = re.compile(r"^(\d+) \+ (\d+) = $")  # the prompt of arithmetic_task
+_PROBLEM = re.compile(r"^(?:(\d+) \+ (\d+)|max\((\d+), (\d+)\)) = $")  # the prompts of arithmetic_task
 _INTEGER = re.compile(r"^-?\d+$")
 
 
@@ -55,13 +57,15 @@ class RewardTask:
     accuracy_reward: str
 
 
-def correct_sum(prompt: str, answer: str) -> float:
-    """1.0 when ``answer`` (spaces around it ignored) is exactly the sum the prompt
-    ``"a + b = "`` asks for, else 0.0. Raises ``ValueError`` for a prompt of another form."""
-    match = _SUM.match(prompt)
+def correct_answer(prompt: str, answer: str) -> float:
+    """1.0 when ``answer`` (spaces around it ignored) is exactly the number the prompt asks
+    for, ``"a + b = "`` (the sum) or ``"max(a, b) = "`` (the larger), else 0.0. Raises
+    ``ValueError`` for a prompt of another form."""
+    match = _PROBLEM.match(prompt)
     if match is None:
-        raise ValueError(f"correct_sum checks prompts of the form 'a + b = ', not {prompt!r}")
-    return float(answer.strip() == str(int(match[1]) + int(match[2])))
+        raise ValueError(f"correct_answer checks prompts of the form 'a + b = ' or 'max(a, b) = ', not {prompt!r}")
+    a, b = (int(match[1]), int(match[2])) if match[1] is not None else (int(match[3]), int(match[4]))
+    return float(answer.strip() == str(a + b if match[1] is not None else max(a, b)))
 
 
 def answer_format(prompt: str, answer: str) -> float:
@@ -70,28 +74,40 @@ def answer_format(prompt: str, answer: str) -> float:
     return float(_INTEGER.match(answer.strip()) is not None)
 
 
-def arithmetic_task(max_operand: int = 19, test_share: float = 0.2, seed: int = 0) -> RewardTask:
-    """Every sum ``a + b = `` with ``0 <= a, b <= max_operand``, shuffled with ``seed`` and
-    split: the first ``test_share`` of the pairs are held out (``test``), the rest train.
+OPERATIONS: dict[str, tuple[str, Callable[[int, int], int]]] = {  # name -> (prompt template, result)
+    "add": ("{} + {} = ", lambda a, b: a + b),
+    "max": ("max({}, {}) = ", max),
+}
 
-    The default (operands up to 19, 400 pairs, 80 held out) is easy enough for the tiny
-    preset to reach a non-zero accuracy after a short supervised warm-up, so GRPO has
-    answers to compare. The same arguments give the same split on every machine
-    (Python's ``random`` with a fixed seed)."""
+
+def arithmetic_task(operation: str = "add", max_operand: int = 19, test_share: float = 0.2,
+                    seed: int = 0) -> RewardTask:
+    """Every problem ``a + b = `` (``operation="add"``) or ``max(a, b) = `` (``"max"``) with
+    ``0 <= a, b <= max_operand``, shuffled with ``seed`` and split: the first ``test_share``
+    of the pairs are held out (``test``), the rest train. The same arguments give the same
+    split on every machine (Python's ``random`` with a fixed seed)."""
+    if operation not in OPERATIONS:
+        raise ValueError(f"unknown operation {operation!r}; choose one of {', '.join(OPERATIONS)}")
     if max_operand < 1:
         raise ValueError(f"max_operand must be at least 1, got {max_operand}")
     if not 0 < test_share < 1:
         raise ValueError(f"test_share must be between 0 and 1, got {test_share}")
+    template, result = OPERATIONS[operation]
     pairs = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
     random.Random(seed).shuffle(pairs)
-    problems = [Problem(f"{a} + {b} = ", str(a + b)) for a, b in pairs]
+    problems = [Problem(template.format(a, b), str(result(a, b))) for a, b in pairs]
     held_out = max(1, round(test_share * len(problems)))
-    return RewardTask("arithmetic", train=problems[held_out:], test=problems[:held_out],
-                      rewards={"correct": (correct_sum, 1.0), "format": (answer_format, 0.1)},
+    return RewardTask(f"{operation} up to {max_operand}", train=problems[held_out:], test=problems[:held_out],
+                      rewards={"correct": (correct_answer, 1.0), "format": (answer_format, 0.1)},
                       accuracy_reward="correct")
 
 
-TASKS: dict[str, Callable[[], RewardTask]] = {"arithmetic": arithmetic_task}
+# The tasks by name, with the settings measured to start the tiny preset, after a short supervised
+# warm-up, at an accuracy above 0 and below the top, where GRPO has answers to compare.
+TASKS: dict[str, Callable[[], RewardTask]] = {
+    "arithmetic": functools.partial(arithmetic_task, "add", 19),
+    "larger": functools.partial(arithmetic_task, "max", 99, 0.05),
+}
 
 
 def load_task(name: str) -> RewardTask:
@@ -107,7 +123,7 @@ def load_reward(spec: str) -> RewardFn:
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise ValueError(f"reward {spec!r} is not of the form module:function (e.g. "
-                         "minigpt.reward_tasks:correct_sum)")
+                         "minigpt.reward_tasks:correct_answer)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:

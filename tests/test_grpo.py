@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minigpt.grpo import group_advantages, grpo_loss, k3_kl, total_rewards
-from minigpt.reward_tasks import answer_format, correct_sum, reward_table
+from minigpt.reward_tasks import answer_format, correct_answer, reward_table
 
 
 def test_advantages_by_hand():
@@ -131,7 +131,7 @@ def test_loss_settings_are_checked():
         grpo_loss(x, x, torch.zeros(1), x, beta=0.1)
 
 
-TASK_REWARDS = {"correct": (correct_sum, 1.0), "format": (answer_format, 0.1)}
+TASK_REWARDS = {"correct": (correct_answer, 1.0), "format": (answer_format, 0.1)}
 
 
 def test_reward_table_and_totals():
