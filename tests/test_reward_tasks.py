@@ -33,7 +33,7 @@ def test_arithmetic_split_is_fixed_disjoint_and_complete():
     assert task.test != arithmetic_task("add", max_operand=9, test_share=0.25, seed=4).test
     assert all(correct_answer(p.prompt, p.answer) == 1.0 for p in task.train + task.test)
     assert load_task("arithmetic").accuracy_reward == "correct"
-    assert len(load_task("larger").test) == 200 and load_task("larger").test[0].prompt.startswith("max(")
+    assert len(load_task("larger").test) == 80 and load_task("larger").test[0].prompt.startswith("max(")
     with pytest.raises(ValueError, match="unknown task 'algebra'; choose one of arithmetic"):
         load_task("algebra")
 
