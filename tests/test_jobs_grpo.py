@@ -38,7 +38,7 @@ def base(tmp_path):
 
 def settings(tmp_path, base, name="run", **changes) -> GRPOConfig:
     values = dict(model=str(base), output=str(tmp_path / name), subset=8, batch_size=4, group_size=3, epochs=1,
-                  eval_every=1, eval_iter=1, max_new_tokens=2, lr=1e-3, device="cpu")
+                  eval_every=1, eval_iter=1, max_new_tokens=2, lr=1e-3, sft_steps=0, device="cpu")
     return GRPOConfig(**{**values, **changes})
 
 
@@ -114,7 +114,8 @@ def test_bad_settings_are_named_in_the_users_words(tmp_path, capsys, args, messa
 def test_cli_trains_on_a_reward_given_by_name(tmp_path, base, capsys):
     code = main(["finetune", "grpo", "--model", str(base), "--output", str(tmp_path / "run"), "--subset", "4",
                  "--batch-size", "4", "--group-size", "2", "--epochs", "1", "--eval-iter", "1", "--max-new-tokens",
-                 "2", "--reward", "minigpt.reward_tasks:answer_format", "--beta", "0", "--device", "cpu"])
+                 "2", "--sft-steps", "1", "--reward", "minigpt.reward_tasks:answer_format", "--beta", "0",
+                 "--device", "cpu"])
     assert code == 0
     out = capsys.readouterr().out
     assert "held-out accuracy (greedy answers): " in out and "saved the model, loss.png, grpo.png" in out
