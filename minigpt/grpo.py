@@ -160,6 +160,8 @@ def total_rewards(table: torch.Tensor, rewards: Mapping[str, tuple[RewardFn, flo
 
 
 class TokenizedPrompt(NamedTuple):
+    """A prompt as the reward functions read it (``text``) and as the model reads it (``ids``)."""
+
     text: str
     ids: list[int]
 
