@@ -142,7 +142,9 @@ def token_logprobs_of(model: nn.Module, ids: torch.Tensor, scored: torch.Tensor,
     if ids.dim() != 2 or ids.shape != scored.shape:
         raise ValueError(f"ids and scored must have the same (batch, tokens) shape, got {tuple(ids.shape)} "
                          f"and {tuple(scored.shape)}")
-    logits = model(ids[:, :-1], attention_mask=None if attention_mask is None else attention_mask[:, :-1])
+    # The whole sequence goes in (the last position's logits are unused): a training-time hook that
+    # reads the sequence's length, such as NEFTune's, sees the sequence as it is.
+    logits = model(ids, attention_mask=attention_mask)[:, :-1]
     targets = ids[:, 1:].masked_fill(~scored[:, 1:].bool(), IGNORE_INDEX)  # (b, T - 1)
     return -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                             reduction="none").view(targets.shape)

@@ -92,7 +92,8 @@ def test_answer_logprobs_equal_transformers_with_the_same_weights(tmp_path):
 
     hf = random_hf_model(vocab_size=211, n_positions=32, n_embd=32, n_layer=2, n_head=2)
     hf.save_pretrained(tmp_path)
-    ours = GPTModel.from_pretrained(tmp_path)
+    ours = GPTModel.from_pretrained(tmp_path).eval()  # no dropout in either model
+    hf.eval()
     torch.manual_seed(11)
     rollout = sample_rollouts(ours, prompts_of_lengths(6, 2, 9, seed=5), RolloutSettings(max_new_tokens=7))
     positions = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
