@@ -62,7 +62,7 @@ def actions(parser: argparse.ArgumentParser, *path: str) -> list[argparse.Action
 
 
 @pytest.mark.parametrize("path", [("generate",), ("pretrain",), ("eval",), ("finetune", "classify"),
-                                  ("finetune", "instruct"), ("finetune", "dpo")])
+                                  ("finetune", "instruct"), ("finetune", "dpo"), ("finetune", "grpo")])
 def test_help_shows_every_default(path):
     for action in actions(build_parser(), *path):
         if action.dest != "overwrite" and not action.required:  # a switch, and the one option that must be given
@@ -557,7 +557,8 @@ def test_data_files_that_cannot_be_read_are_named_on_one_line(tmp_path, capsys, 
 
 @pytest.mark.parametrize("task, settings", [("classify", "minigpt.jobs.classify.ClassifyConfig"),
                                             ("instruct", "minigpt.jobs.instruct.InstructConfig"),
-                                            ("dpo", "minigpt.jobs.dpo.DPOConfig")])
+                                            ("dpo", "minigpt.jobs.dpo.DPOConfig"),
+                                            ("grpo", "minigpt.jobs.grpo.GRPOConfig")])
 def test_finetune_settings_cover_every_option(task, settings):
     module, name = settings.rsplit(".", 1)
     flags = {a.dest for a in actions(build_parser(), "finetune", task)}

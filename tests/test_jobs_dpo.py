@@ -261,7 +261,7 @@ def test_too_few_pairs_for_three_splits_are_refused(tmp_path, base):
 
 def test_help_shows_the_preference_options_with_their_defaults():
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["finetune"]
-    dpo = next(a for a in sub._actions if a.dest == "task").choices["dpo"]
+    dpo = next(a for a in sub._actions if a.dest == "technique").choices["dpo"]
     helps = {a.option_strings[0]: a.help for a in dpo._actions if a.option_strings}
     assert "(default: 0.1)" in helps["--beta"] and "(default: sigmoid)" in helps["--loss"]
     assert "(default: 5e-06)" in helps["--lr"] and "(default: 1)" in helps["--epochs"]

@@ -8,7 +8,8 @@
   with their one setup and one finish;
 * :mod:`minigpt.jobs.classify`: ``ClassifyConfig`` + ``finetune_classifier`` (book ch. 6);
 * :mod:`minigpt.jobs.instruct`: ``InstructConfig`` + ``finetune_instructions`` (book ch. 7);
-* :mod:`minigpt.jobs.dpo`: ``DPOConfig`` + ``finetune_dpo`` (preference tuning with DPO).
+* :mod:`minigpt.jobs.dpo`: ``DPOConfig`` + ``finetune_dpo`` (preference tuning with DPO);
+* :mod:`minigpt.jobs.grpo`: ``GRPOConfig`` + ``finetune_grpo`` (GRPO on a task with checked answers).
 
 Every default is written once, in its dataclass; the command line reads them from there.
 A job reports through :mod:`logging` and returns its results; it never prints.

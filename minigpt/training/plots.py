@@ -118,38 +118,23 @@ def plot_accuracy(
     return save_figure(fig, path)
 
 
-def plot_preference(history: Any, path: str | os.PathLike | None = None) -> Figure:
-    """Preference tuning (:mod:`minigpt.finetuning.dpo`) at a glance, training and validation against
-    optimizer steps in three panels: the loss, the reward margin (chosen minus rejected)
-    and the reward accuracy (the share of pairs ranked right). Read them together: the
-    margin and accuracy rising on validation pairs mean the preference generalises.
-    Needs a history whose ``metrics`` hold ``rewards/margins`` and ``rewards/accuracies``;
-    saved as a PNG at ``path`` if given."""
-    return _plot_pairs(history, path, "rewards/margins", "rewards/accuracies",
-                       "a preference loss (minigpt.finetuning.dpo.DPOLoss)")
-
-
-def plot_reward_model(history: Any, path: str | os.PathLike | None = None) -> Figure:
-    """A reward model's training (:mod:`minigpt.finetuning.reward`), as :func:`plot_preference`: the loss,
-    the score margin (chosen minus rejected) and the accuracy (pairs ranked right), training
-    and validation. Needs a history whose ``metrics`` hold ``margin`` and ``accuracy``."""
-    loss_name = "the reward model's loss (minigpt.finetuning.reward.RewardLoss)"
-    return _plot_pairs(history, path, "margin", "accuracy", loss_name)
-
-
-def _plot_pairs(history: Any, path: str | os.PathLike | None, margin: str, accuracy: str, loss_name: str) -> Figure:
+def plot_metrics(history: Any, labels: Mapping[str, str], path: str | os.PathLike | None = None, *,
+                 recorded_by: str = "a loss that returns them") -> Figure:
+    """The loss and each metric of ``labels`` (``{"rewards/margins": "reward margin"}``), training
+    and validation against optimizer steps, one panel each (the loss on top, the steps below the
+    last). Needs a history whose ``metrics`` hold ``train/<name>`` and ``val/<name>`` for every
+    name (``recorded_by`` says in the error what records them); a PNG at ``path`` if given."""
     h = _as_dict(history)
     metrics = h.get("metrics") or {}
-    missing = [f"{split}/{name}" for split in ("train", "val") for name in (margin, accuracy)
-               if not metrics.get(f"{split}/{name}")]
+    missing = [f"{split}/{name}" for split in ("train", "val") for name in labels if not metrics.get(f"{split}/{name}")]
     if missing:
         raise ValueError(f"the history has no {', '.join(missing)}: was it recorded by train_model with "
-                         f"{loss_name}?")
-    fig, loss_ax = new_figure(height=7)
-    grid = fig.add_gridspec(3, 1)
+                         f"{recorded_by}?")
+    fig, loss_ax = new_figure(height=7 / 3 * (1 + len(labels)))
+    grid = fig.add_gridspec(1 + len(labels), 1)
     loss_ax.set_subplotspec(grid[0])
     panels = [(loss_ax, h["train_losses"], h["val_losses"], "loss")]
-    for row, name, label in ((1, margin, "reward margin"), (2, accuracy, "reward accuracy")):
+    for row, (name, label) in enumerate(labels.items(), start=1):
         ax = fig.add_subplot(grid[row], sharex=loss_ax)
         ax.grid(alpha=0.3)
         panels.append((ax, metrics[f"train/{name}"], metrics[f"val/{name}"], label))
@@ -157,10 +142,36 @@ def _plot_pairs(history: Any, path: str | os.PathLike | None, margin: str, accur
         ax.plot(h["steps"], train, "o-", color=TRAIN_COLOR, markersize=3, label="training")
         ax.plot(h["steps"], val, "o--", color=VAL_COLOR, markersize=3, label="validation")
         ax.set_ylabel(label)
-    panels[1][0].axhline(0.0, color=BEFORE_COLOR, linewidth=0.8)  # above zero: chosen answers gain
-    panels[2][0].set_ylim(-0.05, 1.05)
-    panels[2][0].set_xlabel("optimizer steps")
+    panels[-1][0].set_xlabel("optimizer steps")
     loss_ax.legend(loc="upper right")
+    return save_figure(fig, path)
+
+
+def plot_preference(history: Any, path: str | os.PathLike | None = None) -> Figure:
+    """Preference tuning (:mod:`minigpt.finetuning.dpo`) at a glance, training and validation against
+    optimizer steps in three panels: the loss, the reward margin (chosen minus rejected)
+    and the reward accuracy (the share of pairs ranked right). Read them together: the
+    margin and accuracy rising on validation pairs mean the preference generalises.
+    Needs a history whose ``metrics`` hold ``rewards/margins`` and ``rewards/accuracies``;
+    saved as a PNG at ``path`` if given."""
+    return _plot_scores(history, path, "rewards/margins", "rewards/accuracies",
+                        "a preference loss (minigpt.finetuning.dpo.DPOLoss)")
+
+
+def plot_reward_model(history: Any, path: str | os.PathLike | None = None) -> Figure:
+    """A reward model's training (:mod:`minigpt.finetuning.reward`), as :func:`plot_preference`: the loss,
+    the score margin (chosen minus rejected) and the accuracy (pairs ranked right), training
+    and validation. Needs a history whose ``metrics`` hold ``margin`` and ``accuracy``."""
+    return _plot_scores(history, path, "margin", "accuracy", "the reward model's loss (minigpt.finetuning.reward)")
+
+
+def _plot_scores(history: Any, path: str | os.PathLike | None, margin: str, accuracy: str,
+                 recorded_by: str) -> Figure:
+    """:func:`plot_metrics` of a margin and an accuracy, with the margin's zero line drawn."""
+    fig = plot_metrics(history, {margin: "reward margin", accuracy: "reward accuracy"}, recorded_by=recorded_by)
+    _, margin_ax, accuracy_ax = fig.axes
+    margin_ax.axhline(0.0, color=BEFORE_COLOR, linewidth=0.8)  # above zero: chosen answers gain
+    accuracy_ax.set_ylim(-0.05, 1.05)
     return save_figure(fig, path)
 
 
