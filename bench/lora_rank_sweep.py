@@ -37,7 +37,8 @@ from minigpt.finetuning.labelled_data import balance_classes, load_labelled_text
 from minigpt.io.files import atomic_write, write_text
 from minigpt.lora.adapters import apply_lora
 from minigpt.models.gpt2.model import GPTModel
-from minigpt.training.loop import TrainConfig, train_model
+from minigpt.training.config import TrainConfig
+from minigpt.training.loop import train_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -9,8 +9,8 @@ from minigpt.models.attention import (
     MultiHeadAttentionWrapper,
     SelfAttentionV1,
     SelfAttentionV2,
-    padded_causal_mask,
 )
+from minigpt.models.kv_cache import padded_causal_mask
 
 # The book's six 3-d embeddings of "Your journey starts with one step".
 INPUTS = torch.tensor(

@@ -18,6 +18,7 @@ from minigpt.data.windows import GPTDataset
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.training.checkpoint import STATE_FILE
+from minigpt.training.config import TrainConfig
 from minigpt.training.distributed import (
     ShardSampler,
     init_distributed,
@@ -27,7 +28,7 @@ from minigpt.training.distributed import (
     sharded_loader,
     sum_over_ranks,
 )
-from minigpt.training.loop import TrainConfig, TrainingInterrupted, train_model
+from minigpt.training.loop import TrainingInterrupted, train_model
 from minigpt.training.losses import next_token_loss
 
 CFG = GPTConfig(vocab_size=96, context_length=16, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)

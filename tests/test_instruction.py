@@ -20,7 +20,8 @@ from minigpt.finetuning.prompt_format import extract_response, format_input, for
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
-from minigpt.training.loop import TrainConfig, train_model
+from minigpt.training.config import TrainConfig
+from minigpt.training.loop import train_model
 
 # Files this module reads from the data folder (without it, from the copies minigpt ships).
 DATA_FILES = ["instruct/instruction-data.json"]

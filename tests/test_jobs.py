@@ -24,7 +24,8 @@ from minigpt.models.gpt2.model import GPTModel
 from minigpt.models.loader import load
 from minigpt.runtime import runtime
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
-from minigpt.training.loop import TrainConfig, TrainingInterrupted
+from minigpt.training.config import TrainConfig
+from minigpt.training.loop import TrainingInterrupted
 
 SMALL = GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=2,
                   drop_rate=0.0, tie_weights=True)

@@ -19,7 +19,8 @@ from minigpt.finetuning.instruction import (
 from minigpt.finetuning.neftune import disable_neftune, enable_neftune, neftune_enabled, neftune_lengths, neftune_noise
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
-from minigpt.training.loop import TrainConfig, train_model
+from minigpt.training.config import TrainConfig
+from minigpt.training.loop import train_model
 from minigpt.training.losses import next_token_loss
 
 TINY = GPTConfig(vocab_size=128, context_length=32, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.1)

@@ -43,7 +43,8 @@ from minigpt.lora.adapters import apply_lora
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
-from minigpt.training.loop import TrainConfig, train_model
+from minigpt.training.config import TrainConfig
+from minigpt.training.loop import train_model
 from minigpt.training.losses import input_tokens, scored_targets
 
 # Files this module reads from the data folder (without it, from the copies minigpt ships).

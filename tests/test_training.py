@@ -23,8 +23,9 @@ from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.runtime.runtime import default_precision, resolve_precision
 from minigpt.training.checkpoint import load_checkpoint
+from minigpt.training.config import TrainConfig
 from minigpt.training.distributed import sharded_loader
-from minigpt.training.loop import History, TrainConfig, TrainingInterrupted, train_model
+from minigpt.training.loop import History, TrainingInterrupted, train_model
 from minigpt.training.losses import calc_loss_loader, next_token_loss
 from minigpt.training.optim import create_optimizer, lr_at_step, param_groups
 from minigpt.training.plots import plot_losses, plot_lr

@@ -19,7 +19,7 @@ from typing import Any
 
 from minigpt.runtime.runtime import PRECISIONS, SEED_MAX, SEED_MIN, default_precision, select_device
 
-TRAIN_HELP = {  # the training loop's settings (minigpt.training.loop.TrainConfig), in the command line's words
+TRAIN_HELP = {  # the training loop's settings (minigpt.training.config.TrainConfig), in the command line's words
     "max_steps": ("--steps", "optimizer steps"),
     "lr": ("--lr", "peak learning rate, reached after the warm-up"),
     "min_lr": ("--min-lr", "learning rate at the end of the cosine decay"),

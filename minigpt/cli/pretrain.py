@@ -30,7 +30,7 @@ def add(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from minigpt.jobs.pretrain import PretrainConfig, new_run_dir, pretrain
-    from minigpt.training.loop import TrainConfig
+    from minigpt.training.config import TrainConfig
 
     given = given_settings(args, PretrainConfig, TrainConfig)
     if args.resume:

@@ -42,7 +42,8 @@ from minigpt.runtime.linear import Linear
 from minigpt.runtime.runtime import select_device
 from minigpt.tokenizers.gpt2 import PAD_TOKEN_ID
 from minigpt.training.checkpoint import load_state
-from minigpt.training.loop import History, TrainConfig, train_model
+from minigpt.training.config import TrainConfig
+from minigpt.training.loop import History, train_model
 from minigpt.training.losses import IGNORE_INDEX, next_token_loss
 
 # Trained by default: the last transformer block, the final norm and the new head.

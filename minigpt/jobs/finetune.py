@@ -39,8 +39,9 @@ from minigpt.models.loader import chat_template_of, load, load_tokenizer, resolv
 from minigpt.quantization.layers import is_quantized, quantize_model
 from minigpt.runtime.runtime import PRECISIONS, resolve_precision, select_device
 from minigpt.training.checkpoint import SETTINGS_FILE, STATE_FILE, load_settings, save_settings
+from minigpt.training.config import TrainConfig
 from minigpt.training.distributed import ShardSampler, rank_and_world_size
-from minigpt.training.loop import History, TrainConfig, train_model
+from minigpt.training.loop import History, train_model
 from minigpt.training.losses import LossFn, has_perplexity, next_token_loss, perplexity, summed_loss_and_metrics
 from minigpt.training.plots import plot_losses
 

@@ -33,7 +33,8 @@ from minigpt.finetuning.rollout import RolloutSettings
 from minigpt.jobs.finetune import FinetuneConfig, Run, add_lora, finish, job_default, setup, shuffled_loader, train
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.training.checkpoint import STATE_FILE, save_settings
-from minigpt.training.loop import TrainConfig, train_model
+from minigpt.training.config import TrainConfig
+from minigpt.training.loop import train_model
 from minigpt.training.plots import plot_metrics
 
 logger = logging.getLogger(__name__)

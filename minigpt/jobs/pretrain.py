@@ -40,8 +40,9 @@ from minigpt.models.gpt2.model import GPTModel
 from minigpt.runtime.runtime import autocast, resolve_precision, select_device
 from minigpt.tokenizers.gpt2 import ENDOFTEXT, get_gpt2_tokenizer
 from minigpt.training.checkpoint import STATE_FILE, load_settings, save_settings
+from minigpt.training.config import TrainConfig
 from minigpt.training.distributed import init_distributed, sharded_loader
-from minigpt.training.loop import History, TrainConfig, TrainingInterrupted, train_model
+from minigpt.training.loop import History, TrainingInterrupted, train_model
 from minigpt.training.losses import calc_loss_loader, perplexity
 
 logger = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minigpt.models.attention import padded_causal_mask
 from minigpt.models.base import check_token_ids
+from minigpt.models.kv_cache import padded_causal_mask
 
 
 class Decoder(nn.Module):

@@ -20,10 +20,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,11 +34,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm  # plain text: no widget library needed in notebooks
 
 from minigpt.generation.generate import generate
-from minigpt.generation.sampling import check_sampling
 from minigpt.generation.text import text_to_token_ids, token_ids_to_text
 from minigpt.models.base import check_token_ids, evaluating
 from minigpt.runtime.runtime import (
-    PRECISIONS,
     autocast,
     compile_with_loss,
     grad_scaler,
@@ -47,6 +44,7 @@ from minigpt.runtime.runtime import (
     select_device,
 )
 from minigpt.training.checkpoint import load_checkpoint, save_checkpoint
+from minigpt.training.config import TrainConfig
 from minigpt.training.distributed import mean_over_ranks, rank_and_world_size, rng_state_of_all_ranks, sum_over_ranks
 from minigpt.training.history import History, TrainingInterrupted
 from minigpt.training.interrupt import GracefulInterrupt
@@ -62,57 +60,11 @@ from minigpt.training.losses import (
     to_device,
 )
 from minigpt.training.optim import create_optimizer, lr_at_step
+from minigpt.training.progress import log_above_bar
 
-__all__ = ["History", "TrainConfig", "TrainingInterrupted", "train_model"]
+__all__ = ["History", "TrainingInterrupted", "train_model"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Settings of :func:`train_model` (the loop); the data and the model are arguments."""
-
-    # General defaults; each job sets its own (minigpt.jobs).
-    max_steps: int = 120
-    lr: float = 3e-3               # peak learning rate, reached after the warm-up
-    min_lr: float = 3e-4           # floor of the cosine decay
-    warmup_steps: int = 12
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float | None = 1.0  # largest gradient norm; None or 0: no clipping
-    grad_accum: int = 1            # micro-batches per optimizer step
-    eval_every: int = 30           # steps between evaluations (and checkpoints)
-    eval_iter: int | None = 5      # batches per evaluation; None: the whole loaders
-    precision: str = "float32"     # or "bfloat16", "float16" (CUDA), "auto" (bfloat16 where native)
-    compile: bool = False          # torch.compile the training steps (eager, with a warning, if it fails)
-    gradient_checkpointing: bool = False
-    sample_prompt: str | None = None  # continued at every evaluation (needs a tokenizer)
-    sample_tokens: int = 50
-    sample_temperature: float = 0.8   # 0: greedy; else sampled, with the same seed at every evaluation
-    sample_top_k: int | None = 40     # sample among the 40 likeliest tokens (None: all)
-    sample_seed: int = 123
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)  # JSON gives a list back
-        for name in ("max_steps", "grad_accum", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"need warmup_steps >= 0 and 0 <= min_lr <= lr, got warmup_steps="
-                             f"{self.warmup_steps}, min_lr={self.min_lr}, lr={self.lr}")
-        if self.grad_clip is not None and not self.grad_clip >= 0:  # also catches NaN
-            # clip_grad_norm_ scales by max_norm / norm: a negative bound would flip every gradient
-            raise ValueError(f"grad_clip must be 0 or more (0 or None: no clipping), got {self.grad_clip}")
-        if self.eval_iter is not None and self.eval_iter < 1:
-            raise ValueError(f"eval_iter must be at least 1, or None for the whole loaders, got {self.eval_iter}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if self.sample_tokens < 0:
-            raise ValueError(f"sample_tokens must be 0 or more, got {self.sample_tokens}")
-        try:
-            check_sampling(self.sample_temperature, self.sample_top_k)
-        except ValueError as err:  # "temperature must be ...": name the field
-            raise ValueError(f"sample_{err}") from None
 
 
 @dataclass
@@ -177,7 +129,7 @@ def train_model(
     cfg, batches = config, _batches(train_loader, loop.epoch, loop.batch_in_epoch)
     bar = tqdm(total=cfg.max_steps, initial=loop.step, disable=not progress or loop.rank != 0,
                desc="training", unit="step", dynamic_ncols=True)
-    with loop.interrupt, bar, _log_above(bar):
+    with loop.interrupt, bar, log_above_bar(bar):
         if loop.step == 0 and not loop.history.steps:
             _evaluate(loop)  # the starting point of the curves: an untrained model's loss
         while loop.step < cfg.max_steps:
@@ -194,34 +146,6 @@ def train_model(
                 _evaluate(loop)
                 _checkpoint(loop)
     return loop.history
-
-
-class _AboveTheBar:
-    """A console stream that writes through ``tqdm.write``, so a log line lands above the bar."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-
-    def write(self, text: str) -> None:
-        tqdm.write(text, file=self.stream, end="")
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-@contextmanager
-def _log_above(bar: tqdm) -> Iterator[None]:
-    """While the bar is shown, console log lines are written above it instead of through it.
-    (tqdm's own helper for this imports its notebook-widget module, which warns in Jupyter.)"""
-    handlers = [] if bar.disable else [
-        h for lg in (logging.root, logging.getLogger("minigpt")) for h in lg.handlers
-        if type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr)]
-    streams = [h.setStream(_AboveTheBar(h.stream)) for h in handlers]
-    try:
-        yield
-    finally:
-        for handler, stream in zip(handlers, streams, strict=True):
-            handler.setStream(stream)
 
 
 def _check_loaders(train_loader: Iterable, val_loader: Iterable, device: torch.device) -> None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minigpt.models.attention import CachedAttention, KVCache
+from minigpt.models.attention import CachedAttention
+from minigpt.models.kv_cache import KVCache
 from minigpt.models.llama.rope import RoPE
 from minigpt.runtime.linear import Linear
 
