@@ -7,10 +7,10 @@ step on ``batch`` pairs of ``tokens`` tokens is the policy's forward and backwar
 chosen and the rejected sequences (one forward over both, ``2 * batch`` rows), the
 reference's log-probabilities of the same pairs, and an AdamW step. The references:
 
-* ``deep_copy``: a frozen copy of the model (``minigpt.finetuning.dpo.FrozenReference``), made after
+* ``deep_copy``: a frozen copy of the model (``minigpt.finetuning.reference.FrozenReference``), made after
   the baseline below, so its bytes count;
 * ``adapters_off``: the policy itself with its LoRA updates switched off
-  (``minigpt.finetuning.dpo.AdaptersOffReference``): no second model;
+  (``minigpt.finetuning.reference.AdaptersOffReference``): no second model;
 * ``precomputed``: the reference's log-probabilities computed once before training (here
   before the baseline, as a run does before its first step) and carried by the batch.
 
@@ -151,7 +151,7 @@ def precompute(model, pairs: dict) -> dict:
     what this leaves behind in memory is small)."""
     import torch
 
-    from minigpt.finetuning.dpo import AdaptersOffReference
+    from minigpt.finetuning.reference import AdaptersOffReference
 
     reference, rows = AdaptersOffReference(model), []
     for i in range(pairs["num_scored"]):
@@ -163,8 +163,9 @@ def precompute(model, pairs: dict) -> dict:
 
 def loss_for(strategy: str, model, batches_: tuple[tuple, dict, dict]):
     """``(loss function, batch)`` of one strategy; for ``deep_copy`` the copy is made here."""
-    from minigpt.finetuning.dpo import AdaptersOffReference, DPOLoss, FrozenReference
+    from minigpt.finetuning.dpo import DPOLoss
     from minigpt.finetuning.instruction import instruction_loss
+    from minigpt.finetuning.reference import AdaptersOffReference, FrozenReference
 
     sft, pairs, precomputed = batches_
     if strategy == "sft":

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from minigpt.finetuning.dpo import AdaptersOffReference, DPOLoss, FrozenReference
+from minigpt.finetuning.dpo import DPOLoss
 from minigpt.finetuning.preference import PreferenceExample, collate_preferences
+from minigpt.finetuning.reference import AdaptersOffReference, FrozenReference
 from minigpt.finetuning.reward import make_reward_model
 from minigpt.finetuning.rollout import RolloutSettings, sample_rollouts
 from minigpt.jobs.ppo import PolicyAndValue, PPOConfig, ppo_update

@@ -10,8 +10,8 @@ import torch
 from test_jobs import signal_after_step
 
 from minigpt.cli import main
-from minigpt.finetuning.dpo import FrozenReference
 from minigpt.finetuning.grpo import GRPOLoss, collate_prompts, tokenize_prompts
+from minigpt.finetuning.reference import FrozenReference
 from minigpt.finetuning.reward_tasks import load_task
 from minigpt.finetuning.rollout import RolloutSettings
 from minigpt.jobs.grpo import GRPOConfig, finetune_grpo

@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from minigpt.finetuning.dpo import DPOLoss, sequence_logprobs
+from minigpt.finetuning.dpo import DPOLoss
 from minigpt.finetuning.instruction import instruction_loss
 from minigpt.finetuning.neftune import enable_neftune, neftune_lengths
+from minigpt.finetuning.reference import sequence_logprobs
 from minigpt.generation.batch import generate_batch
 from minigpt.generation.generate import generate
 from minigpt.lora.adapters import apply_lora, merge_lora

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from minigpt.evaluation.comparison import Decoding, answer_prompts
-from minigpt.finetuning.dpo import AdaptersOffReference, DPOLoss, pair_logprobs, precompute_reference
+from minigpt.finetuning.dpo import DPOLoss
 from minigpt.finetuning.instruction import (
     InstructionDataset,
     collate_instructions,
@@ -23,6 +23,7 @@ from minigpt.finetuning.instruction import (
 from minigpt.finetuning.neftune import enable_neftune, neftune_lengths
 from minigpt.finetuning.preference import PreferenceDataset, preference_dataloader
 from minigpt.finetuning.prompt_format import ALPACA, RESPONSE_HEADER, ChatTemplateFormat, format_input
+from minigpt.finetuning.reference import AdaptersOffReference, pair_logprobs, precompute_reference
 from minigpt.io.files import PACKAGE_DATA_DIR
 from minigpt.lora.adapters import apply_lora
 from minigpt.models.llama.config import LlamaConfig

@@ -13,16 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from minigpt.data.windows import tokenize
-from minigpt.finetuning.dpo import (
-    AdaptersOffReference,
-    DPOLoss,
-    FrozenReference,
-    disable_dropout,
-    dpo_loss,
-    pair_logprobs,
-    precompute_reference,
-    sequence_logprobs,
-)
+from minigpt.finetuning.dpo import DPOLoss, dpo_loss
 from minigpt.finetuning.instruction import (
     InstructionDataset,
     collate_instructions,
@@ -39,6 +30,14 @@ from minigpt.finetuning.preference import (
     validate_preference_entries,
 )
 from minigpt.finetuning.prompt_format import RESPONSE_HEADER, format_input, format_response
+from minigpt.finetuning.reference import (
+    AdaptersOffReference,
+    FrozenReference,
+    disable_dropout,
+    pair_logprobs,
+    precompute_reference,
+    sequence_logprobs,
+)
 from minigpt.lora.adapters import apply_lora
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel

@@ -6,7 +6,7 @@ import torch
 from test_generation import CFG, CountingModel
 from test_generation_batches import prompts_of_lengths
 
-from minigpt.finetuning.dpo import sequence_logprobs
+from minigpt.finetuning.reference import sequence_logprobs
 from minigpt.finetuning.rollout import Rollout, RolloutSettings, answer_logprobs, sample_rollouts
 from minigpt.generation.batch import generate_batch
 from minigpt.models.gpt2.model import GPTModel

@@ -37,8 +37,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from minigpt.finetuning.dpo import AdaptersOffReference, Reference, disable_dropout
 from minigpt.finetuning.instruction import end_of_text_id
+from minigpt.finetuning.reference import AdaptersOffReference, Reference, disable_dropout
 from minigpt.finetuning.reward_tasks import RewardFn, reward_table
 from minigpt.finetuning.rollout import Rollout, RolloutSettings, answer_logprobs, check_prompt_lengths, sample_rollouts
 from minigpt.lora.adapters import lora_disabled
@@ -196,8 +196,8 @@ class GRPOLoss:
     2. score them with ``rewards`` (``{name: (function, weight)}``), skipping groups with a
        NaN reward; advantages within each group (:func:`group_advantages`);
     3. the log-probabilities of the answers under the policy (with gradients) and, when
-       ``beta > 0``, under ``reference`` (a :class:`~minigpt.finetuning.dpo.FrozenReference` or
-       :class:`~minigpt.finetuning.dpo.AdaptersOffReference`);
+       ``beta > 0``, under ``reference`` (a :class:`~minigpt.finetuning.reference.FrozenReference` or
+       :class:`~minigpt.finetuning.reference.AdaptersOffReference`);
     4. :func:`grpo_loss`. The rollout gets one update, so ``old_logps`` is the policy's
        own, detached (TRL's default ``num_iterations=1``).
 

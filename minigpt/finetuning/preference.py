@@ -99,7 +99,7 @@ class PreferenceExample(NamedTuple):
     ``prompt``: the Alpaca prompt and the response header (a chat template's prompt);
     ``chosen``, ``rejected``: each answer's ids and one end-of-text (the template's answer).
     ``reference``: the reference model's summed log-probabilities of (chosen, rejected) when precomputed (see
-    :func:`minigpt.finetuning.dpo.precompute_reference`), with ``reference_cut``, the
+    :func:`minigpt.finetuning.reference.precompute_reference`), with ``reference_cut``, the
     ``allowed_max_length`` they were computed with.
     """
 

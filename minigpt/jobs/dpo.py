@@ -24,16 +24,10 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from minigpt.finetuning.dpo import (
-    LOSS_TYPES,
-    AdaptersOffReference,
-    DPOLoss,
-    FrozenReference,
-    Reference,
-    precompute_reference,
-)
+from minigpt.finetuning.dpo import LOSS_TYPES, DPOLoss
 from minigpt.finetuning.instruction import generate_responses, split_instruction_data
 from minigpt.finetuning.preference import PreferenceDataset, load_preference_data
+from minigpt.finetuning.reference import AdaptersOffReference, FrozenReference, Reference, precompute_reference
 from minigpt.io import sources
 from minigpt.io.files import write_json
 from minigpt.jobs.finetune import (

@@ -25,9 +25,9 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from minigpt.finetuning.dpo import AdaptersOffReference, FrozenReference
 from minigpt.finetuning.grpo import AVERAGING, GRPOLoss, collate_prompts, greedy_accuracy, tokenize_prompts
 from minigpt.finetuning.instruction import TokenizedExample, collate_instructions, end_of_text_id, instruction_loss
+from minigpt.finetuning.reference import AdaptersOffReference, FrozenReference
 from minigpt.finetuning.reward_tasks import TASKS, RewardTask, load_reward, load_task
 from minigpt.finetuning.rollout import RolloutSettings
 from minigpt.jobs.finetune import FinetuneConfig, Run, add_lora, finish, job_default, setup, shuffled_loader, train

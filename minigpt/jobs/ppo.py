@@ -28,7 +28,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from minigpt.finetuning.dpo import AdaptersOffReference, FrozenReference, Reference, disable_dropout
 from minigpt.finetuning.instruction import split_instruction_data
 from minigpt.finetuning.ppo import (
     AdaptiveKLController,
@@ -39,6 +38,7 @@ from minigpt.finetuning.ppo import (
     token_values,
 )
 from minigpt.finetuning.preference import load_preference_data
+from minigpt.finetuning.reference import AdaptersOffReference, FrozenReference, Reference, disable_dropout
 from minigpt.finetuning.reward import load_reward_model, reward_scores
 from minigpt.finetuning.rollout import Rollout, RolloutSettings, answer_logprobs, sample_rollouts
 from minigpt.io.files import write_json
