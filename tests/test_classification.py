@@ -16,12 +16,12 @@ from minigpt.finetuning.classification import (
     calc_accuracy_loader,
     classify,
     classify_texts,
-    last_token_logits,
     load_classifier,
     make_classifier,
     save_classifier,
     train_classifier,
 )
+from minigpt.finetuning.heads import last_token_logits
 from minigpt.finetuning.labelled_data import balance_classes, load_labelled_texts, split_examples
 from minigpt.lora.adapters import apply_lora, merge_lora
 from minigpt.models.gpt2.config import GPTConfig

@@ -23,7 +23,6 @@ log-probabilities computed once before training and stored with the data
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -33,8 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt.finetuning.reference import FrozenReference, Reference, disable_dropout, pair_logprobs
-
-logger = logging.getLogger(__name__)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")

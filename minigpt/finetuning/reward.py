@@ -27,13 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt.finetuning.classification import (
-    last_token_logits,
-    load_with_head,
-    replace_head,
-    save_with_head,
-    set_trainable,
-)
+from minigpt.finetuning.heads import last_token_logits, load_with_head, replace_head, save_with_head, set_trainable
 from minigpt.io.files import write_json
 from minigpt.models.base import CausalLM, evaluating
 from minigpt.training.losses import NUM_SCORED
