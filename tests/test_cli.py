@@ -172,7 +172,8 @@ def offline_commands() -> list[str]:
 
 
 def test_every_offline_readme_command_parses_and_names_no_hub_model():
-    from minigpt.io.hub import GPT2_REPOS, LLAMA_REPOS
+    from minigpt.io.hub import GPT2_REPOS
+    from minigpt.io.hub_llama import LLAMA_REPOS
 
     commands = offline_commands()
     named = {" ".join(c.split()[1:3]) if " finetune " in c else c.split()[1] for c in commands}

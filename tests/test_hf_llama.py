@@ -15,7 +15,7 @@ from conftest import QuietHandler
 from safetensors.torch import load_file, save_file
 
 from minigpt.generation.generate import generate
-from minigpt.io import hub
+from minigpt.io import hub, hub_llama
 from minigpt.models.llama.hf_layout import export_llama
 from minigpt.models.llama.model import LlamaModel
 from minigpt.models.loader import load
@@ -219,7 +219,7 @@ def test_gated_model_without_a_token_says_how_to_get_access(tmp_path, monkeypatc
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # no stored login either
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
     with pytest.raises(PermissionError) as err:
-        hub.download_llama("llama-3.2-1b", tmp_path / "weights", progress=False)
+        hub_llama.download_llama("llama-3.2-1b", tmp_path / "weights", progress=False)
     message = str(err.value)
     assert "HF_TOKEN" in message and "https://huggingface.co/meta-llama/Llama-3.2-1B" in message
     assert not (tmp_path / "weights").exists()
@@ -230,14 +230,14 @@ def test_offline_without_a_copy_says_where_to_put_the_files(tmp_path, monkeypatc
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(ConnectionError, match="Without internet"):
-        hub.download_llama("smollm2-135m", progress=False)
+        hub_llama.download_llama("smollm2-135m", progress=False)
 
 
 def test_every_name_is_pinned_to_a_commit():
-    for name, (repo, revision, gated) in hub.LLAMA_REPOS.items():
+    for name, (repo, revision, gated) in hub_llama.LLAMA_REPOS.items():
         assert len(revision) == 40 and int(revision, 16) >= 0, name
         assert gated == repo.startswith("meta-llama/"), name
-    assert set(hub.GPT2_REPOS).isdisjoint(hub.LLAMA_REPOS)
+    assert set(hub.GPT2_REPOS).isdisjoint(hub_llama.LLAMA_REPOS)
     assert os.environ.get("MINIGPT_DATA_DIR") is None  # the fixture isolates each test
 
 
@@ -284,7 +284,7 @@ class LlamaHubHandler(QuietHandler):
 
 
 def _serve(http_server, monkeypatch, name: str, files: dict[str, bytes], gated: bool = False):
-    repo, commit, _ = hub.LLAMA_REPOS[name]
+    repo, commit, _ = hub_llama.LLAMA_REPOS[name]
     server = http_server(LlamaHubHandler)
     server.hub = {"repo": repo, "commit": commit, "files": files, "gated": gated}
     monkeypatch.setenv("HF_ENDPOINT", server.base_url)
@@ -297,15 +297,15 @@ def test_a_name_downloads_its_pinned_commit_weights_and_tokenizer_only(tmp_path,
     files = {p.name: p.read_bytes() for p in source.iterdir()}
     files |= {"tokenizer.json": b"{}", "README.md": b"# card", "model.onnx": b"onnx"}
     server = _serve(http_server, monkeypatch, "smollm2-135m", files)
-    directory = hub.download_llama("smollm2-135m", tmp_path / "weights", progress=False)
+    directory = hub_llama.download_llama("smollm2-135m", tmp_path / "weights", progress=False)
     assert directory == tmp_path / "weights" / "smollm2-135m"
     assert (directory / "tokenizer.json").is_file() and (directory / "model.safetensors.index.json").is_file()
     assert not (directory / "README.md").exists() and not (directory / "model.onnx").exists()
-    commit = hub.LLAMA_REPOS["smollm2-135m"][1]
+    commit = hub_llama.LLAMA_REPOS["smollm2-135m"][1]
     assert all(commit in path for _, path in server.requests)  # never "main": always the pinned commit
     assert load("smollm2-135m", weights_dir=tmp_path / "weights").cfg.n_heads == 9
     server.requests.clear()
-    hub.download_llama("smollm2-135m", tmp_path / "weights", progress=False)
+    hub_llama.download_llama("smollm2-135m", tmp_path / "weights", progress=False)
     assert server.requests == []  # a complete earlier download is used without asking the hub
 
 
@@ -313,4 +313,4 @@ def test_a_gated_refusal_from_the_hub_says_how_to_get_access(tmp_path, monkeypat
     _serve(http_server, monkeypatch, "llama-3.2-1b", {}, gated=True)
     monkeypatch.setenv("HF_TOKEN", "hf_without_access")
     with pytest.raises(PermissionError, match="accept its licence"):
-        hub.download_llama("llama-3.2-1b", tmp_path / "weights", progress=False)
+        hub_llama.download_llama("llama-3.2-1b", tmp_path / "weights", progress=False)

@@ -23,8 +23,8 @@ Files found locally are used without a request to the network (a file was verifi
 arrived); in the Hugging Face cache a large file is stored under its SHA-256, so the pinned
 hash of ``gpt2-small``'s weights is checked against that name at no cost.
 
-The Llama-family names (:data:`LLAMA_REPOS`: SmolLM2, Qwen3, Llama 3.2) are fetched by
-:func:`download_llama` with ``huggingface_hub.snapshot_download`` at a pinned commit: the
+The Llama-family names (:data:`minigpt.io.hub_llama.LLAMA_REPOS`: SmolLM2, Qwen3, Llama 3.2) are fetched by
+:func:`minigpt.io.hub_llama.download_llama` with ``huggingface_hub.snapshot_download`` at a pinned commit: the
 weights (one file or shards), the config and the tokenizer files, each large file checked
 against the hub's SHA-256 by ``huggingface_hub``. Llama is gated: without a token the error
 says how to get access.
@@ -72,7 +72,7 @@ KNOWN_SHA256 = {
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def _env_true(name: str) -> bool:
+def env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
@@ -88,7 +88,7 @@ def hf_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE).expanduser()
 
 
-def _weights_dir_setting(weights_dir: str | os.PathLike | None) -> Path | None:
+def weights_dir_setting(weights_dir: str | os.PathLike | None) -> Path | None:
     """The chosen weights folder (argument, else ``MINIGPT_WEIGHTS_DIR``), or None for the HF cache."""
     if weights_dir is not None:
         return Path(weights_dir).expanduser()
@@ -103,7 +103,7 @@ def default_weights_dir() -> Path:
     """Where :func:`download_gpt2` puts a name when no ``weights_dir`` is given:
     ``$MINIGPT_WEIGHTS_DIR`` (each name in ``<dir>/<name>/``) if set, else the Hugging Face
     cache (:func:`hf_cache_dir`; each name in ``models--openai-community--<repo>/snapshots/``)."""
-    return _weights_dir_setting(None) or hf_cache_dir()
+    return weights_dir_setting(None) or hf_cache_dir()
 
 
 def _repo_of(name: str) -> str:
@@ -131,17 +131,17 @@ def download_gpt2(name: str, weights_dir: str | os.PathLike | None = None, *, pr
     local = data_dir()
     if local is not None and _complete(local / name):
         return local / name
-    folder = _weights_dir_setting(weights_dir)
+    folder = weights_dir_setting(weights_dir)
     found = _find_downloaded(name, folder)
     if found is not None:
         _check_cached_blob(name, found)
         return found
-    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or _hub_offline_constant():
+    if env_true("HF_HUB_OFFLINE") or env_true("TRANSFORMERS_OFFLINE") or hub_offline_constant():
         raise ConnectionError(_missing_message(name, folder, "HF_HUB_OFFLINE is set and no copy was found"))
     return _download(name, folder, progress=progress)
 
 
-def _hub_offline_constant() -> bool:
+def hub_offline_constant() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
@@ -178,7 +178,7 @@ def _download(name: str, folder: Path | None, *, progress: bool) -> Path:
         paths = [_fetch_file(name, filename, target, progress) for filename in FILES]
     except BaseException as err:
         _remove_without_downloads(new_dirs)  # leave no empty folder behind
-        if isinstance(err, _network_errors()):
+        if isinstance(err, network_errors()):
             raise ConnectionError(_missing_message(name, folder, f"{type(err).__name__}: {err}")) from err
         raise
     return paths[0].parent
@@ -194,17 +194,17 @@ def _fetch_file(name: str, filename: str, target: Path | None, progress: bool) -
     before = _signature(_existing(name, filename, target))
     kwargs = {}
     if not progress and "tqdm_class" in inspect.signature(hf_hub_download).parameters:
-        kwargs["tqdm_class"] = _NoBar
+        kwargs["tqdm_class"] = QuietBar
     path = Path(hf_hub_download(
         GPT2_REPOS[name], filename, cache_dir=str(hf_cache_dir()), local_dir=target,
-        endpoint=_endpoint(), library_name="minigpt", **kwargs,
+        endpoint=hub_endpoint(), library_name="minigpt", **kwargs,
     ))
     if _signature(path) != before:  # it has just arrived: check it now, once
         _verify(name, filename, path, url, published)
     return path
 
 
-class _NoBar(tqdm):
+class QuietBar(tqdm):
     """A progress bar that never shows (``progress=False``)."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -213,7 +213,7 @@ class _NoBar(tqdm):
         super().__init__(*args, **kwargs)
 
 
-def _endpoint() -> str | None:
+def hub_endpoint() -> str | None:
     # Read when called, so that HF_ENDPOINT set after import (a notebook, a test) counts.
     value = os.environ.get("HF_ENDPOINT")
     return value.rstrip("/") if value else None
@@ -222,7 +222,7 @@ def _endpoint() -> str | None:
 def _url(name: str, filename: str) -> str:
     from huggingface_hub import hf_hub_url
 
-    return hf_hub_url(GPT2_REPOS[name], filename, endpoint=_endpoint())
+    return hf_hub_url(GPT2_REPOS[name], filename, endpoint=hub_endpoint())
 
 
 def _existing(name: str, filename: str, target: Path | None) -> Path | None:
@@ -259,7 +259,7 @@ def _verify(name: str, filename: str, path: Path, url: str, published: str | Non
                             "Call again to retry; if it happens again, the server sends another file.")
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
+def network_errors() -> tuple[type[BaseException], ...]:
     """What a failed transfer raises: OSError (no connection, truncated file, offline mode),
     the hub's HTTP errors, and the HTTP client's own errors (whichever client is installed)."""
     from huggingface_hub.errors import HfHubHTTPError
@@ -306,63 +306,4 @@ def _missing_message(name: str, folder: Path | None, reason: str) -> str:
 
 # ---------------------------------------------------------------------------- the Llama family
 
-# name -> (repository, pinned commit, gated): the published checkpoints minigpt's LlamaModel loads.
-LLAMA_REPOS: dict[str, tuple[str, str, bool]] = {
-    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M", "93efa2f097d58c2a74874c7e644dbc9b0cee75a2", False),
-    "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "12fd25f77366fa6b3b4b768ec3050bf629380bac", False),
-    "smollm2-360m": ("HuggingFaceTB/SmolLM2-360M", "f8027fd0eaeea54caa13c31d31b9fdc459c38b49", False),
-    "smollm2-360m-instruct": ("HuggingFaceTB/SmolLM2-360M-Instruct", "a10cc1512eabd3dde888204e902eca88bddb4951", False),
-    "qwen3-0.6b": ("Qwen/Qwen3-0.6B", "a9c98e602b9d36d2a2f7ba1eb0f5f31e4e8e5143", False),
-    "llama-3.2-1b": ("meta-llama/Llama-3.2-1B", "4e20de362430cd3b72f300e6b0f18e50e7166e08", True),
-    "llama-3.2-1b-instruct": ("meta-llama/Llama-3.2-1B-Instruct", "9213176726f574b556790deb65791e0c5aa438b6", True),
-}
-# The weights (one file or shards and their index), the config and the tokenizer with its chat template.
-LLAMA_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
-               "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-               "chat_template.jinja")
 
-
-def download_llama(name: str, weights_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Path:
-    """A local directory with the Llama-family checkpoint ``name`` (:data:`LLAMA_REPOS`) at its pinned
-    commit: ``$MINIGPT_DATA_DIR/<name>/`` if it has a ``config.json``, else ``<weights_dir>/<name>/``
-    (default ``$MINIGPT_WEIGHTS_DIR``) or the Hugging Face cache, downloading what is missing there
-    (``huggingface_hub`` checks each large file against the hub's SHA-256).
-
-    A gated model (Llama) needs an access token: without ``HF_TOKEN`` (or a ``huggingface-cli
-    login``) it raises ``PermissionError`` saying how to get access.
-    """
-    if name not in LLAMA_REPOS:
-        raise ValueError(f"{name!r} is not a Llama-family name; known: {', '.join(LLAMA_REPOS)}")
-    repo, revision, gated = LLAMA_REPOS[name]
-    local = data_dir()
-    if local is not None and (local / name / CONFIG_FILE).is_file():
-        return local / name
-    folder = _weights_dir_setting(weights_dir)
-    if folder is not None and (folder / name / CONFIG_FILE).is_file():
-        return folder / name  # an earlier download
-    from huggingface_hub import get_token, snapshot_download
-    from huggingface_hub.errors import GatedRepoError
-
-    offline = _env_true("HF_HUB_OFFLINE") or _hub_offline_constant()
-    if gated and not offline and get_token() is None:
-        raise PermissionError(_gated_message(name, repo))
-    kwargs = {} if progress else {"tqdm_class": _NoBar}
-    try:
-        path = snapshot_download(repo, revision=revision, cache_dir=str(hf_cache_dir()),
-                                 local_dir=folder / name if folder is not None else None,
-                                 allow_patterns=list(LLAMA_FILES), endpoint=_endpoint(), library_name="minigpt",
-                                 local_files_only=offline, **kwargs)
-    except GatedRepoError as err:
-        raise PermissionError(_gated_message(name, repo)) from err
-    except _network_errors() as err:
-        where = folder / name if folder is not None else f"$MINIGPT_DATA_DIR/{name}/"
-        raise ConnectionError(f"could not download {name} ({repo} at {revision[:8]}): {type(err).__name__}: {err}. "
-                              f"Without internet, put its {CONFIG_FILE}, weights and tokenizer files in {where}"
-                              ) from err
-    return Path(path)
-
-
-def _gated_message(name: str, repo: str) -> str:
-    return (f"{name} ({repo}) is a gated model: accept its licence at https://huggingface.co/{repo} while "
-            "logged in, create a read token at https://huggingface.co/settings/tokens, and set it as HF_TOKEN "
-            "(export HF_TOKEN=hf_...) or run `huggingface-cli login`; then try again.")

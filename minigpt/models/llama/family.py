@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from minigpt.io.hub import LLAMA_REPOS, download_llama
+from minigpt.io.hub_llama import LLAMA_REPOS, download_llama
 from minigpt.models.base import Family
 from minigpt.models.llama.config import PRESETS
 from minigpt.models.llama.hf_layout import export_llama, load_directory, read_config, recognises_llama_config
