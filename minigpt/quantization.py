@@ -9,6 +9,7 @@ back into floats (dequantized) right before each matrix product. Memory per weig
     nf4        4 bits + one float32 scale per block of 64              = 4.5 bits
     nf4-dq     4 bits + one int8 scale per block of 64
                       + one float32 factor per 256 scales              = about 4.127 bits
+    int4       4 bits + a float32 scale and zero per group of 64 in a row = 5 bits
 
 **Blockwise absmax (NF4).** The flattened weight is cut into blocks of ``block_size`` values;
 each block is divided by its absolute maximum (so it lies in [-1, 1]), each value is replaced
@@ -30,6 +31,12 @@ QLoRA paper quantizes the scales to an 8-bit *float* code instead, which costs t
 **int8.** Symmetric absmax per output row: ``scale = max|row| / 127``, ``q = round(w / scale)``.
 This is LLM.int8()'s weight format without its outlier path (LLM.int8() also keeps the few
 input features with large activations in 16 bits; here every feature is 8-bit).
+
+**int4.** Asymmetric, group-wise along each row: a group of ``block_size`` consecutive inputs
+of one output row maps its range [min, max] onto the 16 integers 0..15,
+``scale = (max - min) / 15``, ``q = round((w - min) / scale)``, and stores ``zero = min + 8
+scale``, so that ``w = (q - 8) scale + zero``: the layout of PyTorch's CPU weight-only int4
+kernel (``torch._weight_int4pack_mm_for_cpu``), which :mod:`minigpt.weight_only` feeds.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-SCHEMES: tuple[str, ...] = ("nf4", "nf4-dq", "int8")
+SCHEMES: tuple[str, ...] = ("nf4", "nf4-dq", "int8", "int4")
 
 # The 16 NormalFloat-4 values exactly as published with QLoRA (bitsandbytes' NF4 table).
 NF4_CODE = torch.tensor([
@@ -138,6 +145,27 @@ class Int8Weight:
         return self.data.nbytes + self.scales.nbytes
 
 
+@dataclass
+class Int4Weight:
+    """A 2-D weight in group-wise asymmetric int4: ``packed`` uint8 ``(out, in / 2)`` (two values a
+    byte, the first in the high half), ``scales`` and ``zeros`` float32 ``(out, in / block_size)``."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+    @property
+    def block_size(self) -> int:
+        return 2 * self.packed.shape[1] // self.scales.shape[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"packed": self.packed, "scales": self.scales, "zeros": self.zeros}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors().values())
+
+
 def _absmax_divisor(absmax: torch.Tensor) -> torch.Tensor:
     # An all-zero block has scale 0; divide it by 1 instead, so its values stay 0 rather than NaN.
     return torch.where(absmax > 0, absmax, torch.ones_like(absmax))
@@ -228,6 +256,31 @@ def dequantize_int8(q: Int8Weight, dtype: torch.dtype = torch.float32) -> torch.
     return (q.data.float() * q.scales[:, None]).to(dtype)
 
 
+def quantize_int4(w: torch.Tensor, block_size: int = 64) -> Int4Weight:
+    """Group-wise asymmetric int4 of a 2-D ``(out, in)`` weight, ``block_size`` inputs a group."""
+    check_block_size(block_size)
+    if w.dim() != 2 or w.shape[1] % block_size:
+        raise ValueError(f"int4 quantizes rows of a 2-D weight in groups of {block_size} inputs; shape "
+                         f"{tuple(w.shape)} does not divide: choose a block size that divides {w.shape[-1]}")
+    groups = w.detach().float().view(w.shape[0], -1, block_size)  # (out, in / block_size, block_size)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scales = (high - low) / 15
+    q = ((groups - low[..., None]) / _absmax_divisor(scales)[..., None]).round().clamp(0, 15).to(torch.uint8)
+    q = q.view(w.shape[0], -1)
+    return Int4Weight(q[:, 0::2] << 4 | q[:, 1::2], scales, low + 8 * scales)
+
+
+def unpack_int4(q: Int4Weight) -> torch.Tensor:
+    """The integers 0..15 of ``q``: ``(out, in)`` uint8."""
+    return torch.stack([q.packed >> 4, q.packed & 15], dim=-1).view(q.packed.shape[0], -1)
+
+
+def dequantize_int4(q: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(q - 8) * scale + zero`` of each group: ``(out, in)`` in ``dtype``."""
+    values = unpack_int4(q).view(*q.scales.shape, -1).float() - 8  # (out, groups, block_size)
+    return (values * q.scales[..., None] + q.zeros[..., None]).view(q.packed.shape[0], -1).to(dtype)
+
+
 def bits_per_weight(scheme: str, block_size: int = 64, scale_block_size: int = 256,
                     row_length: int | None = None) -> float:
     """Average bits per weight of ``scheme`` for a large tensor (the one scale mean of nf4-dq is left out).
@@ -242,6 +295,8 @@ def bits_per_weight(scheme: str, block_size: int = 64, scale_block_size: int = 2
         return 8 + (32 / row_length if row_length else 0.0)
     if scheme == "nf4":
         return 4 + 32 / block_size
+    if scheme == "int4":
+        return 4 + 64 / block_size
     return 4 + 8 / block_size + 32 / (block_size * scale_block_size)
 
 
@@ -257,6 +312,8 @@ def quantized_bytes(shape: int | Sequence[int], scheme: str, block_size: int = 6
             raise ValueError(f"int8 keeps one scale per row: give the 2-D (out, in) shape, got {shape!r}")
         return shape[0] * shape[1] + 4 * shape[0]
     numel = shape if isinstance(shape, int) else math.prod(shape)
+    if scheme == "int4":
+        return numel // 2 + 8 * numel // block_size
     n_blocks = math.ceil(numel / block_size)
     packed = n_blocks * block_size // 2
     if scheme == "nf4":

@@ -22,7 +22,7 @@ from minigpt.llama import LlamaConfig, LlamaModel
 from minigpt.model import GPTModel
 from minigpt.quantization import quantized_bytes
 
-FORMATS: tuple[str, ...] = ("float32", "bfloat16", "int8", "nf4", "nf4-dq")  # the columns of the memory table
+FORMATS: tuple[str, ...] = ("float32", "bfloat16", "int8", "int4", "nf4", "nf4-dq")  # the columns of the memory table
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The ``quantize`` setting the jobs share (``--quantize nf4|nf4-dq|int8``), and a model loaded with it.
+"""The ``quantize`` setting the jobs share (``--quantize nf4|nf4-dq|int8|int4``), and a model loaded with it.
 
 The one idea: every job that loads a model can load it quantized
 (:mod:`minigpt.quantized_linear`): the block linears in 4 or 8 bits, dequantized inside each
@@ -21,7 +21,9 @@ from minigpt.quantization import SCHEMES, check_scheme
 from minigpt.quantized_linear import quantize_model
 
 QUANTIZE_HELP = ("load the weights quantized: nf4 (4-bit NormalFloat, blocks of 64), nf4-dq (nf4 with its "
-                 "scales quantized too) or int8 (per-row absmax); embeddings and output head stay full precision")
+                 "scales quantized too), int8 (per-row absmax) or int4 (groups of 64, scale and zero each); "
+                 "int8 and int4 decode through PyTorch's weight-only kernels where they are measured faster; "
+                 "embeddings and output head stay full precision")
 
 
 def quantize_field() -> Any:
