@@ -198,7 +198,7 @@ def test_pretrain_writes_a_run_that_generate_eval_and_resume_use(tmp_path, capsy
 
 
 def test_pretrain_without_precision_is_float32_even_where_the_cpu_has_fast_bfloat16(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtime, "has_fast_bfloat16", lambda device: True)
+    monkeypatch.setattr(runtime, "has_fast_bfloat16", lambda device, rows=256: True)
     assert main(["pretrain", *TINY_RUN, "--steps", "1", "--out-dir", str(tmp_path), "--name", "run"]) == 0
     assert json.loads((tmp_path / "run" / "settings.json").read_text())["train"]["precision"] == "float32"
     assert json.loads((tmp_path / "run" / "history.json").read_text())["precision"] == "float32"
