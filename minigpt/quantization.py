@@ -33,7 +33,7 @@ This is LLM.int8()'s weight format without its outlier path (LLM.int8() also kee
 input features with large activations in 16 bits; here every feature is 8-bit).
 
 **int4.** Asymmetric, group-wise along each row: a group of ``block_size`` consecutive inputs
-of one output row maps its range [min, max] onto the 16 integers 0..15,
+of one output row (the last one padded with zeros) maps its range [min, max] onto 0..15,
 ``scale = (max - min) / 15``, ``q = round((w - min) / scale)``, and stores ``zero = min + 8
 scale``, so that ``w = (q - 8) scale + zero``: the layout of PyTorch's CPU weight-only int4
 kernel (``torch._weight_int4pack_mm_for_cpu``), which :mod:`minigpt.weight_only` feeds.
@@ -147,12 +147,14 @@ class Int8Weight:
 
 @dataclass
 class Int4Weight:
-    """A 2-D weight in group-wise asymmetric int4: ``packed`` uint8 ``(out, in / 2)`` (two values a
-    byte, the first in the high half), ``scales`` and ``zeros`` float32 ``(out, in / block_size)``."""
+    """A 2-D ``(out, in)`` weight in group-wise asymmetric int4: ``packed`` uint8 ``(out, padded / 2)``
+    (two values a byte, the first in the high half; ``padded``: ``in`` rounded up to whole groups),
+    ``scales`` and ``zeros`` float32 ``(out, padded / block_size)``."""
 
     packed: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
+    in_features: int
 
     @property
     def block_size(self) -> int:
@@ -259,15 +261,16 @@ def dequantize_int8(q: Int8Weight, dtype: torch.dtype = torch.float32) -> torch.
 def quantize_int4(w: torch.Tensor, block_size: int = 64) -> Int4Weight:
     """Group-wise asymmetric int4 of a 2-D ``(out, in)`` weight, ``block_size`` inputs a group."""
     check_block_size(block_size)
-    if w.dim() != 2 or w.shape[1] % block_size:
-        raise ValueError(f"int4 quantizes rows of a 2-D weight in groups of {block_size} inputs; shape "
-                         f"{tuple(w.shape)} does not divide: choose a block size that divides {w.shape[-1]}")
-    groups = w.detach().float().view(w.shape[0], -1, block_size)  # (out, in / block_size, block_size)
+    if w.dim() != 2:
+        raise ValueError(f"int4 quantizes the rows of a 2-D weight in groups, got shape {tuple(w.shape)}")
+    padding = -w.shape[1] % block_size  # zero inputs up to whole groups: they meet zero activations
+    padded = torch.nn.functional.pad(w.detach().float(), (0, padding))
+    groups = padded.view(w.shape[0], -1, block_size)  # (out, groups, block_size)
     low, high = groups.amin(-1), groups.amax(-1)
     scales = (high - low) / 15
     q = ((groups - low[..., None]) / _absmax_divisor(scales)[..., None]).round().clamp(0, 15).to(torch.uint8)
     q = q.view(w.shape[0], -1)
-    return Int4Weight(q[:, 0::2] << 4 | q[:, 1::2], scales, low + 8 * scales)
+    return Int4Weight(q[:, 0::2] << 4 | q[:, 1::2], scales, low + 8 * scales, w.shape[1])
 
 
 def unpack_int4(q: Int4Weight) -> torch.Tensor:
@@ -278,7 +281,8 @@ def unpack_int4(q: Int4Weight) -> torch.Tensor:
 def dequantize_int4(q: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``(q - 8) * scale + zero`` of each group: ``(out, in)`` in ``dtype``."""
     values = unpack_int4(q).view(*q.scales.shape, -1).float() - 8  # (out, groups, block_size)
-    return (values * q.scales[..., None] + q.zeros[..., None]).view(q.packed.shape[0], -1).to(dtype)
+    weight = (values * q.scales[..., None] + q.zeros[..., None]).view(q.packed.shape[0], -1)
+    return weight[:, :q.in_features].to(dtype)
 
 
 def bits_per_weight(scheme: str, block_size: int = 64, scale_block_size: int = 256,
@@ -313,7 +317,10 @@ def quantized_bytes(shape: int | Sequence[int], scheme: str, block_size: int = 6
         return shape[0] * shape[1] + 4 * shape[0]
     numel = shape if isinstance(shape, int) else math.prod(shape)
     if scheme == "int4":
-        return numel // 2 + 8 * numel // block_size
+        if isinstance(shape, int) or len(shape) != 2:
+            raise ValueError(f"int4 groups the inputs of each row: give the 2-D (out, in) shape, got {shape!r}")
+        groups = math.ceil(shape[1] / block_size)
+        return shape[0] * groups * (block_size // 2 + 8)
     n_blocks = math.ceil(numel / block_size)
     packed = n_blocks * block_size // 2
     if scheme == "nf4":

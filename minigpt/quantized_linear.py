@@ -236,8 +236,8 @@ class Linear8bit(_QuantizedLinear):
 class LinearInt4(_QuantizedLinear):
     """An ``nn.Linear`` whose weight is stored in group-wise asymmetric int4 (see minigpt.quantization).
 
-    Buffers: ``packed`` uint8 ``(out, in / 2)``, ``scales`` and ``zeros`` float32 ``(out, in / block_size)``,
-    ``bias`` (or None).
+    Buffers: ``packed`` uint8 ``(out, padded / 2)``, ``scales`` and ``zeros`` float32 ``(out, groups)``,
+    ``bias`` (or None), ``padded`` being ``in`` rounded up to whole groups of ``block_size``.
     """
 
     scheme = "int4"
@@ -246,8 +246,9 @@ class LinearInt4(_QuantizedLinear):
                  compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
         super().__init__(in_features, out_features, bias, compute_dtype, device)
         self.block_size = check_block_size(block_size)
-        groups = in_features // block_size
-        self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        groups = math.ceil(in_features / block_size)  # the last one padded with zeros
+        self.register_buffer("packed", torch.zeros(out_features, groups * block_size // 2, dtype=torch.uint8,
+                                                   device=device))
         self.register_buffer("scales", torch.zeros(out_features, groups, device=device))
         self.register_buffer("zeros", torch.zeros(out_features, groups, device=device))
         self._layout: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -265,7 +266,7 @@ class LinearInt4(_QuantizedLinear):
         return layer
 
     def quantized(self) -> Int4Weight:
-        return Int4Weight(self.packed, self.scales, self.zeros)
+        return Int4Weight(self.packed, self.scales, self.zeros, self.in_features)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight, ``(out_features, in_features)`` in ``compute_dtype`` (a new tensor each call)."""

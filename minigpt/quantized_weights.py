@@ -72,9 +72,13 @@ def quantize_skeleton(model: nn.Module, entry: Mapping[str, Any], source: str) -
     try:
         scheme, layers = check_scheme(entry["scheme"]), dict(entry["layers"])
         dtype = getattr(torch, entry["compute_dtype"])
-        blocks = {"int8": {}, "int4": {"block_size": int(entry["block_size"])}}.get(scheme) or {
-            "block_size": int(entry["block_size"]), "scale_block_size": int(entry["scale_block_size"]),
-            "double_quant": scheme == "nf4-dq"}
+        if scheme == "int8":
+            blocks = {}
+        elif scheme == "int4":
+            blocks = {"block_size": int(entry["block_size"])}
+        else:
+            blocks = {"block_size": int(entry["block_size"]), "scale_block_size": int(entry["scale_block_size"]),
+                      "double_quant": scheme == "nf4-dq"}
     except (KeyError, TypeError, AttributeError, ValueError) as err:
         raise ValueError(f"{source}: its {QUANTIZATION_KEY} entry is damaged ({err!r}); save the model again") from err
     layer_type = {"int8": Linear8bit, "int4": LinearInt4}.get(scheme, Linear4bit)

@@ -59,6 +59,7 @@ def int4_packed(x: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor], bloc
     operands, activations in ``dtype``: ``(..., in) -> (..., out)`` in ``x``'s dtype."""
     tiled, scales_and_zeros = layout
     rows = x.reshape(-1, x.shape[-1]).to(dtype)
+    rows = torch.nn.functional.pad(rows, (0, 2 * tiled.shape[1] - rows.shape[1]))  # the padded inputs: zeros
     out = torch._weight_int4pack_mm_for_cpu(rows, tiled, block_size, scales_and_zeros.to(dtype))
     return out.view(*x.shape[:-1], -1).to(x.dtype)
 
