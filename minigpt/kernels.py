@@ -30,6 +30,7 @@ tests, and for comparing results bit for bit); unset or ``measure``, the table d
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -38,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +53,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Rows beyond this bucket are timed at it: by then each weight is reused so often that the
 # product is bound by arithmetic, and timing a (rows x 50,257) head at 4,096 rows would take seconds.
 MAX_TIMED_ROWS = 256
+# A timed weight is read from copies filling this many bytes, more than a CPU's caches hold: a
+# (768 x 768) float32 weight (2.4 MB) timed alone would stay in the cache and read far faster
+# than a model's 500 MB of weights stream from memory when decoding.
+STREAM_BYTES = 2**27
 HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -128,15 +134,32 @@ def grad_weight(kernel: str, grad: torch.Tensor, x: torch.Tensor) -> torch.Tenso
     return onednn_product(grad.t(), x.t())
 
 
+def copies_beyond_the_caches(nbytes: int) -> int:
+    """How many copies of a weight of ``nbytes`` fill STREAM_BYTES (at least 1, at most 64)."""
+    return max(1, min(STREAM_BYTES // max(nbytes, 1), 64))
+
+
+def in_turn(items: list[Any]) -> Callable[[], Any]:
+    """A function returning ``items`` one after the other, round and round."""
+    turn = itertools.cycle(items)
+    return lambda: next(turn)
+
+
+def streamed(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A function returning copies of ``tensor`` in turn, as many as fill STREAM_BYTES: each call
+    then reads a weight that is not in the caches, as a decoding step reads each layer's weight."""
+    return in_turn([tensor] + [tensor.clone() for _ in range(copies_beyond_the_caches(tensor.nbytes) - 1)])
+
+
 def float_runners(product: Product) -> dict[str, Callable[[], torch.Tensor]]:
     """A call of each kernel on random tensors of ``product``'s shape (rows capped at MAX_TIMED_ROWS)."""
     dtype = DTYPES[product.dtype]
     rows = min(product.rows, MAX_TIMED_ROWS)
-    weight = torch.randn(product.out_features, product.in_features, dtype=dtype)
+    weight = streamed(torch.randn(product.out_features, product.in_features, dtype=dtype))
     x = torch.randn(rows, product.in_features, dtype=dtype)
     grad = torch.randn(rows, product.out_features, dtype=dtype)
-    calls = {"forward": lambda kernel: lambda: forward(kernel, x, weight, None),
-             "grad_input": lambda kernel: lambda: grad_input(kernel, grad, weight),
+    calls = {"forward": lambda kernel: lambda: forward(kernel, x, weight(), None),
+             "grad_input": lambda kernel: lambda: grad_input(kernel, grad, weight()),
              "grad_weight": lambda kernel: lambda: grad_weight(kernel, grad, x)}
     return {kernel: calls[product.op](kernel) for kernel in KERNELS if HAS_ONEDNN or kernel == "f_linear"}
 

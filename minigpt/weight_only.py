@@ -19,6 +19,8 @@ bfloat16 on the way in; its effect on the tokens is measured by ``bench/bench_ge
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 
 import torch
 
@@ -81,20 +83,27 @@ def supports_packed(q: Int8Weight | Int4Weight) -> bool:
 
 
 def _runners(product: Product) -> dict[str, Callable[[], torch.Tensor]]:
+    """A call of each candidate on a random weight of ``product``'s shape, quantized, read from
+    copies beyond the caches (:func:`minigpt.kernels.streamed`) as when decoding."""
     dtype = kernels.DTYPES[product.dtype]
     weight = torch.randn(product.out_features, product.in_features) * 0.02
     x = torch.randn(min(product.rows, kernels.MAX_TIMED_ROWS), product.in_features, dtype=dtype)
-    if product.op == "int8":
-        q: Int8Weight | Int4Weight = quantize_int8(weight)
-        dequantize = lambda: kernels.forward("f_linear", x, dequantize_int8(q, dtype), None)  # noqa: E731
-    else:
-        q = quantize_int4(weight, 64)
-        dequantize = lambda: kernels.forward("f_linear", x, dequantize_int4(q, dtype), None)  # noqa: E731
-    runs = {"dequantize": dequantize}
+    q = quantize_int8(weight) if product.op == "int8" else quantize_int4(weight, 64)
+    copies = [q] + [replace(q, **{name: t.clone() for name, t in q.tensors().items()})
+                    for _ in range(kernels.copies_beyond_the_caches(q.nbytes) - 1)]
+    dense = dequantize_int8 if isinstance(q, Int8Weight) else dequantize_int4
+    weights = kernels.in_turn(copies)
+    runs = {"dequantize": lambda: kernels.forward("f_linear", x, dense(weights(), dtype), None)}
     if supports_packed(q):
-        layout = int4_layout(q) if product.op == "int4" else None
+        # int4: each copy with its tiled layout, made once here as a layer makes it once
+        pairs = kernels.in_turn([(c, int4_layout(c) if isinstance(c, Int4Weight) else None) for c in copies])
+
+        def packed(kernel: str) -> torch.Tensor:
+            stored, layout = pairs()
+            return packed_product(kernel, x, stored, lambda: layout)
+
         for kernel in ACTIVATIONS:
-            runs[kernel] = lambda kernel=kernel: packed_product(kernel, x, q, lambda: layout)
+            runs[kernel] = partial(packed, kernel)
     return runs
 
 
