@@ -1,27 +1,22 @@
 """Which library computes each matrix product: both are timed here, on this machine, once.
 
-The one idea: the same product ``x @ W.T`` can run at very different speeds depending on
-whose kernel computes it, and which one is faster depends on the CPU, so no constant can
-decide it. PyTorch ships two CPU paths: ``F.linear`` calls the BLAS it was built with
-(Intel MKL in the pip wheels), and oneDNN's inner product (``torch.ops.mkldnn``) picks its
-kernels by instruction set. MKL picks its code path by vendor: on AMD processors its
-float32 kernels have run at half speed, while on Intel ones they have beaten oneDNN.
+The one idea: the same product ``x @ W.T`` runs at very different speeds depending on whose
+kernel computes it, and which is faster depends on the CPU, so no constant can decide it.
+``F.linear`` calls the BLAS PyTorch was built with (Intel MKL in the pip wheels, which picks
+its code path by vendor: half speed on some AMD CPUs, ahead of oneDNN on some Intel ones);
+oneDNN's inner product (``torch.ops.mkldnn``) picks its kernels by instruction set.
 
-Batch-1 decoding makes the difference large. Each new token multiplies one row by every
-weight matrix: a matrix-vector product does 2 FLOPs per weight it reads, far below what
-the cores could compute while the weight streams in, so its speed is the rate at which
-the kernel reads memory (GB/s), and kernels differ in how close they come to the memory's
-rate. With many rows (prefill, training) the same weight is reused for every row, the
-product is bound by arithmetic instead, and a different kernel may win.
+Batch-1 decoding makes the difference large: a matrix-vector product does 2 FLOPs per weight
+it reads, far below what the cores could compute meanwhile, so its speed is the rate at
+which the kernel reads memory (GB/s). With many rows (prefill, training) each weight is
+reused for every row, the product is bound by arithmetic instead, and another kernel may win.
 
-So a product is described by a :class:`Product` (which of the three products of a linear
-layer: the forward and the two of its backward; the rows, bucketed to a power of two; the
-sizes; the dtype), both kernels are timed on tensors of that shape the first time it is
-met, the faster is kept, and the table is saved under the cache directory
-(``MINIGPT_CACHE_DIR``, see :mod:`minigpt.files`) in a file named after this machine: the
-CPU model, its instruction set, the torch version and the thread count. The next process
-reads the choice instead of measuring, so it picks the same kernel, hence the same
-summation order and the same results, on one machine; another machine measures anew.
+So a :class:`Product` (which product of a linear layer: the forward or one of the backward;
+its rows, bucketed to a power of two; sizes; dtype) has both kernels timed on tensors of
+its shape the first time it is met, the faster is kept, and the table is saved under the
+cache directory (:mod:`minigpt.files`) in a file named after this machine: CPU model,
+instruction set, torch version, thread count. The next process reads the choice instead of
+measuring: the same kernel, hence the same summation order and results, on one machine.
 
 ``MINIGPT_LINEAR_KERNEL=f_linear`` or ``=onednn`` forces one kernel for every product (for
 tests, and for comparing results bit for bit); unset or ``measure``, the table decides.
@@ -87,9 +82,8 @@ class Product:
     @classmethod
     def from_key(cls, key: str) -> Product:
         op, dtype, shape = key.split()
-        rows, sizes = shape.split("x")
-        in_features, out_features = sizes.split("->")
-        return cls(op, int(rows), int(in_features), int(out_features), dtype)
+        rows, in_features, out_features = map(int, shape.replace("->", "x").split("x"))
+        return cls(op, rows, in_features, out_features, dtype)
 
     @property
     def flops(self) -> int:
@@ -197,15 +191,15 @@ def measure(product: Product, budget_s: float = 0.05, repeats: tuple[int, int] =
 @cache
 def cpu_model() -> str:
     """The CPU's name as the operating system reports it, with its family and model numbers."""
-    info: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            info.setdefault(name.strip(), value.strip())
-    except OSError:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
         return platform.processor() or platform.machine()
-    return f"{info.get('model name', platform.machine())} (family {info.get('cpu family', '?')} " \
-           f"model {info.get('model', '?')})"
+    info = {}
+    for name, _, value in (line.partition(":") for line in reversed(lines)):  # reversed: the first CPU's wins
+        info[name.strip()] = value.strip()
+    family, model = info.get("cpu family", "?"), info.get("model", "?")
+    return f"{info.get('model name', platform.machine())} (family {family} model {model})"
 
 
 @cache
@@ -243,8 +237,7 @@ def forced_kernel() -> str | None:
         raise ValueError(f"{KERNEL_ENV}={value!r} is not a kernel: set it to one of {', '.join(KERNELS)}, "
                          "or to 'measure' (or unset it) to time both on this machine")
     if value == "onednn" and not HAS_ONEDNN:
-        raise ValueError(f"{KERNEL_ENV}=onednn, but this PyTorch was built without oneDNN: "
-                         "set it to f_linear or unset it")
+        raise ValueError(f"{KERNEL_ENV}=onednn, but this PyTorch has no oneDNN: set it to f_linear or unset it")
     return value
 
 
@@ -252,8 +245,7 @@ class KernelTable:
     """The measured seconds of each kernel per :class:`Product`, saved in :func:`table_path`."""
 
     def __init__(self, path: Path, machine_key: dict[str, str | int]) -> None:
-        self.path = path
-        self.machine = machine_key
+        self.path, self.machine = path, machine_key  # where it is saved, and what it was measured on
         self.seconds: dict[str, dict[str, float]] = self._read()
         self._choices: dict[Product, str] = {}  # what choose() answered: a dictionary lookup per product
 
@@ -294,33 +286,14 @@ def kernel_table() -> KernelTable:
     """This machine's table (one per cache folder and thread count, read from disk once)."""
     where = (cache_dir(), torch.get_num_threads())
     if where not in _TABLES:
-        key = machine()
-        _TABLES[where] = KernelTable(table_path(key), key)
+        _TABLES[where] = KernelTable(table_path(machine()), machine())
     return _TABLES[where]
 
 
 def choose(product: Product) -> str:
     """The kernel that computes ``product``: the faster one measured here, unless the environment
     forces one (a forced float kernel makes quantized layers dequantize, the reference path)."""
-    forced = forced_kernel()
-    if forced:
+    if forced := forced_kernel():
         return forced if product.op in OPS else "dequantize"
     return kernel_table().choose(product)
 
-
-# The products of one GPT-2 block (query, key, value and output projections; the feed-forward's two):
-# what "is bfloat16 faster here" is asked about, in decoding (one row) and in training (many).
-BLOCK_SHAPES: tuple[tuple[int, int], ...] = ((768, 768), (768, 3072), (3072, 768))
-
-
-def bfloat16_speedup(rows: int) -> float:
-    """How many times faster a block's forward products run in bfloat16 than in float32, each
-    dtype on its faster kernel, as measured here (rows: 1 for decoding, many for training).
-    Above 1 bfloat16 wins on this CPU; native bfloat16 instructions alone do not prove it."""
-    table = kernel_table()
-
-    def seconds(dtype: str) -> float:
-        return sum(min(table.timing(Product("forward", row_bucket(rows), n_in, n_out, dtype)).values())
-                   for n_in, n_out in BLOCK_SHAPES)
-
-    return seconds("float32") / seconds("bfloat16")

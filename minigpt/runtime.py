@@ -9,7 +9,7 @@ changes between them is chosen here, in one place:
   optimizer stay float32. :func:`default_precision` is float32 on a CPU, so that a run
   repeats bit for bit on every CPU, whatever its instruction set; ``"auto"`` (bfloat16
   where it is faster: on a CPU, where the hardware computes it natively *and* its
-  products were measured faster than float32's, :func:`minigpt.kernels.bfloat16_speedup`)
+  products were measured faster than float32's, :func:`bfloat16_speedup`)
   is an explicit choice there;
 * :func:`compile_model`, :func:`compile_with_loss`: the model (and its loss) through
   ``torch.compile`` (fused kernels, fewer Python calls), or eagerly with a one-line
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from minigpt.kernels import MAX_TIMED_ROWS, bfloat16_speedup
+from minigpt.kernels import MAX_TIMED_ROWS, Product, kernel_table, row_bucket
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
@@ -55,6 +55,24 @@ def select_device(name: str | torch.device | None = None) -> torch.device:
 
 
 # --------------------------------------------------------------------------- precision
+
+
+# The products of one GPT-2 block (query, key, value and output projections; the feed-forward's two):
+# what "is bfloat16 faster here" is asked about, in decoding (one row) and in training (many).
+BLOCK_SHAPES: tuple[tuple[int, int], ...] = ((768, 768), (768, 3072), (3072, 768))
+
+
+def bfloat16_speedup(rows: int) -> float:
+    """How many times faster a block's forward products run in bfloat16 than in float32, each
+    dtype on its faster kernel, as measured here (rows: 1 for decoding, many for training).
+    Above 1 bfloat16 wins on this CPU; native bfloat16 instructions alone do not prove it."""
+    table = kernel_table()
+
+    def seconds(dtype: str) -> float:
+        return sum(min(table.timing(Product("forward", row_bucket(rows), n_in, n_out, dtype)).values())
+                   for n_in, n_out in BLOCK_SHAPES)
+
+    return seconds("float32") / seconds("bfloat16")
 
 
 def has_fast_bfloat16(device: torch.device | str, rows: int = MAX_TIMED_ROWS) -> bool:
