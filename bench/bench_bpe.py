@@ -19,6 +19,8 @@ import statistics
 import time
 from collections.abc import Callable
 
+from common import machine_fields
+
 from minigpt.io import sources
 from minigpt.io.download import fetch
 from minigpt.tokenizers.bpe import BPETokenizer, gpt2_bpe_files
@@ -59,6 +61,7 @@ def main() -> None:
     cold, warm, tiktoken_s = map(statistics.median, (cold, warm, tiktoken_s))
 
     print(json.dumps({
+        **machine_fields(),
         "bench": "bpe_encode",
         "corpus": args.corpus,
         "mb": round(megabytes, 4),

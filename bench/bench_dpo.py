@@ -54,6 +54,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import machine_fields
+
 STRATEGIES = ("sft", "deep_copy", "adapters_off", "precomputed")
 MMAP_THRESHOLD = "131072"  # bytes: blocks this large are returned to the system when freed
 SHAPES = {"gpt2-small": (4, 256, 64), "tiny": (4, 64, 16)}  # (batch, tokens, prompt tokens)
@@ -289,7 +291,7 @@ def main() -> None:
     else:
         memory_env = {"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}  # read by glibc at start-up
         memory = {strategy: run_in_subprocess(strategy, args, memory_env) for strategy in STRATEGIES}
-        print(json.dumps(summary(memory, run_in_subprocess("time", args), preset, args)))
+        print(json.dumps({**summary(memory, run_in_subprocess("time", args), preset, args), **machine_fields()}))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,21 @@ memory-bandwidth probe run here (a sum over a buffer far larger than the caches)
 
 Opt-in bfloat16 inference weights (``model.to(torch.bfloat16)``) get their own fields
 (batch 1 and batched), checked against float32: the largest logit difference on the
-prompt and the share of greedy tokens that agree. They run where the CPU computes
-bfloat16 natively (``minigpt.runtime.runtime.has_fast_bfloat16``; elsewhere it is emulated,
-slowly) or with ``--bf16``; ``--no-bf16`` skips them.
+prompt and the share of greedy tokens that agree. They run where this CPU's bfloat16
+matrix-vector products were measured faster than its float32 ones
+(``minigpt.runtime.runtime.has_fast_bfloat16(rows=1)``, from the kernel table) or with ``--bf16``;
+``--no-bf16`` skips them.
+
+Weight-only ``--quantize int8 int4`` (the default; ``--quantize`` alone skips them) decode
+the same model with its block linears quantized (``minigpt.quantization.layers``), through
+PyTorch's packed kernels where the kernel table measured them faster: tokens/s against
+transformers' float32, the share of ``--new-tokens`` greedy tokens equal to float32's, the
+weight bytes read per token, and the WikiText-2 perplexity of float32 and each scheme on
+the first ``--perplexity-tokens`` tokens (0 skips it) in windows of 256.
+
+The JSON line also names the CPU, its instruction set and the kernel table used
+(``common.machine_fields``); ``MINIGPT_LINEAR_KERNEL=f_linear`` or ``=onednn`` forces one
+float kernel, to show what measuring the choice buys.
 
 ``torch.compile`` (:func:`minigpt.generation.decoding.compile_for_decoding`) gets its own fields: the
 seconds its first call takes beyond a compiled run (compile time), and its cached batch-1
@@ -24,7 +36,8 @@ transformers: where it is near 1, batch-1 decoding is bound by the matrix-vector
 ``weight_gb_s`` against the bandwidth probe says how far that kernel is from the memory's rate.
 
 ``--quick`` checks in seconds that everything runs (a 2-layer model, a few tokens, no
-compile unless ``--compile``): its figures mean nothing.
+compile unless ``--compile``): its figures mean nothing. ``--batch-1-only`` runs only the
+batch-1 cached rows (no uncached, batched or one-by-one runs): the decoding targets, in minutes.
 
     python bench/bench_generate.py [--preset gpt2-small] [--new-tokens 200] [--batch-prompts 32]
 """
@@ -37,16 +50,20 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import interleaved_seconds
+from common import interleaved_seconds, machine_fields
 
 from minigpt import GPTConfig, GPTModel, generate
 from minigpt.generation.batch import generate_batch
 from minigpt.generation.decoding import compile_for_decoding
+from minigpt.jobs.evaluate import WIKITEXT2, text_token_ids
+from minigpt.quantization.layers import QUANTIZED_LAYERS, quantize_model
 from minigpt.runtime.runtime import has_fast_bfloat16
+from minigpt.training.losses import sliding_window_perplexity
 
 MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm",
             "mkldnn::_linear_pointwise")
-QUICK = dict(new_tokens=8, prompt_tokens=8, repeats=1, batch_prompts=8, batch_new_tokens=8, one_by_one_sample=2)
+QUICK = dict(new_tokens=8, prompt_tokens=8, repeats=1, batch_prompts=8, batch_new_tokens=8, one_by_one_sample=2,
+             perplexity_tokens=0)
 
 
 def read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
@@ -64,11 +81,24 @@ def read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the weights one decoding step reads (a tied matrix counted once; the
     position and token embeddings are looked up, one row each, so they are left out
-    unless the token embedding is the tied output head)."""
+    unless the token embedding is the tied output head; quantized layers as stored)."""
     looked_up = {id(model.pos_emb.weight)}
     if model.out_head.weight is not model.tok_emb.weight:
         looked_up.add(id(model.tok_emb.weight))
-    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in looked_up)
+    dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in looked_up)
+    return dense + sum(m.quantized_bytes() for m in model.modules() if isinstance(m, QUANTIZED_LAYERS))
+
+
+def same_greedy_tokens(reference: GPTModel, other: GPTModel, prompt: torch.Tensor, n: int) -> float:
+    """Share of ``n`` greedy tokens of ``other`` equal to ``reference``'s at the same position."""
+    start = prompt.shape[1]
+    return (generate(reference, prompt, n)[0, start:] == generate(other, prompt, n)[0, start:]).float().mean().item()
+
+
+def wikitext2_perplexity(model: GPTModel, tokens: int) -> float:
+    """Perplexity on WikiText-2's first ``tokens`` test tokens, in separate windows of 256."""
+    ids = text_token_ids(WIKITEXT2, max_tokens=tokens)
+    return sliding_window_perplexity(model, ids, context_length=256, stride=256, batch_size=1).perplexity
 
 
 def matmul_share(run: Callable[[], object]) -> float:
@@ -111,11 +141,17 @@ def main() -> None:
                         help="bfloat16 rows (default: where the CPU has native bfloat16, not with --quick)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile rows (default: yes, not with --quick)")
+    parser.add_argument("--quantize", nargs="*", default=["int8", "int4"], choices=("int8", "int4"),
+                        help="weight-only schemes to decode with (speed, greedy agreement, perplexity)")
+    parser.add_argument("--perplexity-tokens", type=int, default=512,
+                        help="WikiText-2 tokens scored by float32 and each --quantize scheme (0: none)")
+    parser.add_argument("--batch-1-only", action="store_true",
+                        help="only the batch-1 cached rows: no uncached, batched or one-by-one runs")
     parser.add_argument("--quick", action="store_true", help="a seconds-long check that it runs (tiny model)")
     args = parser.parse_args()
     if args.quick:
         vars(args).update(QUICK)
-    bf16 = (has_fast_bfloat16("cpu") and not args.quick) if args.bf16 is None else args.bf16
+    bf16 = (has_fast_bfloat16("cpu", rows=1) and not args.quick) if args.bf16 is None else args.bf16
     compiling = not args.quick if args.compile is None else args.compile
 
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -137,22 +173,25 @@ def main() -> None:
 
     runs = {
         "cached": lambda: generate(ours, prompt, n, use_cache=True),
-        "uncached": lambda: generate(ours, prompt, n, use_cache=False),
         "transformers": lambda: hf.generate(
             prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
             max_new_tokens=n, min_new_tokens=n, pad_token_id=0),
-        "batched": lambda: generate_batch(ours, prompts, m),
-        "one_by_one": lambda: [generate(ours, torch.tensor([p]), m) for p in sample],
     }
+    if not args.batch_1_only:
+        runs["uncached"] = lambda: generate(ours, prompt, n, use_cache=False)
+        runs["batched"] = lambda: generate_batch(ours, prompts, m)
+        runs["one_by_one"] = lambda: [generate(ours, torch.tensor([p]), m) for p in sample]
     if bf16:
-        half = GPTModel(cfg).eval()
-        half.load_state_dict(ours.state_dict())
-        half.to(torch.bfloat16)
+        half = copy_of(ours, cfg).to(torch.bfloat16)
         runs["bf16_cached"] = lambda: generate(half, prompt, n, use_cache=True)
-        runs["bf16_batched"] = lambda: generate_batch(half, prompts, m)
+        if not args.batch_1_only:
+            runs["bf16_batched"] = lambda: generate_batch(half, prompts, m)
+    quantized = {scheme: quantize_model(copy_of(ours, cfg), scheme) for scheme in args.quantize}
+    for scheme, model in quantized.items():
+        runs[f"{scheme}_cached"] = lambda model=model: generate(model, prompt, n, use_cache=True)
     with torch.inference_mode():
         compiled = {}
-        if compiling:
+        if compiling and not args.batch_1_only:
             fast = compile_for_decoding(ours)
             runs["compiled_cached"] = lambda: generate(fast, prompt, n, use_cache=True)
             runs["compiled_batched"] = lambda: generate_batch(fast, prompts, m)
@@ -161,47 +200,77 @@ def main() -> None:
                 compile_seconds(runs["compiled_batched"], runs["compiled_batched"]), 1)
         seconds = interleaved_seconds(runs, args.repeats)
         checks = bf16_checks(ours, half, prompt, n) if bf16 else {}
+        checks.update(quantized_checks(ours, quantized, prompt, n, args.perplexity_tokens))
         shares = {"minigpt_matmul_share": round(matmul_share(runs["cached"]), 3),
                   "transformers_matmul_share": round(matmul_share(runs["transformers"]), 3)}
-    cached, uncached, hf_rate = (n / seconds[name] for name in ("cached", "uncached", "transformers"))
-    batched = len(prompts) * m / seconds["batched"]
-    if compiling:
+    cached, hf_rate = n / seconds["cached"], n / seconds["transformers"]
+    for scheme, model in quantized.items():
+        rate = n / seconds[f"{scheme}_cached"]
+        checks[f"{scheme}_kv_cache_tok_s"] = round(rate, 2)
+        checks[f"{scheme}_vs_transformers"] = round(rate / hf_rate, 3)
+        checks[f"{scheme}_weight_mb_per_token"] = round(weight_bytes(model) / 1e6, 1)
+    if not args.batch_1_only:
+        uncached = n / seconds["uncached"]
+        batched = len(prompts) * m / seconds["batched"]
+        one_by_one = len(sample) * m / seconds["one_by_one"]
+        checks.update({
+            "minigpt_no_cache_tok_s": round(uncached, 2),
+            "kv_cache_vs_no_cache": round(cached / uncached, 3),
+            "batched_prompts": len(prompts),
+            "batched_new_tokens": m,
+            "batched_tok_s": round(batched, 2),
+            "one_by_one_tok_s": round(one_by_one, 2),
+            "batched_vs_one_by_one": round(batched / one_by_one, 3),
+            "bf16_batched_tok_s": round(len(prompts) * m / seconds["bf16_batched"], 2) if bf16 else None,
+        })
+    if "compiled_cached" in seconds:
         compiled["compiled_kv_cache_tok_s"] = round(n / seconds["compiled_cached"], 2)
         compiled["compile_speedup"] = round(seconds["cached"] / seconds["compiled_cached"], 3)
         compiled["compiled_kv_cache_vs_transformers"] = round(n / seconds["compiled_cached"] / hf_rate, 3)
         compiled["compiled_batched_tok_s"] = round(len(prompts) * m / seconds["compiled_batched"], 2)
         compiled["compile_batched_speedup"] = round(seconds["batched"] / seconds["compiled_batched"], 3)
-    one_by_one = len(sample) * m / seconds["one_by_one"]
     bandwidth = read_bandwidth(256 if args.quick else 1024)
     weights_per_s = weight_bytes(ours) * cached
 
     print(json.dumps({
         "bench": "generate",
+        **machine_fields(),
         "shape": "tiny (--quick)" if args.quick else args.preset,
         "batch": 1,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": n,
         "threads": torch.get_num_threads(),
         "minigpt_kv_cache_tok_s": round(cached, 2),
-        "minigpt_no_cache_tok_s": round(uncached, 2),
         "transformers_tok_s": round(hf_rate, 2),
         "kv_cache_vs_transformers": round(cached / hf_rate, 3),
-        "kv_cache_vs_no_cache": round(cached / uncached, 3),
+        "weight_mb_per_token": round(weight_bytes(ours) / 1e6, 1),
         "weight_gb_s": round(weights_per_s / 1e9, 2),
         "bandwidth_probe_gb_s": round(bandwidth / 1e9, 2),
         "bandwidth_share": round(weights_per_s / bandwidth, 3),
         **shares,
-        "batched_prompts": len(prompts),
-        "batched_new_tokens": m,
-        "batched_tok_s": round(batched, 2),
-        "one_by_one_tok_s": round(one_by_one, 2),
-        "batched_vs_one_by_one": round(batched / one_by_one, 3),
         "bf16_kv_cache_tok_s": round(n / seconds["bf16_cached"], 2) if bf16 else None,
         "bf16_kv_cache_vs_transformers": round(n / seconds["bf16_cached"] / hf_rate, 3) if bf16 else None,
-        "bf16_batched_tok_s": round(len(prompts) * m / seconds["bf16_batched"], 2) if bf16 else None,
         **checks,
         **compiled,
     }))
+
+
+def copy_of(model: GPTModel, cfg: GPTConfig) -> GPTModel:
+    copy = GPTModel(cfg).eval()
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+def quantized_checks(ours: GPTModel, quantized: dict[str, GPTModel], prompt: torch.Tensor, n: int,
+                     perplexity_tokens: int) -> dict[str, float]:
+    """Each scheme's share of greedy tokens equal to float32's, and WikiText-2 perplexities."""
+    checks = {f"{scheme}_same_greedy_tokens": round(same_greedy_tokens(ours, model, prompt, n), 3)
+              for scheme, model in quantized.items()}
+    if perplexity_tokens and quantized:
+        checks["float32_wikitext2_perplexity"] = round(wikitext2_perplexity(ours, perplexity_tokens), 2)
+        for scheme, model in quantized.items():
+            checks[f"{scheme}_wikitext2_perplexity"] = round(wikitext2_perplexity(model, perplexity_tokens), 2)
+    return checks
 
 
 def bf16_checks(ours: GPTModel, half: GPTModel, prompt: torch.Tensor, n: int) -> dict[str, float]:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 from bench_train import flops_per_token, gpt2_layout, matmul_weights, transformers_model
+from common import machine_fields
 
 from minigpt import GPTModel
 from minigpt.generation.generate import generate
@@ -206,7 +207,7 @@ def main() -> None:
     report["decode"] = bench_decode(device, args.new_tokens)
     report["ddp"] = (bench_ddp(report["gpus"], args.batch, args.steps, report["train"]["compiled"]["tokens_per_s"])
                      if report["gpus"] >= 2 else {"skipped": "one GPU: DDP scaling needs two or more"})
-    print(json.dumps(report))
+    print(json.dumps({**report, **machine_fields()}))
 
 
 if __name__ == "__main__":

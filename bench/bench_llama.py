@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable
 
 import torch
-from common import interleaved_seconds
+from common import interleaved_seconds, machine_fields
 
 from minigpt import GPTConfig
 from minigpt.generation.generate import generate
@@ -87,6 +87,7 @@ def main() -> None:
     with torch.device("meta"):
         smol = LlamaModel("smollm2-135m").float()
     print(json.dumps({
+        **machine_fields(),
         "shape": f"smollm2-135m ({args.layers} layers)", "threads": torch.get_num_threads(),
         "train_tokens_per_s": train_rate, "train_ratio": train_rate["minigpt"] / train_rate["transformers"],
         "decode_tokens_per_s": decode_rate, "decode_ratio": decode_rate["minigpt"] / decode_rate["transformers"],

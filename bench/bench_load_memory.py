@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import random_gpt2_checkpoint
+from common import machine_fields, random_gpt2_checkpoint
 
 LOADERS = ("minigpt", "transformers", "book")
 FORWARD_TOKENS = 64
@@ -151,6 +151,7 @@ def main() -> None:
                           for key in rs[0]} for name, rs in runs.items()}
         loaded = {k: v["load_s"] + v["forward_s"] for k, v in results.items()}
         print(json.dumps({
+            **machine_fields(),
             "bench": "load_memory",
             "checkpoint": "gpt2-small shape (124M parameters), random weights, transformers save_pretrained",
             "measure": "peak RSS after load + forward minus RSS right after `import torch`, fresh process each",

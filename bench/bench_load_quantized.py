@@ -35,6 +35,8 @@ import threading
 import time
 from pathlib import Path
 
+from common import machine_fields
+
 MODES = ("float", "nf4", "nf4-dq", "int8", "copy-then-nf4")
 MB = 2**20
 
@@ -107,7 +109,7 @@ def main() -> None:
                                  check=True, capture_output=True, text=True, env=env).stdout
             results[mode] = {k: round(v, 1) for k, v in json.loads(out.splitlines()[-1]).items()}
         size = (directory / "model.safetensors").stat().st_size / MB
-    print(json.dumps({"checkpoint_mb": round(size, 1), "results": results}))
+    print(json.dumps({"checkpoint_mb": round(size, 1), "results": results, **machine_fields()}))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import sys
 import time
 
 from bench_dpo import MMAP_THRESHOLD, peak_kib, reset_peak, resident_kib
+from common import machine_fields
 
 SCHEMES = ("int8", "nf4", "nf4-dq")
 MIB = 2**20
@@ -162,6 +163,7 @@ def main() -> None:
     repeats, threads = (3 if args.quick else args.repeats), args.threads
     sizes = {preset: block_bytes(preset) for preset in dict.fromkeys(presets + memory_presets)}
     print(json.dumps({
+        **machine_fields(),
         "bench": "quantization", "weights": "random", "batch": batch, "tokens": tokens, "lora_rank": 16,
         "threads": args.threads, "repeats": repeats,
         "malloc": f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} (memory runs only)",

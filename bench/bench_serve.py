@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 import torch
+from common import machine_fields
 
 from minigpt.serving import create_app, load_engine
 from minigpt.serving.protocol import Limits
@@ -174,7 +175,7 @@ def main() -> None:
         with BackgroundServer(app) as server:
             report = {"model": engine.name, "device": str(engine.model.device), "torch_threads":
                       torch.get_num_threads(), **run(server.base_url, args)}
-    print(json.dumps(report))
+    print(json.dumps({**report, **machine_fields()}))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import machine_fields
 from torch import nn
 
 from minigpt import GPTConfig, GPTModel
@@ -300,7 +301,7 @@ def main() -> None:
         return
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the first step compiles and allocates)")
-    print(json.dumps(report(args)), flush=True)
+    print(json.dumps({**report(args), **machine_fields()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,19 @@ def interleaved_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def machine_fields() -> dict[str, object]:
+    """Where a benchmark ran and which kernels it used, for its JSON line: the CPU model, its
+    instruction set, torch's threads, the kernel forced by ``MINIGPT_LINEAR_KERNEL`` (or
+    ``measured``) and the table of choices (:mod:`minigpt.runtime.kernels`): product -> chosen kernel."""
+    from minigpt.quantization import weight_only  # noqa: F401 - registers the int8/int4 products
+    from minigpt.runtime import kernels
+
+    table = kernels.kernel_table()
+    return {"cpu": kernels.cpu_model(), "isa": kernels.instruction_set(), "threads": table.machine["threads"],
+            "kernel": kernels.forced_kernel() or "measured",
+            "kernels": {p.key: min(seconds, key=seconds.__getitem__) for p, seconds in table.rows()}}
+
+
 def random_gpt2_checkpoint(directory: Path) -> None:
     """A gpt2-small-shaped Hugging Face checkpoint with random weights (tied head, as OpenAI's)."""
     import torch

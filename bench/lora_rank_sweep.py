@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import machine_fields
 from torch.utils.data import DataLoader
 
 from minigpt.finetuning.classification import ClassificationDataset, calc_accuracy_loader, make_classifier
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         if done.returncode != 0:
             sys.exit(f"rank {rank} failed:\n{done.stderr}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps({**rows[-1], **machine_fields()}), flush=True)
     table = markdown_table(rows, args)
     write_text(args.out / "lora_sweep.md", table)
     plot(rows, args.out / "lora_sweep.png")

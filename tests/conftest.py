@@ -16,6 +16,10 @@ from tiktoken_ext.openai_public import r50k_pat_str
 
 from minigpt.io.files import PACKAGE_DATA_DIR
 
+# Every test computes its products with one kernel instead of timing both in its own fresh cache;
+# `MINIGPT_LINEAR_KERNEL=onednn python -m pytest ...` runs them all on the other (minigpt.runtime.kernels).
+os.environ.setdefault("MINIGPT_LINEAR_KERNEL", "f_linear")
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 

@@ -278,6 +278,22 @@ def test_generate_does_not_import_the_training_code():
 # ---------------------------------------------------------------------------- info, download
 
 
+def test_info_kernels_prints_the_choice_and_speed_of_each_decoding_product(capsys, monkeypatch):
+    from minigpt.runtime import kernels
+
+    monkeypatch.setenv(kernels.KERNEL_ENV, "measure")
+    monkeypatch.setattr(kernels, "measure", lambda product: {"f_linear": 2e-3, "onednn": 1e-3})
+    kernels._TABLES.clear()
+    assert main(["info", "--kernels"]) == 0
+    kernels._TABLES.clear()
+    out = capsys.readouterr().out
+    assert kernels.cpu_model() in out and "delete it to measure again" in out
+    # gpt2-small's head at one row: 768 x 50,257 float32 weights read in the 1 ms oneDNN took
+    row = next(line for line in out.splitlines() if line.startswith("forward float32 1x768->50257"))
+    assert row.split()[3] == "onednn" and f"onednn {768 * 50257 * 4 / 1e-3 / 1e9:.1f} GB/s" in row
+    assert "int4 float32 1x3072->768" in out and "forward bfloat16 1x768->3072" in out
+
+
 def test_info_lists_every_preset(capsys):
     assert main(["info"]) == 0
     rows = capsys.readouterr().out.splitlines()
@@ -330,7 +346,7 @@ def test_pretrain_writes_a_run_that_generate_eval_and_resume_use(tmp_path, capsy
 
 
 def test_pretrain_without_precision_is_float32_even_where_the_cpu_has_fast_bfloat16(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtime, "has_fast_bfloat16", lambda device: True)
+    monkeypatch.setattr(runtime, "has_fast_bfloat16", lambda device, rows=256: True)
     assert main(["pretrain", *TINY_RUN, "--steps", "1", "--out-dir", str(tmp_path), "--name", "run"]) == 0
     assert json.loads((tmp_path / "run" / "settings.json").read_text())["train"]["precision"] == "float32"
     assert json.loads((tmp_path / "run" / "history.json").read_text())["precision"] == "float32"

@@ -1,4 +1,6 @@
-"""minigpt.runtime.linear: nn.Linear's products on oneDNN, float32 all the way, the same gradients."""
+"""minigpt.runtime.linear: nn.Linear's products on the kernel measured fastest, float32 all the way, the same gradients.
+
+The kernel is forced by MINIGPT_LINEAR_KERNEL (tests/conftest.py); every test here passes with either."""
 
 from __future__ import annotations
 
@@ -11,16 +13,16 @@ from torch.profiler import profile
 from minigpt import GPTConfig, GPTModel
 from minigpt.models.llama.config import LlamaConfig
 from minigpt.models.llama.model import LlamaModel
-from minigpt.runtime.linear import MIN_ONEDNN_MACS, MIN_ONEDNN_WEIGHTS, Linear, linear, on_onednn
+from minigpt.runtime.kernels import KERNEL_ENV
+from minigpt.runtime.linear import Linear, linear, product_dtype
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 
-# Large enough that every product of a (2, 64) batch passes MIN_ONEDNN_MACS.
 SMALL_GPT = GPTConfig(vocab_size=1000, context_length=64, emb_dim=256, n_heads=4, n_layers=2, drop_rate=0.0,
                       qkv_bias=True)
 SMALL_LLAMA = LlamaConfig(vocab_size=1000, context_length=64, emb_dim=256, n_heads=4, n_kv_heads=2, n_layers=2,
                           hidden_dim=512, head_dim=64)
-IN, OUT = 1024, 2048  # one row is 2M multiply-adds, enough for oneDNN
+IN, OUT = 1024, 2048
 
 
 def float64_reference(x, weight, bias):
@@ -47,7 +49,7 @@ def inputs(x_shape, out_features=OUT, bias=True, seed=0):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 def test_equals_float64_to_float32_rounding(x_shape, bias):
     x, weight, b = inputs(x_shape, bias=bias)
-    assert on_onednn(x, weight, b)
+    assert product_dtype(x, weight, b) == torch.float32
     out = linear(x, weight, b)
     assert out.shape == F.linear(x, weight, b).shape
     assert_float32_accurate(out, x, weight, b)
@@ -59,7 +61,7 @@ def test_strided_inputs_and_transposed_weights():
     x, weight, b = inputs((5, 2 * IN))
     x = x[:, ::2]
     weight_in_out = weight[:, :IN].t().contiguous()  # stored (in, out), as HF's Conv1D keeps it
-    assert on_onednn(x, weight_in_out.t(), b)
+    assert product_dtype(x, weight_in_out.t(), b)
     assert_float32_accurate(linear(x, weight_in_out.t(), b), x, weight_in_out.t(), b)
 
 
@@ -70,7 +72,7 @@ def test_weights_with_gaps_between_rows_stay_with_f_linear():
     c_attn = torch.randn(IN, 3 * OUT)
     query = c_attn[:, :OUT].t()  # (out, in) with strides (1, 3 out)
     x = torch.randn(4, IN)
-    assert not on_onednn(x, query)
+    assert not product_dtype(x, query)
     assert torch.equal(linear(x, query), F.linear(x, query))
 
 
@@ -103,20 +105,18 @@ def test_the_gradient_of_a_sum_arrives_expanded_and_still_works():
 
 
 @needs_onednn
-def test_only_large_float32_products_on_a_cpu_outside_autocast_go_to_onednn(monkeypatch):
+def test_float32_and_bfloat16_cpu_products_are_routed_others_go_to_f_linear(monkeypatch):
     x, weight, b = inputs((2, IN))
-    assert on_onednn(x, weight, b)
-    # Small products stay with F.linear: oneDNN's fixed cost per call would outweigh its speed.
-    rows = MIN_ONEDNN_WEIGHTS // IN  # a weight this size is worth streaming through oneDNN, even for one row
-    assert on_onednn(x[:1], weight[:rows]) and not on_onednn(x[:1], weight[:rows - 1])
-    many = torch.randn(MIN_ONEDNN_MACS // (8 * IN), IN)  # with an 8-row weight: just enough multiply-adds
-    assert on_onednn(many, weight[:8]) and not on_onednn(many[:-1], weight[:8])
-    assert not on_onednn(x.bfloat16(), weight.bfloat16(), b.bfloat16())
-    assert not on_onednn(x.double(), weight.double(), b.double())
+    assert product_dtype(x, weight, b) == torch.float32
+    assert product_dtype(x[:1, :8], weight[:1, :8]) == torch.float32  # however small: the table decides
+    assert product_dtype(x.bfloat16(), weight.bfloat16(), b.bfloat16()) == torch.bfloat16
+    assert product_dtype(x.double(), weight.double(), b.double()) is None
+    assert product_dtype(x.half(), weight.half(), b.half()) is None
+    assert product_dtype(x, weight.bfloat16(), b) is None  # mixed dtypes: F.linear's error says so
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not on_onednn(x, weight, b)
+        assert product_dtype(x, weight, b) == torch.bfloat16  # computed in autocast's dtype, as F.linear would
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # the off switch: the BLAS, bit for bit
-    assert not on_onednn(x, weight, b)
+    assert product_dtype(x, weight, b) is None
     assert torch.equal(linear(x, weight, b), F.linear(x, weight, b))
 
 
@@ -129,7 +129,7 @@ def test_sizes_that_do_not_fit_get_f_linears_error(weight_shape, bias_shape, mes
     """oneDNN's own error names no shape; F.linear's says what did not fit."""
     x = torch.randn(2, IN)
     weight, bias = torch.randn(weight_shape), None if bias_shape is None else torch.randn(bias_shape)
-    assert not on_onednn(x, weight, bias)
+    assert not product_dtype(x, weight, bias)
     with pytest.raises(RuntimeError, match=message):
         linear(x, weight, bias)
 
@@ -152,19 +152,22 @@ def test_linear_is_an_nn_linear_with_its_state_dict():
 @needs_onednn
 @pytest.mark.parametrize("model_class, cfg", [(GPTModel, SMALL_GPT), (LlamaModel, SMALL_LLAMA)],
                          ids=["gpt", "llama"])
-def test_every_product_of_a_model_runs_on_onednn(model_class, cfg):
-    """Both families' layers and heads: no float32 product is left to the BLAS (aten::addmm / aten::mm)."""
+@pytest.mark.parametrize("kernel", ["onednn", "f_linear"])
+def test_every_product_of_a_model_runs_on_the_forced_kernel(model_class, cfg, kernel, monkeypatch):
+    """Both families' layers and heads: forced to oneDNN no float32 product is left to the BLAS
+    (aten::addmm / aten::mm), and forced to F.linear none goes to oneDNN."""
+    monkeypatch.setenv(KERNEL_ENV, kernel)
     model = model_class(cfg).eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 64))
     with torch.no_grad(), profile() as prof:
         model(ids)
     names = {event.key for event in prof.key_averages()}
-    assert "mkldnn::_linear_pointwise" in names
-    assert not names & {"aten::addmm", "aten::mm"}
+    assert ("mkldnn::_linear_pointwise" in names) == (kernel == "onednn")
+    assert bool(names & {"aten::addmm", "aten::mm"}) == (kernel == "f_linear")
 
 
 @needs_onednn
-def test_a_training_step_gives_the_gradients_of_the_blas_path(monkeypatch):
+def test_a_training_step_gives_the_same_gradients_on_either_kernel(monkeypatch):
     torch.manual_seed(0)
     model = GPTModel(SMALL_GPT)
     ids = torch.randint(0, SMALL_GPT.vocab_size, (2, 65))
@@ -175,8 +178,9 @@ def test_a_training_step_gives_the_gradients_of_the_blas_path(monkeypatch):
         F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
         return {name: p.grad.clone() for name, p in model.named_parameters()}
 
+    monkeypatch.setenv(KERNEL_ENV, "onednn")
     ours = gradients()
-    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    monkeypatch.setenv(KERNEL_ENV, "f_linear")
     blas = gradients()
     for name, grad in ours.items():
         torch.testing.assert_close(grad, blas[name], rtol=1e-4, atol=1e-6, msg=name)

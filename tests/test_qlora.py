@@ -37,7 +37,14 @@ from minigpt.lora.layers import LinearWithLoRA
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.models.gpt2.weights import load_config
-from minigpt.quantization.layers import QUANTIZED_LAYERS, Linear4bit, Linear8bit, is_quantized, quantize_model
+from minigpt.quantization.layers import (
+    QUANTIZED_LAYERS,
+    Linear4bit,
+    Linear8bit,
+    LinearInt4,
+    is_quantized,
+    quantize_model,
+)
 from minigpt.quantization.schemes import SCHEMES, quantized_bytes
 from minigpt.runtime.linear import Linear
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
@@ -194,7 +201,7 @@ def test_a_saved_quantized_model_loads_back_exactly(scheme, tmp_path):
     assert entry["layers"]["trf_blocks.0.ff.layers.0"] == [4 * SMALL.emb_dim, SMALL.emb_dim]
     assert len(entry["layers"]) == 6 * SMALL.n_layers
     loaded = GPTModel.from_pretrained(tmp_path / "q").eval()
-    assert type(loaded.trf_blocks[0].att.W_key) is (Linear8bit if scheme == "int8" else Linear4bit)
+    assert type(loaded.trf_blocks[0].att.W_key) is {"int8": Linear8bit, "int4": LinearInt4}.get(scheme, Linear4bit)
     saved, restored = model.state_dict(), loaded.state_dict()
     assert saved.keys() == restored.keys()
     assert all(torch.equal(saved[k], restored[k]) and saved[k].dtype == restored[k].dtype for k in saved)
@@ -259,7 +266,7 @@ def test_a_book_state_dict_loads_quantized(tmp_path):
 
 def test_an_unknown_scheme_is_refused_before_loading(tmp_path):
     with pytest.raises(ValueError, match="nf4, nf4-dq, int8"):
-        GPTModel.from_pretrained(tmp_path / "nothing-here", quantize="int4")
+        GPTModel.from_pretrained(tmp_path / "nothing-here", quantize="int2")
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -374,7 +381,7 @@ def test_dpo_job_uses_the_quantized_base_with_adapters_off_as_reference(tmp_path
 def test_info_gives_the_memory_of_each_scheme():
     small = next(p for p in preset_sizes() if p.name == "gpt2-small")
     memory = small.memory
-    assert list(memory) == ["float32", "bfloat16", "int8", "nf4", "nf4-dq"] and set(SCHEMES) < set(memory)
+    assert list(memory) == ["float32", "bfloat16", "int8", "int4", "nf4", "nf4-dq"] and set(SCHEMES) < set(memory)
     assert memory["float32"] == 4 * small.parameters
     blocks = 12 * (4 * 768 * 768 + 2 * 4 * 768 * 768)  # attention 4 x (768, 768), feed-forward (3072, 768) x 2
     rest = small.parameters - blocks

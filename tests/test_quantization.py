@@ -216,10 +216,11 @@ def test_bits_per_weight():
 
 
 def test_unknown_scheme_lists_the_choices():
-    with pytest.raises(ValueError, match="nf4, nf4-dq, int8"):
+    with pytest.raises(ValueError, match="nf4, nf4-dq, int8, int4"):
         check_scheme("fp4")
     with pytest.raises(ValueError, match="choose one of"):
-        bits_per_weight("int4")
+        bits_per_weight("int2")
+    assert bits_per_weight("int4") == 5 and bits_per_weight("int4", block_size=128) == 4.5
     assert all(check_scheme(s) == s for s in SCHEMES)
 
 

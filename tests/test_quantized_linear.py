@@ -174,8 +174,8 @@ def test_quantize_model_refuses_bad_requests():
     model = quantize_model(GPTModel(TINY), "nf4")
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(model, "int8")
-    with pytest.raises(ValueError, match="nf4, nf4-dq, int8"):
-        quantize_model(GPTModel(TINY), "int4")
+    with pytest.raises(ValueError, match="nf4, nf4-dq, int8, int4"):
+        quantize_model(GPTModel(TINY), "int2")
     with pytest.raises(ValueError, match="power of two"):
         quantize_model(GPTModel(TINY), "nf4", block_size=96)
     with pytest.raises(TypeError, match="list"):
@@ -193,7 +193,7 @@ def test_weight_bytes_counts_what_is_stored():
     model = GPTModel(TINY)
     shapes = [tuple(m.weight.shape) for m in model.trf_blocks.modules() if isinstance(m, nn.Linear)]
     assert weight_bytes(model.trf_blocks) == 4 * sum(a * b for a, b in shapes)
-    for scheme in ("nf4", "nf4-dq", "int8"):
+    for scheme in ("nf4", "nf4-dq", "int8", "int4"):
         quantized = quantize_model(GPTModel(TINY), scheme)
         assert weight_bytes(quantized.trf_blocks) == sum(quantized_bytes(s, scheme) for s in shapes)
 

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
+from minigpt.runtime import runtime
 from minigpt.runtime.runtime import (
     PRECISIONS,
     CompiledModel,
@@ -34,9 +35,10 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def cpu_with_bfloat16(monkeypatch):
-    """Pretend the CPU computes bfloat16 natively (AVX-512-BF16 and AMX)."""
+    """Pretend the CPU computes bfloat16 natively (AVX-512-BF16 and AMX), measured 1.5x faster."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(runtime, "bfloat16_speedup", lambda rows: 1.5)
 
 
 @pytest.fixture
@@ -75,10 +77,22 @@ def test_auto_stays_float32_where_bfloat16_is_emulated_and_says_why(cpu_without_
 
 @pytest.mark.parametrize("avx512_bf16, amx", [(True, False), (False, True)])
 def test_either_avx512_bf16_or_amx_makes_bfloat16_native(monkeypatch, avx512_bf16, amx):
+    monkeypatch.setattr(runtime, "bfloat16_speedup", lambda rows: 1.5)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert no_fast_bfloat16_reason(CPU) is None
     assert resolve_precision("auto", CPU) == "bfloat16"
+
+
+def test_native_bfloat16_measured_slower_than_float32_stays_float32(cpu_with_bfloat16, monkeypatch):
+    """AMX or AVX512-BF16 alone is no proof: where the measured table says bfloat16's products are
+    slower here (batch-1 decoding on some CPUs), auto keeps float32 and says why."""
+    asked = []
+    monkeypatch.setattr(runtime, "bfloat16_speedup", lambda rows: asked.append(rows) or 0.8)
+    assert not has_fast_bfloat16(CPU, rows=1)
+    assert resolve_precision("auto", CPU) == "float32"
+    assert "measured 1.25x slower than its float32 ones" in no_fast_bfloat16_reason(CPU, rows=1)
+    assert asked[0] == 1 and asked[1] > 1  # decoding asks about one row, training about many
 
 
 def test_auto_picks_bfloat16_where_the_cpu_has_it(cpu_with_bfloat16):
@@ -91,6 +105,7 @@ def test_auto_picks_bfloat16_where_the_cpu_has_it(cpu_with_bfloat16):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_the_default_precision_on_a_cpu_is_float32_whatever_its_instruction_set(monkeypatch, native):
+    monkeypatch.setattr(runtime, "bfloat16_speedup", lambda rows: 1.5)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
     assert has_fast_bfloat16(CPU) is native

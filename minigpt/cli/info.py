@@ -1,4 +1,5 @@
-"""``minigpt info``: the model presets, their parameter counts and memory in each format."""
+"""``minigpt info``: the model presets, their parameter counts and memory in each format;
+``minigpt info --kernels``: the kernel measured fastest for each matrix product on this machine."""
 
 from __future__ import annotations
 
@@ -8,7 +9,30 @@ HELP = "list the model presets with parameter counts and memory (full precision 
 
 
 def add(p: argparse.ArgumentParser, flags: dict[str, str]) -> None:
-    """No options."""
+    p.add_argument("--kernels", action="store_true",
+                   help="print which kernel computes each matrix product here and the speeds measured "
+                        "(gpt2-small's decoding products are measured first where missing)")
+
+
+def _kernels() -> int:
+    from minigpt.jobs.info import kernel_choices
+    from minigpt.runtime.kernels import KERNEL_ENV, forced_kernel
+
+    table = kernel_choices()
+    machine = table.machine
+    print(f"{machine['cpu']}; {machine['isa']}; torch {machine['torch']}; {machine['threads']} threads")
+    print(f"table: {table.path} (delete it to measure again)")
+    if forced_kernel():
+        print(f"{KERNEL_ENV}={forced_kernel()} forces that kernel for every float product: the table is not used")
+    print(f"{'product':<34} {'chosen':<16} speed of each kernel: GB/s of weights read, GFLOP/s")
+    for product, seconds in table.rows():
+        chosen = min(seconds, key=seconds.__getitem__)
+        speeds = "  ".join(f"{kernel} {product.weight_bytes / s / 1e9:.1f} GB/s {product.flops / s / 1e9:.0f} GFLOP/s"
+                           for kernel, s in seconds.items())
+        print(f"{product.key:<34} {chosen:<16} {speeds}")
+    print("Each product is timed once per machine (CPU model, instruction set, torch version, threads), rows "
+          "rounded up to a power of two (timed at 256 at most); the faster kernel computes it from then on.")
+    return 0
 
 
 def _size(n: int) -> str:
@@ -16,6 +40,8 @@ def _size(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.kernels:
+        return _kernels()
     from minigpt.jobs.info import FORMATS, llama_sizes, preset_sizes
 
     header = (f"{'layers':>6} {'heads':>5} {'emb_dim':>7} {'context':>7} {'params':>15} {'tied head':>15}"

@@ -1,4 +1,5 @@
-"""The job behind ``minigpt info``: the size of every model preset, and its memory in each format.
+"""The job behind ``minigpt info``: the size of every model preset, its memory in each format,
+and (``--kernels``) which kernel computes each matrix product on this machine.
 
 The one idea: a model's size is its parameter count, and its memory is that count times
 the bytes of one number (4 in float32, 2 in bfloat16). Quantized (``--quantize``), the
@@ -21,9 +22,11 @@ from minigpt.models.gpt2.model import GPTModel
 from minigpt.models.llama.config import PRESETS as LLAMA_PRESETS
 from minigpt.models.llama.config import LlamaConfig
 from minigpt.models.llama.model import LlamaModel
+from minigpt.quantization import weight_only  # noqa: F401 - registers the int8 and int4 products with the kernel table
 from minigpt.quantization.schemes import quantized_bytes
+from minigpt.runtime.kernels import KernelTable, Product, kernel_table
 
-FORMATS: tuple[str, ...] = ("float32", "bfloat16", "int8", "nf4", "nf4-dq")  # the columns of the memory table
+FORMATS: tuple[str, ...] = ("float32", "bfloat16", "int8", "int4", "nf4", "nf4-dq")  # the columns of the memory table
 
 
 @dataclass
@@ -73,3 +76,25 @@ def llama_sizes() -> list[PresetSize]:
         n = model.num_parameters()
         sizes.append(PresetSize(name, model.cfg, n, n, model_bytes(model)))
     return sizes
+
+
+def decoding_products(preset: str = "gpt2-small") -> list[Product]:
+    """The products one batch-1 decoding step of ``preset`` runs: each distinct linear shape,
+    one row, in float32 and bfloat16, and the block linears' int8 and int4 ones."""
+    with torch.device("meta"):
+        model = GPTModel(preset)
+    shapes = {(name.startswith("trf_blocks."), m.in_features, m.out_features)
+              for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    ops = {False: ("float32", "bfloat16"), True: ("float32", "bfloat16", "int8", "int4")}
+    return [Product("forward" if op in ("float32", "bfloat16") else op, 1, n_in, n_out,
+                    op if op in ("float32", "bfloat16") else "float32")
+            for block, n_in, n_out in sorted(shapes) for op in ops[block]]
+
+
+def kernel_choices(preset: str = "gpt2-small") -> KernelTable:
+    """This machine's kernel table (:mod:`minigpt.runtime.kernels`), with ``preset``'s batch-1 decoding
+    products measured first where they are missing; every other row is a product some run used."""
+    table = kernel_table()
+    for product in decoding_products(preset):
+        table.timing(product)
+    return table

@@ -1,4 +1,4 @@
-"""The ``quantize`` setting the jobs share (``--quantize nf4|nf4-dq|int8``), and a model loaded with it.
+"""The ``quantize`` setting the jobs share (``--quantize nf4|nf4-dq|int8|int4``), and a model loaded with it.
 
 The one idea: every job that loads a model can load it quantized
 (:mod:`minigpt.quantization.layers`): the block linears in 4 or 8 bits, dequantized inside each
@@ -16,7 +16,9 @@ from typing import Any
 from minigpt.quantization.schemes import SCHEMES, check_scheme
 
 QUANTIZE_HELP = ("load the weights quantized: nf4 (4-bit NormalFloat, blocks of 64), nf4-dq (nf4 with its "
-                 "scales quantized too) or int8 (per-row absmax); embeddings and output head stay full precision")
+                 "scales quantized too), int8 (per-row absmax) or int4 (groups of 64, scale and zero each); "
+                 "int8 and int4 decode through PyTorch's weight-only kernels where they are measured faster; "
+                 "embeddings and output head stay full precision")
 
 
 def quantize_field() -> Any:

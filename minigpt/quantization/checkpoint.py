@@ -28,6 +28,7 @@ from minigpt.quantization.layers import (
     QUANTIZED_LAYERS,
     Linear4bit,
     Linear8bit,
+    LinearInt4,
     quantization_of,
     quantize_model,
 )
@@ -71,12 +72,16 @@ def quantize_skeleton(model: nn.Module, entry: Mapping[str, Any], source: str) -
     try:
         scheme, layers = check_scheme(entry["scheme"]), dict(entry["layers"])
         dtype = getattr(torch, entry["compute_dtype"])
-        blocks = {} if scheme == "int8" else {
-            "block_size": int(entry["block_size"]), "scale_block_size": int(entry["scale_block_size"]),
-            "double_quant": scheme == "nf4-dq"}
+        if scheme == "int8":
+            blocks = {}
+        elif scheme == "int4":
+            blocks = {"block_size": int(entry["block_size"])}
+        else:
+            blocks = {"block_size": int(entry["block_size"]), "scale_block_size": int(entry["scale_block_size"]),
+                      "double_quant": scheme == "nf4-dq"}
     except (KeyError, TypeError, AttributeError, ValueError) as err:
         raise ValueError(f"{source}: its {QUANTIZATION_KEY} entry is damaged ({err!r}); save the model again") from err
-    layer_type = Linear8bit if scheme == "int8" else Linear4bit
+    layer_type = {"int8": Linear8bit, "int4": LinearInt4}.get(scheme, Linear4bit)
     for name, shape in layers.items():
         linear = _linear(model, name, source)
         if [linear.out_features, linear.in_features] != list(shape):

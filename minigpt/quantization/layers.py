@@ -27,16 +27,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from minigpt.quantization import weight_only
 from minigpt.quantization.schemes import (
+    Int4Weight,
     Int8Weight,
     NF4Weight,
     check_block_size,
     check_scheme,
+    dequantize_int4,
     dequantize_int8,
     dequantize_nf4,
+    quantize_int4,
     quantize_int8,
     quantize_nf4,
 )
+from minigpt.runtime import kernels
 from minigpt.runtime.linear import Linear
 from minigpt.runtime.linear import linear as linear_product
 
@@ -80,10 +85,28 @@ class _QuantizedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def _packed_kernel(self, x: torch.Tensor) -> str | None:
+        """The weight-only kernel (minigpt.quantization.weight_only) measured fastest for ``x``, or None where the
+        reference path runs: a gradient to compute, another device, or the dequantizing kernel won."""
+        if self.scheme not in ("int8", "int4") or x.device.type != "cpu" or x.numel() == 0 \
+                or self.compute_dtype not in (torch.float32, torch.bfloat16) or (torch.is_grad_enabled()
+                                                                               and x.requires_grad):
+            return None
+        if not weight_only.supports_packed(self.quantized()):
+            return None
+        product = kernels.Product(self.scheme, kernels.row_bucket(x.numel() // x.shape[-1]), self.in_features,
+                                  self.out_features, str(self.compute_dtype).removeprefix("torch."))
+        kernel = kernels.choose(product)
+        return None if kernel == "dequantize" else kernel
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in_features) -> (..., out_features)``, computed in ``compute_dtype``, returned in x's dtype."""
-        # x is cast to the compute dtype, since the dequantized weight is in it.
-        out = DequantizedMatmul.apply(x.to(self.compute_dtype), self)
+        # x is cast to the compute dtype, the dequantized weight's (or the packed kernel's activations).
+        kernel = self._packed_kernel(x)
+        if kernel is None:
+            out = DequantizedMatmul.apply(x.to(self.compute_dtype), self)
+        else:  # the packed integers read directly, never a float copy of the weight
+            out = weight_only.packed_product(kernel, x.to(self.compute_dtype), self.quantized(), self._int4_layout)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(x.dtype)
@@ -95,6 +118,9 @@ class _QuantizedLinear(nn.Module):
     def quantized_bytes(self) -> int:
         """Bytes of the stored weight (packed values and scales), the bias left out."""
         return sum(t.nbytes for name, t in self.named_buffers() if name != "bias")
+
+    def _int4_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -212,14 +238,66 @@ class Linear8bit(_QuantizedLinear):
         return dequantize_int8(self.quantized(), self.compute_dtype)
 
 
-QUANTIZED_LAYERS: tuple[type[nn.Module], ...] = (Linear4bit, Linear8bit)
+class LinearInt4(_QuantizedLinear):
+    """An ``nn.Linear`` whose weight is stored in group-wise asymmetric int4 (see minigpt.quantization).
+
+    Buffers: ``packed`` uint8 ``(out, padded / 2)``, ``scales`` and ``zeros`` float32 ``(out, groups)``,
+    ``bias`` (or None), ``padded`` being ``in`` rounded up to whole groups of ``block_size``.
+    """
+
+    scheme = "int4"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, block_size: int = 64,
+                 compute_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, out_features, bias, compute_dtype, device)
+        self.block_size = check_block_size(block_size)
+        groups = math.ceil(in_features / block_size)  # the last one padded with zeros
+        self.register_buffer("packed", torch.zeros(out_features, groups * block_size // 2, dtype=torch.uint8,
+                                                   device=device))
+        self.register_buffer("scales", torch.zeros(out_features, groups, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, device=device))
+        self._layout: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_size: int = 64,
+                    compute_dtype: torch.dtype = torch.float32) -> LinearInt4:
+        """Quantize ``linear``'s weight to int4 in groups of ``block_size`` inputs, on the weight's device."""
+        q = quantize_int4(linear.weight, block_size)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, block_size=block_size,
+                    compute_dtype=compute_dtype, device=q.packed.device)
+        layer.packed, layer.scales, layer.zeros = q.packed, q.scales, q.zeros
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().float().clone()
+        return layer
+
+    def quantized(self) -> Int4Weight:
+        return Int4Weight(self.packed, self.scales, self.zeros, self.in_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight, ``(out_features, in_features)`` in ``compute_dtype`` (a new tensor each call)."""
+        return dequantize_int4(self.quantized(), self.compute_dtype)
+
+    def _int4_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int4 kernel's layout of the weight, made on first use and again whenever it is replaced."""
+        version = (self.packed.data_ptr(), self.packed._version)
+        if self._layout is None or self._layout[0] != version:
+            self._layout = (version, weight_only.int4_layout(self.quantized()))
+        return self._layout[1]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scheme=int4, block_size={self.block_size}"
+
+
+QUANTIZED_LAYERS: tuple[type[nn.Module], ...] = (Linear4bit, Linear8bit, LinearInt4)
 
 
 def quantize_linear(linear: nn.Linear, scheme: str, *, block_size: int = 64, scale_block_size: int = 256,
-                    compute_dtype: torch.dtype = torch.float32) -> Linear4bit | Linear8bit:
+                    compute_dtype: torch.dtype = torch.float32) -> Linear4bit | Linear8bit | LinearInt4:
     """The quantized replacement of one ``nn.Linear`` (layer-by-layer loading builds on this)."""
     if check_scheme(scheme) == "int8":
         return Linear8bit.from_linear(linear, compute_dtype)
+    if scheme == "int4":
+        return LinearInt4.from_linear(linear, block_size, compute_dtype)
     return Linear4bit.from_linear(linear, scheme, block_size, compute_dtype, scale_block_size)
 
 

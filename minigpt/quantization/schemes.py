@@ -9,6 +9,7 @@ back into floats (dequantized) right before each matrix product. Memory per weig
     nf4        4 bits + one float32 scale per block of 64              = 4.5 bits
     nf4-dq     4 bits + one int8 scale per block of 64
                       + one float32 factor per 256 scales              = about 4.127 bits
+    int4       4 bits + a float32 scale and zero per group of 64 in a row = 5 bits
 
 **Blockwise absmax (NF4).** The flattened weight is cut into blocks of ``block_size`` values;
 each block is divided by its absolute maximum (so it lies in [-1, 1]), each value is replaced
@@ -30,6 +31,12 @@ QLoRA paper quantizes the scales to an 8-bit *float* code instead, which costs t
 **int8.** Symmetric absmax per output row: ``scale = max|row| / 127``, ``q = round(w / scale)``.
 This is LLM.int8()'s weight format without its outlier path (LLM.int8() also keeps the few
 input features with large activations in 16 bits; here every feature is 8-bit).
+
+**int4.** Asymmetric, group-wise along each row: a group of ``block_size`` consecutive inputs
+of one output row (the last one padded with zeros) maps its range [min, max] onto 0..15,
+``scale = (max - min) / 15``, ``q = round((w - min) / scale)``, and stores ``zero = min + 8
+scale``, so that ``w = (q - 8) scale + zero``: the layout of PyTorch's CPU weight-only int4
+kernel (``torch._weight_int4pack_mm_for_cpu``), which :mod:`minigpt.quantization.weight_only` feeds.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-SCHEMES: tuple[str, ...] = ("nf4", "nf4-dq", "int8")
+SCHEMES: tuple[str, ...] = ("nf4", "nf4-dq", "int8", "int4")
 
 # The 16 NormalFloat-4 values exactly as published with QLoRA (bitsandbytes' NF4 table).
 NF4_CODE = torch.tensor([
@@ -136,6 +143,29 @@ class Int8Weight:
     @property
     def nbytes(self) -> int:
         return self.data.nbytes + self.scales.nbytes
+
+
+@dataclass
+class Int4Weight:
+    """A 2-D ``(out, in)`` weight in group-wise asymmetric int4: ``packed`` uint8 ``(out, padded / 2)``
+    (two values a byte, the first in the high half; ``padded``: ``in`` rounded up to whole groups),
+    ``scales`` and ``zeros`` float32 ``(out, padded / block_size)``."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    in_features: int
+
+    @property
+    def block_size(self) -> int:
+        return 2 * self.packed.shape[1] // self.scales.shape[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"packed": self.packed, "scales": self.scales, "zeros": self.zeros}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors().values())
 
 
 def _absmax_divisor(absmax: torch.Tensor) -> torch.Tensor:
@@ -244,6 +274,33 @@ def dequantize_int8(q: Int8Weight, dtype: torch.dtype = torch.float32) -> torch.
     return (q.data.float() * q.scales[:, None]).to(dtype)
 
 
+def quantize_int4(w: torch.Tensor, block_size: int = 64) -> Int4Weight:
+    """Group-wise asymmetric int4 of a 2-D ``(out, in)`` weight, ``block_size`` inputs a group."""
+    check_block_size(block_size)
+    if w.dim() != 2:
+        raise ValueError(f"int4 quantizes the rows of a 2-D weight in groups, got shape {tuple(w.shape)}")
+    padding = -w.shape[1] % block_size  # zero inputs up to whole groups: they meet zero activations
+    padded = torch.nn.functional.pad(w.detach().float(), (0, padding))
+    groups = padded.view(w.shape[0], -1, block_size)  # (out, groups, block_size)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scales = (high - low) / 15
+    q = ((groups - low[..., None]) / _absmax_divisor(scales)[..., None]).round().clamp(0, 15).to(torch.uint8)
+    q = q.view(w.shape[0], -1)
+    return Int4Weight(q[:, 0::2] << 4 | q[:, 1::2], scales, low + 8 * scales, w.shape[1])
+
+
+def unpack_int4(q: Int4Weight) -> torch.Tensor:
+    """The integers 0..15 of ``q``: ``(out, in)`` uint8."""
+    return torch.stack([q.packed >> 4, q.packed & 15], dim=-1).view(q.packed.shape[0], -1)
+
+
+def dequantize_int4(q: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(q - 8) * scale + zero`` of each group: ``(out, in)`` in ``dtype``."""
+    values = unpack_int4(q).view(*q.scales.shape, -1).float() - 8  # (out, groups, block_size)
+    weight = (values * q.scales[..., None] + q.zeros[..., None]).view(q.packed.shape[0], -1)
+    return weight[:, :q.in_features].to(dtype)
+
+
 def bits_per_weight(scheme: str, block_size: int = 64, scale_block_size: int = 256,
                     row_length: int | None = None) -> float:
     """Average bits per weight of ``scheme`` for a large tensor (the one scale mean of nf4-dq is left out).
@@ -258,6 +315,8 @@ def bits_per_weight(scheme: str, block_size: int = 64, scale_block_size: int = 2
         return 8 + (32 / row_length if row_length else 0.0)
     if scheme == "nf4":
         return 4 + 32 / block_size
+    if scheme == "int4":
+        return 4 + 64 / block_size
     # nf4-dq: 4 bits + an int8 code per block + a float32 factor per scale_block_size blocks.
     return 4 + 8 / block_size + 32 / (block_size * scale_block_size)
 
@@ -274,6 +333,11 @@ def quantized_bytes(shape: int | Sequence[int], scheme: str, block_size: int = 6
             raise ValueError(f"int8 keeps one scale per row: give the 2-D (out, in) shape, got {shape!r}")
         return shape[0] * shape[1] + 4 * shape[0]
     numel = shape if isinstance(shape, int) else math.prod(shape)
+    if scheme == "int4":
+        if isinstance(shape, int) or len(shape) != 2:
+            raise ValueError(f"int4 groups the inputs of each row: give the 2-D (out, in) shape, got {shape!r}")
+        groups = math.ceil(shape[1] / block_size)
+        return shape[0] * groups * (block_size // 2 + 8)
     n_blocks = math.ceil(numel / block_size)
     packed = n_blocks * block_size // 2
     if scheme == "nf4":

@@ -8,7 +8,9 @@ changes between them is chosen here, in one place:
   Matrix products may run in bfloat16 or float16 while weights, gradients and the
   optimizer stay float32. :func:`default_precision` is float32 on a CPU, so that a run
   repeats bit for bit on every CPU, whatever its instruction set; ``"auto"`` (bfloat16
-  where the hardware computes it natively) is an explicit choice there;
+  where it is faster: on a CPU, where the hardware computes it natively *and* its
+  products were measured faster than float32's, :func:`bfloat16_speedup`)
+  is an explicit choice there;
 * :func:`compile_model`, :func:`compile_with_loss`: the model (and its loss) through
   ``torch.compile`` (fused kernels, fewer Python calls), or eagerly with a one-line
   warning where compiling fails;
@@ -29,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from minigpt.runtime.kernels import MAX_TIMED_ROWS, Product, kernel_table, row_bucket
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 # The seeds torch.manual_seed accepts: a signed or an unsigned 64-bit integer
@@ -55,24 +59,47 @@ def select_device(name: str | torch.device | None = None) -> torch.device:
 # --------------------------------------------------------------------------- precision
 
 
-def has_fast_bfloat16(device: torch.device | str) -> bool:
-    """Whether the hardware computes in bfloat16 natively (CUDA since Ampere; CPUs with
-    AVX-512-BF16 or AMX). Elsewhere bfloat16 is emulated and slower than float32."""
-    return no_fast_bfloat16_reason(device) is None
+# The products of one GPT-2 block (query, key, value and output projections; the feed-forward's two):
+# what "is bfloat16 faster here" is asked about, in decoding (one row) and in training (many).
+BLOCK_SHAPES: tuple[tuple[int, int], ...] = ((768, 768), (768, 3072), (3072, 768))
 
 
-def no_fast_bfloat16_reason(device: torch.device | str) -> str | None:
-    """Why ``"auto"`` stays float32 on ``device`` (``None`` where bfloat16 is native)."""
+def bfloat16_speedup(rows: int) -> float:
+    """How many times faster a block's forward products run in bfloat16 than in float32, each
+    dtype on its faster kernel, as measured here (rows: 1 for decoding, many for training).
+    Above 1 bfloat16 wins on this CPU; native bfloat16 instructions alone do not prove it."""
+    table = kernel_table()
+
+    def seconds(dtype: str) -> float:
+        return sum(min(table.timing(Product("forward", row_bucket(rows), n_in, n_out, dtype)).values())
+                   for n_in, n_out in BLOCK_SHAPES)
+
+    return seconds("float32") / seconds("bfloat16")
+
+
+def has_fast_bfloat16(device: torch.device | str, rows: int = MAX_TIMED_ROWS) -> bool:
+    """Whether bfloat16 products are faster than float32 ones on ``device``: CUDA since Ampere;
+    a CPU with AVX-512-BF16 or AMX whose bfloat16 products of ``rows`` rows (1: decoding, many:
+    training) were measured faster than its float32 ones. Elsewhere bfloat16 is slower."""
+    return no_fast_bfloat16_reason(device, rows) is None
+
+
+def no_fast_bfloat16_reason(device: torch.device | str, rows: int = MAX_TIMED_ROWS) -> str | None:
+    """Why ``"auto"`` stays float32 on ``device`` (``None`` where bfloat16 is faster)."""
     device = torch.device(device)
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return None
         return "this GPU has no native bfloat16 (it arrived with Ampere, compute capability 8.0)"
     if device.type == "cpu":
-        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
-            return None
-        return ("this CPU has neither AVX-512-BF16 nor AMX: its bfloat16 matrix products are emulated, "
-                "slower than float32")
+        if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+            return ("this CPU has neither AVX-512-BF16 nor AMX: its bfloat16 matrix products are emulated, "
+                    "slower than float32")
+        speedup = bfloat16_speedup(rows)  # measured once on this machine, then read from the cache
+        if speedup <= 1:
+            return (f"this CPU's bfloat16 products of {rows} rows were measured {1 / speedup:.2f}x slower than its "
+                    "float32 ones (minigpt info --kernels)")
+        return None
     return f"bfloat16 autocast is not used on {device.type}"
 
 
