@@ -56,7 +56,8 @@ from minigpt import GPTConfig, GPTModel, generate
 from minigpt.generation.batch import generate_batch
 from minigpt.generation.decoding import compile_for_decoding
 from minigpt.jobs.evaluate import WIKITEXT2, text_token_ids
-from minigpt.quantization.layers import QUANTIZED_LAYERS, quantize_model
+from minigpt.quantization.layers import QUANTIZED_LAYERS
+from minigpt.quantization.model import quantize_model
 from minigpt.runtime.runtime import has_fast_bfloat16
 from minigpt.training.losses import sliding_window_perplexity
 

@@ -65,7 +65,7 @@ def measure(mode: str, directory: Path) -> dict[str, float]:
     import torch
 
     from minigpt.models.gpt2.model import GPTModel
-    from minigpt.quantization.layers import quantize_model
+    from minigpt.quantization.model import quantize_model
 
     torch.set_num_threads(1)
     base = status_kib()

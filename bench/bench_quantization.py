@@ -57,7 +57,7 @@ def block_bytes(preset: str) -> dict[str, int]:
     import torch
 
     from minigpt.models.gpt2.model import GPTModel
-    from minigpt.quantization.layers import quantize_model, weight_bytes
+    from minigpt.quantization.model import quantize_model, weight_bytes
 
     def meta_model():
         with torch.device("meta"):
@@ -77,7 +77,7 @@ def lora_step_memory(preset: str, base: str, batch: int, tokens: int, threads: i
 
     from minigpt.lora.adapters import apply_lora
     from minigpt.models.gpt2.model import GPTModel
-    from minigpt.quantization.layers import quantize_model
+    from minigpt.quantization.model import quantize_model
 
     torch.set_num_threads(threads)
     before_build = resident_kib()
@@ -105,7 +105,7 @@ def forward_ratios(preset: str, batch: int, tokens: int, repeats: int, threads: 
     import torch
     from torch import nn
 
-    from minigpt.quantization.layers import quantize_linear
+    from minigpt.quantization.model import quantize_linear
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

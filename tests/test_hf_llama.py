@@ -149,7 +149,8 @@ def test_export_round_trips_through_transformers(tmp_path, one_thread, name):
 
 
 def test_loading_quantized_replaces_the_block_linears(tmp_path):
-    from minigpt.quantization.layers import QUANTIZED_LAYERS, is_quantized
+    from minigpt.quantization.layers import QUANTIZED_LAYERS
+    from minigpt.quantization.model import is_quantized
 
     directory = saved("llama-mha", tmp_path)
     full, quantized = load(directory).eval(), load(directory, quantize="nf4").eval()

@@ -247,7 +247,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_nf4_quantized_model_computes_with_its_dequantized_weights():
-    from minigpt.quantization.layers import QUANTIZED_LAYERS, dequantize_model, quantize_model
+    from minigpt.quantization.layers import QUANTIZED_LAYERS
+    from minigpt.quantization.model import dequantize_model, quantize_model
 
     model = tiny_model(emb_dim=64, hidden_dim=128)
     ids = ids_of(2, 12)

@@ -28,7 +28,8 @@ from minigpt.io.files import PACKAGE_DATA_DIR
 from minigpt.lora.adapters import apply_lora
 from minigpt.models.llama.config import LlamaConfig
 from minigpt.models.llama.model import LlamaModel
-from minigpt.quantization.layers import QUANTIZED_LAYERS, dequantize_model, quantize_model
+from minigpt.quantization.layers import QUANTIZED_LAYERS
+from minigpt.quantization.model import dequantize_model, quantize_model
 from minigpt.tokenizers.chat_template import render_chat
 from minigpt.tokenizers.tokenizer_json import load_hf_tokenizer
 

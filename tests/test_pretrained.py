@@ -9,7 +9,7 @@ from minigpt.models.gpt2.model import GPTModel
 from minigpt.models.llama.model import LlamaModel
 from minigpt.models.loader import chat_template_of, load, load_tokenizer, resolve
 from minigpt.models.registry import family_of_name
-from minigpt.quantization.layers import is_quantized
+from minigpt.quantization.model import is_quantized
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="the reference checkpoints are written by transformers")

@@ -37,14 +37,8 @@ from minigpt.lora.layers import LinearWithLoRA
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.models.gpt2.weights import load_config
-from minigpt.quantization.layers import (
-    QUANTIZED_LAYERS,
-    Linear4bit,
-    Linear8bit,
-    LinearInt4,
-    is_quantized,
-    quantize_model,
-)
+from minigpt.quantization.layers import QUANTIZED_LAYERS, Linear4bit, Linear8bit, LinearInt4
+from minigpt.quantization.model import is_quantized, quantize_model
 from minigpt.quantization.schemes import SCHEMES, quantized_bytes
 from minigpt.runtime.linear import Linear
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer

@@ -23,7 +23,7 @@ from minigpt.models.llama.config import LlamaConfig
 from minigpt.models.llama.hf_layout import export_llama
 from minigpt.models.llama.model import LlamaModel
 from minigpt.models.loader import load
-from minigpt.quantization.layers import is_quantized, quantize_model
+from minigpt.quantization.model import is_quantized, quantize_model
 from minigpt.tokenizers.tokenizer_json import load_hf_tokenizer
 
 

@@ -12,10 +12,8 @@ from torch.nn import functional as F
 from minigpt.data.corpora import load_corpus
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
-from minigpt.quantization.layers import (
-    QUANTIZED_LAYERS,
-    Linear4bit,
-    Linear8bit,
+from minigpt.quantization.layers import QUANTIZED_LAYERS, Linear4bit, Linear8bit
+from minigpt.quantization.model import (
     dequantize_model,
     is_quantized,
     quantization_of,

@@ -347,7 +347,7 @@ def test_prompt_format_is_read_from_the_run_record(tmp_path):
 def test_load_engine_with_adapter_and_quantization(tmp_path, engine, one_thread):
     from minigpt.lora.adapters import apply_lora
     from minigpt.lora.files import save_lora
-    from minigpt.quantization.layers import is_quantized
+    from minigpt.quantization.model import is_quantized
     from minigpt.serving.settings import ServeConfig, load_engine
 
     engine.model.save_pretrained(tmp_path / "base")

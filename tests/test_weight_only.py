@@ -9,7 +9,8 @@ from torch import nn
 
 from minigpt import GPTModel
 from minigpt.quantization import weight_only
-from minigpt.quantization.layers import Linear8bit, LinearInt4, quantization_of, quantize_model
+from minigpt.quantization.layers import Linear8bit, LinearInt4
+from minigpt.quantization.model import quantization_of, quantize_model
 from minigpt.quantization.schemes import (
     Int8Weight,
     bits_per_weight,

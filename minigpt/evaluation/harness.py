@@ -50,7 +50,7 @@ from minigpt.generation.batch import pad_prompts, token_logprobs
 from minigpt.generation.generate import stream_generate
 from minigpt.generation.sampling import check_sampling
 from minigpt.models.loader import load, load_tokenizer
-from minigpt.quantization.layers import quantization_of
+from minigpt.quantization.model import quantization_of
 from minigpt.runtime.runtime import select_device
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 
@@ -93,7 +93,7 @@ class MiniGPTLM(TemplateLM):
         if isinstance(pretrained, nn.Module):
             if quantize is not None:
                 raise ValueError("quantize applies to weights loaded by name or directory; quantize a model "
-                                 "already built with minigpt.quantization.layers.quantize_model")
+                                 "already built with minigpt.quantization.model.quantize_model")
             model = pretrained if device is None else pretrained.to(select_device(device))
         else:
             model = load(pretrained, quantize=quantize, device=select_device(device))

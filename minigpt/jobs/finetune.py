@@ -36,7 +36,7 @@ from minigpt.lora.adapters import apply_lora, merge_lora
 from minigpt.lora.files import save_lora
 from minigpt.models.base import CausalLM, evaluating
 from minigpt.models.loader import chat_template_of, load, load_tokenizer, resolve
-from minigpt.quantization.layers import is_quantized, quantize_model
+from minigpt.quantization.model import is_quantized, quantize_model
 from minigpt.runtime.runtime import PRECISIONS, resolve_precision, select_device
 from minigpt.training.checkpoint import SETTINGS_FILE, STATE_FILE, load_settings, save_settings
 from minigpt.training.config import TrainConfig

@@ -39,7 +39,8 @@ from torch import nn
 
 from minigpt.lora.layers import LinearWithLoRA, check_lora_settings
 from minigpt.lora.targets import DEFAULT_TARGETS, match_targets
-from minigpt.quantization.layers import QUANTIZED_LAYERS, dequantize_model, is_quantized
+from minigpt.quantization.layers import QUANTIZED_LAYERS
+from minigpt.quantization.model import dequantize_model, is_quantized
 
 logger = logging.getLogger(__name__)
 

@@ -24,14 +24,8 @@ import torch
 from torch import nn
 
 from minigpt.io.state_dict import tensor_mismatches
-from minigpt.quantization.layers import (
-    QUANTIZED_LAYERS,
-    Linear4bit,
-    Linear8bit,
-    LinearInt4,
-    quantization_of,
-    quantize_model,
-)
+from minigpt.quantization.layers import QUANTIZED_LAYERS, Linear4bit, Linear8bit, LinearInt4
+from minigpt.quantization.model import quantization_of, quantize_model
 from minigpt.quantization.schemes import check_scheme
 
 logger = logging.getLogger(__name__)
