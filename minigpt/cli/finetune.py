@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
               f"{m['test']['reward']:.3f}" + (f", KL {m['test']['kl']:.4f}" if "kl" in m["test"] else ""))
         saved = "the model, loss.png, grpo.png"
     elif args.technique == "classify":
-        before, after = m["accuracy_before"], m["accuracy"]
+        before = m["accuracy_before"]
+        after = m["accuracy"]
         print(f"accuracy: train {after['train']:.1%}, validation {after['val']:.1%}, test {after['test']:.1%} "
               f"(test before fine-tuning: {before['test']:.1%})")
         saved = "the classifier, loss.png, accuracy.png"
@@ -71,18 +72,23 @@ def run(args: argparse.Namespace) -> int:
             print(f"judge score {m['judge_score']:.1f} / 100 over {m['judged']} of {m['responses']} responses")
         saved = "the model, loss.png, responses.json"
     elif args.technique == "reward":
-        before, val, test = m["val_before"], m["val"], m["test"]
+        before = m["val_before"]
+        val = m["val"]
+        test = m["test"]
         print(f"validation: accuracy {before['accuracy']:.1%} -> {val['accuracy']:.1%}, margin "
               f"{before['margin']:.3f} -> {val['margin']:.3f}; test: accuracy {test['accuracy']:.1%}, "
               f"margin {test['margin']:.3f}")
         saved = "the reward model, loss.png, reward.png"
     elif args.technique == "ppo":
-        before, after = m["held_out_before"], m["held_out_after"]
+        before = m["held_out_before"]
+        after = m["held_out_after"]
         print(f"held-out prompts: reward-model score {before['score_mean']:.3f} (sd {before['score_std']:.3f}) -> "
               f"{after['score_mean']:.3f}, KL to the reference {after['kl_mean']:.3f}")
         saved = "the policy, ppo.png, ppo_logs.json"
     else:
-        before, val, test = m["val_before"], m["val"], m["test"]
+        before = m["val_before"]
+        val = m["val"]
+        test = m["test"]
         print(f"validation: reward accuracy {before['rewards/accuracies']:.1%} -> {val['rewards/accuracies']:.1%}, "
               f"reward margin {before['rewards/margins']:.3f} -> {val['rewards/margins']:.3f}; test: reward accuracy "
               f"{test['rewards/accuracies']:.1%}, reward margin {test['rewards/margins']:.3f}")

@@ -85,7 +85,8 @@ def add_settings(parser: argparse.ArgumentParser | Any, defaults: Any, flags: di
         value = getattr(defaults, f.name)
         if f.name in skip or dataclasses.is_dataclass(value):
             continue
-        flag, text = named[f.name][0], in_user_words(named[f.name][1], {k: v[0] for k, v in named.items()})
+        flag = named[f.name][0]
+        text = in_user_words(named[f.name][1], {k: v[0] for k, v in named.items()})
         kind, optional = _option_type(hints[f.name])
         shown = _shown(f, value)
         if optional and value is not None and f.name in TRAIN_NONE:

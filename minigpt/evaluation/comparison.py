@@ -192,7 +192,8 @@ def win_rate(outcomes: Sequence[Outcome], confidence: float = 0.95, resamples: i
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie between 0 and 1, got {confidence}")
     counts = np.array([list(outcomes).count(o) for o in OUTCOME_VALUE])  # wins, ties, losses
-    n, values = len(outcomes), np.array(list(OUTCOME_VALUE.values()))
+    n = len(outcomes)
+    values = np.array(list(OUTCOME_VALUE.values()))
     resampled = np.random.default_rng(seed).multinomial(n, counts / n, size=resamples)  # (resamples, 3)
     low, high = np.quantile(resampled @ values / n, [(1 - confidence) / 2, (1 + confidence) / 2])
     wins, ties, losses = (int(c) for c in counts)
@@ -266,7 +267,8 @@ def report_table(c: Comparison) -> str:
 
 def forgetting_line(perplexity: dict[str, Any]) -> str:
     """The forgetting check in one line: both perplexities on a general text and the change."""
-    base, candidate = perplexity["base"], perplexity["candidate"]
+    base = perplexity["base"]
+    candidate = perplexity["candidate"]
     return (f"perplexity on {perplexity['text']}: base {base:.2f}, candidate {candidate:.2f} "
             f"({candidate / base - 1:+.1%}; a rise means the candidate forgot some general text)")
 

@@ -229,7 +229,8 @@ class MiniGPTLM(TemplateLM):
         if ignored:
             logger.warning("minigpt ignores the generation settings %s", ", ".join(ignored))
         temperature = float(settings.get("temperature") or 0.0) if settings.get("do_sample") else 0.0
-        top_k, top_p = settings.get("top_k"), settings.get("top_p")
+        top_k = settings.get("top_k")
+        top_p = settings.get("top_p")
         check_sampling(temperature, top_k, top_p, max_new)
         room = self.max_length - max_new  # the prompt keeps its last tokens, leaving room for the new ones
         if room < 1:

@@ -62,7 +62,10 @@ class HTTPJudge:
     """
 
     def __init__(self, url: str, model: str = "llama3", api_key: str | None = None, timeout: float = 120.0) -> None:
-        self.url, self.model, self.api_key, self.timeout = url, model, api_key, timeout
+        self.url = url
+        self.model = model
+        self.api_key = api_key
+        self.timeout = timeout
         self.ollama = url.rstrip("/").endswith("/api/chat")
 
     def _payload(self, prompt: str) -> dict[str, Any]:
@@ -106,7 +109,8 @@ class ModelJudge:
     """
 
     def __init__(self, model: CausalLM, tokenizer: Any) -> None:
-        self.model, self.tokenizer = model, tokenizer
+        self.model = model
+        self.tokenizer = tokenizer
         self.score_ids = torch.tensor([tokenize(str(n), tokenizer)[0] for n in range(MAX_SCORE + 1)])
 
     @torch.no_grad()

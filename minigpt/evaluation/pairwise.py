@@ -87,7 +87,8 @@ class ModelPairJudge:
     """
 
     def __init__(self, model: CausalLM, tokenizer: Any) -> None:
-        self.model, self.tokenizer = model, tokenizer
+        self.model = model
+        self.tokenizer = tokenizer
         self.choice_ids = [tokenize(letter, tokenizer)[0] for letter in ("A", "B")]
 
     @torch.no_grad()
@@ -177,7 +178,8 @@ class PairVerdict(NamedTuple):
 
 def judge_both_orders(judge: PairJudge, entry: Entry, candidate: str, base: str) -> PairVerdict:
     """Ask ``judge`` with the candidate as A, then as B; see the module docstring."""
-    first, second = judge(entry, candidate, base), judge(entry, base, candidate)
+    first = judge(entry, candidate, base)
+    second = judge(entry, base, candidate)
     if (first, second) == ("A", "B"):
         outcome: Outcome = "win"
     elif (first, second) == ("B", "A"):

@@ -40,7 +40,8 @@ def sliding_windows(num_tokens: int, context_length: int, stride: int) -> list[t
     """``(begin, end, new)`` for each window ``ids[begin:end]``: windows start every ``stride``
     tokens, and only the ``new`` tokens at each window's end, those no earlier window
     scored, count. The last window ends at the text's end."""
-    windows, previous_end = [], 0
+    windows = []
+    previous_end = 0
     for begin in range(0, num_tokens, stride):
         end = min(begin + context_length, num_tokens)
         windows.append((begin, end, end - previous_end))
@@ -91,7 +92,8 @@ def sliding_window_perplexity(model: nn.Module, ids: Sequence[int] | torch.Tenso
     # A one-token window (a text of k * stride + 1 tokens) has nothing to predict its token
     # with: it scores nothing, as in transformers' recipe, so it is not run at all.
     windows = [w for w in sliding_windows(len(ids), n, stride) if w[1] - w[0] >= 2]
-    total, count = 0.0, 0
+    total = 0.0
+    count = 0
     with evaluating(model):
         for batch in tqdm(list(_batches(windows, batch_size)), desc="perplexity", disable=not progress):
             x = torch.stack([ids[begin:end] for begin, end, _ in batch]).to(model.device)  # (batch, tokens)

@@ -46,9 +46,11 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
 def rouge_l(answer: str, reference: str) -> RougeL:
     """ROUGE-L of ``answer`` against ``reference`` (see the module docstring); all zeros
     when either has no words."""
-    a, r = words(answer), words(reference)
+    a = words(answer)
+    r = words(reference)
     common = lcs_length(a, r)
     if common == 0:
         return RougeL(0.0, 0.0, 0.0)
-    precision, recall = common / len(a), common / len(r)
+    precision = common / len(a)
+    recall = common / len(r)
     return RougeL(precision, recall, 2 * precision * recall / (precision + recall))

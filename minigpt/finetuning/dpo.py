@@ -119,7 +119,9 @@ class DPOLoss:
         _check_settings(beta, label_smoothing, loss_type)
         # A bare model becomes a frozen copy *now*, before the policy trains away from it.
         self.reference = FrozenReference(reference) if isinstance(reference, nn.Module) else reference
-        self.beta, self.label_smoothing, self.loss_type = beta, label_smoothing, loss_type
+        self.beta = beta
+        self.label_smoothing = label_smoothing
+        self.loss_type = loss_type
 
     def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         disable_dropout(model)
@@ -137,7 +139,8 @@ class DPOLoss:
         """The reference's ``(chosen, rejected)`` log-probabilities of ``batch``: precomputed
         ones when the batch carries them, else from the reference model."""
         if "ref_chosen_logps" in batch:
-            chosen, rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+            chosen = batch["ref_chosen_logps"]
+            rejected = batch["ref_rejected_logps"]
             if average:  # stored as sums: divide by the same token counts as sequence_logprobs
                 # clamp(min=1): a pair whose answer was cut away entirely scores 0, not NaN.
                 chosen = chosen / batch["chosen_mask"][:, 1:].sum(dim=1).clamp(min=1)

@@ -218,9 +218,16 @@ class GRPOLoss:
             raise ValueError(f"beta={beta} needs a reference model (or set beta to 0)")
         if not rewards:
             raise ValueError("no reward functions given: GRPO needs at least one to score answers")
-        self.rewards, self.tokenizer, self.sampling, self.group_size = dict(rewards), tokenizer, sampling, group_size
-        self.reference, self.beta, self.averaging, self.scale_rewards = reference, beta, averaging, scale_rewards
-        self.epsilon, self.epsilon_high = epsilon, epsilon_high
+        self.rewards = dict(rewards)
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.group_size = group_size
+        self.reference = reference
+        self.beta = beta
+        self.averaging = averaging
+        self.scale_rewards = scale_rewards
+        self.epsilon = epsilon
+        self.epsilon_high = epsilon_high
 
     def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         disable_dropout(model)

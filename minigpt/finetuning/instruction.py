@@ -146,7 +146,8 @@ class InstructionDataset(Dataset):
 
     def __init__(self, data: Sequence[Entry], tokenizer: Any = None, prompt_format: PromptFormat = ALPACA) -> None:
         validate_entries(list(data))
-        self.prompt_format, self.pad_token_id = prompt_format, end_of_text_id(tokenizer)
+        self.prompt_format = prompt_format
+        self.pad_token_id = end_of_text_id(tokenizer)
         self.examples = []
         for entry in data:
             # Tokenized separately: BPE could merge across the boundary if prompt and answer were one
@@ -209,7 +210,8 @@ def collate_instructions(
     # The width: the longest text plus its end-of-text; inputs and targets are each one column
     # shorter after the shift below.
     width = max(len(example.ids) + len(end) for example in examples)
-    inputs, targets = [], []
+    inputs = []
+    targets = []
     for ids, prompt_length in examples:
         ids = ids + end
         # (width,): the text, its end-of-text, then more of the same id as padding.

@@ -86,7 +86,8 @@ def read_labelled_file(
             if column not in header:
                 raise ValueError(f"{path} has no column {column!r}; its columns are {header}")
         # Columns are found by name, so their order in the file does not matter.
-        text_at, label_at = header.index(text_column), header.index(label_column)
+        text_at = header.index(text_column)
+        label_at = header.index(label_column)
         examples = []
         for row in reader:
             if not row:  # a blank line

@@ -57,7 +57,8 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
                          "sample longer answers or more prompts per rollout")
     # Statistics over the answer tokens only: prompt and padding columns are 0 and would drag the
     # mean towards 0 and shrink the variance.
-    mean, var = selected.mean(), selected.var(unbiased=True)
+    mean = selected.mean()
+    var = selected.var(unbiased=True)
     # Whitening the advantages: mean 0 and variance 1 over the batch, so some tokens are pushed up and
     # others down, on the same scale whatever the reward model's; 1e-8 guards a zero variance.
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
@@ -155,7 +156,8 @@ def ppo_losses(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
     # Value clipping: the new prediction may move at most cliprange_value from the rollout's; the
     # max below keeps the worse of clipped and unclipped errors, as for the policy.
     values_clipped = torch.clamp(new_values, old_values - cliprange_value, old_values + cliprange_value)
-    value_losses, value_losses_clipped = (new_values - returns) ** 2, (values_clipped - returns) ** 2
+    value_losses = (new_values - returns) ** 2
+    value_losses_clipped = (values_clipped - returns) ** 2
     value = 0.5 * masked_mean(torch.max(value_losses, value_losses_clipped), mask)
     with torch.no_grad():
         stats = dict(policy=float(policy), value=float(value),

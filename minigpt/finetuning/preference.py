@@ -128,7 +128,8 @@ class PreferenceDataset(Dataset):
         # The end-of-text id also pads: padding is never scored, so the id it uses does not matter.
         self.pad_token_id = _end_of_text_id(tokenizer) if end_of_text_id is None else end_of_text_id
         end = [self.pad_token_id] if prompt_format.end_of_text else []
-        encode, header = functools.partial(prompt_format.encode, tokenizer=tokenizer), prompt_format.header
+        encode = functools.partial(prompt_format.encode, tokenizer=tokenizer)
+        header = prompt_format.header
         self.examples = []
         for entry in self.entries:
             # The header that opens every answer (Alpaca's "### Response:") is shared: it goes to the prompt.
@@ -163,7 +164,8 @@ class PreferenceDataset(Dataset):
 
     def clear_reference(self) -> None:
         """Forget precomputed reference log-probabilities."""
-        self.reference_logps, self.reference_cut = None, None
+        self.reference_logps = None
+        self.reference_cut = None
 
     def collate_fn(self, allowed_max_length: int | None = None) -> Callable:
         """:func:`collate_preferences` with this dataset's padding id."""

@@ -61,7 +61,8 @@ def pair_logprobs(
 
     NEFTune (:mod:`minigpt.finetuning.neftune`), when on and the model is training, gets each
     sequence's own length: up to its answer's end-of-text, padding excluded."""
-    ids, masks = [batch["chosen_ids"], batch["rejected_ids"]], [batch["chosen_mask"], batch["rejected_mask"]]
+    ids = [batch["chosen_ids"], batch["rejected_ids"]]
+    masks = [batch["chosen_mask"], batch["rejected_mask"]]
     # Chosen and rejected go through the model as one batch of 2 * pairs rows: one forward pass
     # (and one set of activations) instead of two.
     width = max(ids[0].shape[1], ids[1].shape[1])
@@ -218,7 +219,8 @@ def _read_cache(path: Path, key: str, pairs: int) -> torch.Tensor | None:
         return None
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            metadata, logps = f.metadata() or {}, f.get_tensor("logps")
+            metadata = f.metadata() or {}
+            logps = f.get_tensor("logps")
     except Exception as err:  # safetensors raises its own error types for damaged files
         logger.warning("ignoring unreadable reference cache %s (%s); computing it again", path, err)
         return None

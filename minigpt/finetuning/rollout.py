@@ -127,8 +127,10 @@ def sample_rollouts(model: nn.Module, prompt_ids: Sequence[Sequence[int]], setti
                              batch_size=settings.batch_size)
     eos = set(eos_list(settings.eos_id))
     # P and A: at least one answer column, so the layout holds even if every answer is empty.
-    width, answer_width = max(len(p) for p in prompts), max(1, max(len(a) for a in answers))
-    b, T = len(prompts), width + answer_width
+    width = max(len(p) for p in prompts)
+    answer_width = max(1, max(len(a) for a in answers))
+    b = len(prompts)
+    T = width + answer_width
     ids = torch.full((b, T), settings.pad_id, dtype=torch.long)
     attention_mask = torch.zeros(b, T, dtype=torch.long)
     answer_mask = torch.zeros(b, T, dtype=torch.long)

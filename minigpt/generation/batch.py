@@ -117,7 +117,8 @@ def token_logprobs(
     check_token_ids(ids, model.cfg.vocab_size)
     ids = ids.to(model.device)
     attention_mask = None if attention_mask is None else attention_mask.to(model.device)
-    inputs, targets = ids[:, :-1], ids[:, 1:]
+    inputs = ids[:, :-1]
+    targets = ids[:, 1:]
     mask = None if attention_mask is None else attention_mask[:, :-1]
     with evaluating(model):
         logits = model(inputs, attention_mask=mask).float()  # (batch, tokens - 1, vocab)

@@ -80,6 +80,7 @@ class IncrementalDecoder:
             rest = self._utf8.decode(b"", final=True)
         else:
             rest = self.tokenizer.decode(self._ids)[self._sent:]
-        self._ids, self._sent = [], 0
+        self._ids = []
+        self._sent = 0
         self._utf8.reset()
         return rest

@@ -149,7 +149,8 @@ def make_judges(settings: CompareConfig, device: Any) -> tuple[Any, Any, str, st
         judge = OverlapJudge(settings.margin)
         return judge, judge.score, f"ROUGE-L overlap (margin {settings.margin:g})", OverlapJudge.LIMITS
     if kind == "minigpt":
-        model, own = load(target).to(device).eval(), load_tokenizer(target)  # the judge reads its own tokens
+        model = load(target).to(device).eval()  # the judge reads its own tokens
+        own = load_tokenizer(target)
         return ModelPairJudge(model, own), ModelJudge(model, own), f"minigpt {target}", MODEL_JUDGE_LIMITS
     url = chat_endpoint(kind, target)
     judge = ChatPairJudge(url, settings.judge_model, api_key=os.environ.get(settings.api_key_env))
@@ -185,7 +186,8 @@ def compare(settings: CompareConfig, progress: bool = True) -> CompareResult:
     model answers; a step that fails later leaves a report of what was done."""
     s = settings
     check_models(s)
-    device, output = select_device(s.device), Path(s.output)
+    device = select_device(s.device)
+    output = Path(s.output)
     # Both models read the base's tokenizer (a fine-tune keeps it); the Llama family answers in its chat template.
     tokenizer = load_tokenizer(s.base)
     prompt_format = choose_prompt_format("auto", s.candidate or s.base, tokenizer)

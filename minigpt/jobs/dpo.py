@@ -164,7 +164,8 @@ def finetune_dpo(settings: DPOConfig, model: CausalLM | None = None, *, resume: 
     run.model.to(run.device)
     reference, strategy = make_reference(run, datasets, max_length)
     loss_fn = DPOLoss(reference, beta=s.beta, label_smoothing=s.label_smoothing, loss_type=s.loss)
-    val_part, prompts = datasets[1].entries, datasets[1].entries[:s.num_responses]
+    val_part = datasets[1].entries
+    prompts = datasets[1].entries[:s.num_responses]
     before = split_scores(run, val_loader, loss_fn)
     reference_answers = answers(run, prompts)  # the policy is still the reference
     data = s.data or sources.PREFERENCE_DATA.relpath

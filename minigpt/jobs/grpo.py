@@ -99,10 +99,12 @@ class GRPOConfig(FinetuneConfig):
 def warm_up(run: Run, task: RewardTask, steps: int, lr: float) -> None:
     """``steps`` supervised steps on the task's training problems (prompt, answer, end-of-text;
     the loss on the answer only), in ``<output>/sft``: resumable, and a no-op once done."""
-    s, eos = run.settings, end_of_text_id(run.tokenizer)
+    s = run.settings
+    eos = end_of_text_id(run.tokenizer)
     examples = [TokenizedExample(run.tokenizer.encode(p.prompt) + run.tokenizer.encode(p.answer),
                                  len(run.tokenizer.encode(p.prompt))) for p in task.train + task.test]
-    train_part, val_part = examples[:len(task.train)], examples[len(task.train):]
+    train_part = examples[:len(task.train)]
+    val_part = examples[len(task.train):]
     collate = functools.partial(collate_instructions, pad_token_id=eos, mask_instruction=True)
     loader = shuffled_loader(train_part, s.batch_size * 4, s.seed, drop_last=True, collate_fn=collate)
     val_loader = DataLoader(val_part, batch_size=s.batch_size * 4, collate_fn=collate)

@@ -120,7 +120,9 @@ def reference_logprobs(reference: Reference, rollout: Rollout) -> torch.Tensor:
 
 def fitting_prompts(entries: list[dict], run: Any, max_new_tokens: int) -> list[list[int]]:
     """The entries' prompts as ids; one that leaves no room for an answer is skipped, logged."""
-    fmt, limit, prompts = run.prompt_format, run.model.cfg.context_length, []
+    fmt = run.prompt_format
+    limit = run.model.cfg.context_length
+    prompts = []
     for i, entry in enumerate(entries):
         ids = fmt.encode(fmt.prompt(entry) + fmt.header, tokenizer=run.tokenizer)
         if len(ids) + max_new_tokens > limit:
@@ -158,7 +160,8 @@ def ppo_update(models: PolicyAndValue, optimizer: torch.optim.Optimizer, referen
                reward_model: nn.Module, prompts: list[list[int]], s: PPOConfig, rollouts: RolloutSettings,
                kl_coef: float) -> dict[str, float]:
     """One rollout and its PPO epochs; returns the update's logs under TRL's names."""
-    policy, value_model = models.policy, models.value
+    policy = models.policy
+    value_model = models.value
     with torch.no_grad(), evaluating(models):  # 1-3: act and score, no dropout
         rollout = sample_rollouts(policy, prompts, rollouts)
         mask = rollout.answer_mask[:, 1:].bool()
@@ -221,11 +224,13 @@ def finetune_ppo(settings: PPOConfig, *, resume: bool = False, progress: bool = 
                                pad_id=eos or 0)
     per_epoch = len(train_prompts) // s.batch_size
     total = s.epochs * per_epoch
-    update, logs = 0, {}  # where the run stands: a resumed run reads both back
+    update = 0  # where the run stands: a resumed run reads both back
+    logs = {}
     run.output.mkdir(parents=True, exist_ok=True)
     if resume:
         state = load_checkpoint(run.output, models, optimizer)
-        update, logs = state.step, state.history
+        update = state.step
+        logs = state.history
     save_settings(run.output, s.to_dict())
     kl = AdaptiveKLController(s.kl_coef, s.target_kl, s.kl_horizon) if s.target_kl else None
     kl_coef = logs["objective/kl_coef"][-1] if kl and logs else s.kl_coef

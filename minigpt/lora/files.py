@@ -77,8 +77,11 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> LoRAReport:
     if _METADATA_KEY not in metadata:
         raise ValueError(f"{path} has no LoRA settings in its metadata; was it written by save_lora?")
     settings = json.loads(metadata[_METADATA_KEY])
-    rank, alpha, dropout = settings["rank"], settings["alpha"], settings["dropout"]
-    names, include = settings["target_modules"], settings["include"]
+    rank = settings["rank"]
+    alpha = settings["alpha"]
+    dropout = settings["dropout"]
+    names = settings["target_modules"]
+    include = settings["include"]
     existing = lora_layers(model)
     if existing:
         check_same_lora(existing, names, rank, alpha, path)

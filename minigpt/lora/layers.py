@@ -41,7 +41,9 @@ class LoRALayer(nn.Module):
         check_lora_settings(rank, alpha)
         # alpha / r: a higher rank sums more rank-1 terms, and the smaller scaling keeps the update's
         # size roughly the same, so alpha and the learning rate need not be retuned with r.
-        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
         self.A = nn.Parameter(torch.empty(in_dim, rank, device=device, dtype=dtype))
         # B = 0: x @ A @ B is 0 at first, so training starts at the base model exactly; A random so
         # B's gradient (A^T x^T dy) is not zero too.

@@ -44,7 +44,9 @@ class SelfAttentionV1(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One projection per role, (..., tokens, d_in) @ (d_in, d_out) -> (..., tokens, d_out):
         # the query asks, the key is what a token offers to be matched on, the value what it passes on.
-        queries, keys, values = x @ self.W_query, x @ self.W_key, x @ self.W_value
+        queries = x @ self.W_query
+        keys = x @ self.W_key
+        values = x @ self.W_value
         # scores[i, j]: how well token i's query matches token j's key.
         scores = queries @ keys.transpose(-2, -1)  # (..., tokens, tokens)
         # Dividing by sqrt(d_out) keeps dot products from growing with the dimension,
@@ -69,7 +71,9 @@ class SelfAttentionV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Same maths as V1; nn.Linear computes x @ W.T (+ b), hence the transposed storage.
-        queries, keys, values = self.W_query(x), self.W_key(x), self.W_value(x)
+        queries = self.W_query(x)
+        keys = self.W_key(x)
+        values = self.W_value(x)
         scores = queries @ keys.transpose(-2, -1)
         weights = torch.softmax(scores / keys.shape[-1] ** 0.5, dim=-1)
         return weights @ values
@@ -103,7 +107,9 @@ class CausalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[-2]
-        queries, keys, values = self.W_query(x), self.W_key(x), self.W_value(x)
+        queries = self.W_query(x)
+        keys = self.W_key(x)
+        values = self.W_value(x)
         scores = queries @ keys.transpose(-2, -1)
         # -inf, not a large negative number: exp(-inf) is exactly 0, so future tokens get no weight.
         scores = scores.masked_fill(self.mask[:num_tokens, :num_tokens], float("-inf"))

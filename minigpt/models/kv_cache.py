@@ -56,7 +56,8 @@ class KVCache(nn.Module):
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, h, n, d = keys.shape
-        start, end = self.length, self.length + n
+        start = self.length
+        end = self.length + n
         if end > self.context_length:
             raise ValueError(
                 f"KV cache holds {start} tokens and {n} more do not fit in context_length="
@@ -66,7 +67,8 @@ class KVCache(nn.Module):
         # A first call, a new batch size or a new dtype (a model cast to bfloat16) starts an empty
         # buffer of the right kind; the growth below allocates it.
         if self.k is None or self.k.shape[0] != b or self.k.dtype != keys.dtype:
-            self.k, self.v = keys.new_empty(b, h, 0, d), values.new_empty(b, h, 0, d)
+            self.k = keys.new_empty(b, h, 0, d)
+            self.v = values.new_empty(b, h, 0, d)
         if end > self.k.shape[2]:
             # Doubling, not bit_length(): under torch.compile the comparisons stay symbolic, so one
             # graph serves every prompt length up to the same capacity.
@@ -74,10 +76,12 @@ class KVCache(nn.Module):
             while capacity < end:
                 capacity *= 2
             capacity = min(self.context_length, capacity)
-            grown_k, grown_v = keys.new_empty(b, h, capacity, d), values.new_empty(b, h, capacity, d)
+            grown_k = keys.new_empty(b, h, capacity, d)
+            grown_v = values.new_empty(b, h, capacity, d)
             # Copy only the filled prefix: the rest of the new buffer is written as tokens arrive.
             grown_k[:, :, :start], grown_v[:, :, :start] = self.k[:, :, :start], self.v[:, :, :start]
-            self.k, self.v = grown_k, grown_v
+            self.k = grown_k
+            self.v = grown_v
         # The new tokens go at their absolute positions start .. end - 1 (dim 2 is the sequence).
         self.k[:, :, start:end] = keys
         self.v[:, :, start:end] = values

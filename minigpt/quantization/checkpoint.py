@@ -64,7 +64,8 @@ def quantize_skeleton(model: nn.Module, entry: Mapping[str, Any], source: str) -
     shape and settings, in place; on a model built on ``meta`` (under ``torch.device("meta")``)
     the new buffers take no memory either, until the file's tensors are assigned."""
     try:
-        scheme, layers = check_scheme(entry["scheme"]), dict(entry["layers"])
+        scheme = check_scheme(entry["scheme"])
+        layers = dict(entry["layers"])
         dtype = getattr(torch, entry["compute_dtype"])
         if scheme == "int8":
             blocks = {}

@@ -72,7 +72,8 @@ class _QuantizedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype,
                  device: torch.device | str | None) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features = in_features
+        self.out_features = out_features
         self.compute_dtype = compute_dtype
         # A buffer, not a parameter: the whole base layer is frozen, bias included.
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
@@ -215,7 +216,8 @@ class Linear8bit(_QuantizedLinear):
         """A layer holding ``q`` and a copy of ``bias``."""
         out_features, in_features = q.data.shape
         layer = cls(in_features, out_features, bias is not None, compute_dtype=compute_dtype, device=q.data.device)
-        layer.data, layer.scales = q.data, q.scales
+        layer.data = q.data
+        layer.scales = q.scales
         if bias is not None:
             layer.bias = bias.detach().float().clone()
         return layer
@@ -260,7 +262,9 @@ class LinearInt4(_QuantizedLinear):
         q = quantize_int4(linear.weight, block_size)
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, block_size=block_size,
                     compute_dtype=compute_dtype, device=q.packed.device)
-        layer.packed, layer.scales, layer.zeros = q.packed, q.scales, q.zeros
+        layer.packed = q.packed
+        layer.scales = q.scales
+        layer.zeros = q.zeros
         if linear.bias is not None:
             layer.bias = linear.bias.detach().float().clone()
         return layer

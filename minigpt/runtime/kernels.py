@@ -198,7 +198,8 @@ def cpu_model() -> str:
     info = {}
     for name, _, value in (line.partition(":") for line in reversed(lines)):  # reversed: the first CPU's wins
         info[name.strip()] = value.strip()
-    family, model = info.get("cpu family", "?"), info.get("model", "?")
+    family = info.get("cpu family", "?")
+    model = info.get("model", "?")
     return f"{info.get('model name', platform.machine())} (family {family} model {model})"
 
 
@@ -245,7 +246,8 @@ class KernelTable:
     """The measured seconds of each kernel per :class:`Product`, saved in :func:`table_path`."""
 
     def __init__(self, path: Path, machine_key: dict[str, str | int]) -> None:
-        self.path, self.machine = path, machine_key  # where it is saved, and what it was measured on
+        self.path = path  # where it is saved, and what it was measured on
+        self.machine = machine_key
         self.seconds: dict[str, dict[str, float]] = self._read()
         self._choices: dict[Product, str] = {}  # what choose() answered: a dictionary lookup per product
 

@@ -36,7 +36,8 @@ from minigpt.runtime.kernels import MAX_TIMED_ROWS, Product, kernel_table, row_b
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 # The seeds torch.manual_seed accepts: a signed or an unsigned 64-bit integer
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
 
 
 def select_device(name: str | torch.device | None = None) -> torch.device:
@@ -219,7 +220,8 @@ class _WithLoss(nn.Module):
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any]) -> None:
         super().__init__()
-        self.model, self.loss_fn = model, loss_fn
+        self.model = model
+        self.loss_fn = loss_fn
 
     def forward(self, batch: Any) -> Any:
         return self.loss_fn(self.model, batch)

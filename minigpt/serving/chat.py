@@ -53,8 +53,11 @@ class Answer:
     iteration ends or is closed. ``dropped``: exchanges dropped to make room."""
 
     def __init__(self, session: ChatSession, ids: list[int], dropped: int) -> None:
-        self.session, self.ids, self.dropped = session, ids, dropped
-        self.text, self.finish_reason = "", "interrupted"
+        self.session = session
+        self.ids = ids
+        self.dropped = dropped
+        self.text = ""
+        self.finish_reason = "interrupted"
 
     def __iter__(self) -> Iterator[str]:
         s = self.session.settings
@@ -78,7 +81,8 @@ class ChatSession:
     """The conversation with ``engine``; ``messages`` are OpenAI-style ``{role, content}``."""
 
     def __init__(self, engine: Engine, settings: ChatConfig | None = None, seed: int | None = None) -> None:
-        self.engine, self.settings = engine, settings or ChatConfig()
+        self.engine = engine
+        self.settings = settings or ChatConfig()
         self.generator = request_generator(seed, engine.model.device)  # one stream of samples per session
         self.messages: list[dict[str, str]] = []
 

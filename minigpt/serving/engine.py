@@ -94,7 +94,8 @@ class StopMatcher:
                     matched = self._fallback[k][matched - 1]  # the next shorter tail that begins the stop
                 matched += stop[matched] == text[position]
                 if matched == len(stop):
-                    self._held, self._matched = "", [0] * len(self.stops)
+                    self._held = ""
+                    self._matched = [0] * len(self.stops)
                     return text[:position + 1 - matched], True
                 self._matched[k] = matched
         keep = max(self._matched, default=0)
@@ -109,7 +110,8 @@ class StopMatcher:
 def _fallback(stop: str) -> list[int]:
     """KMP's failure function: for each prefix ``stop[:i + 1]``, the length of its longest
     proper prefix that is also its suffix. O(len(stop))."""
-    fallback, matched = [0] * len(stop), 0
+    fallback = [0] * len(stop)
+    matched = 0
     for i in range(1, len(stop)):
         while matched and stop[i] != stop[matched]:
             matched = fallback[matched - 1]
@@ -130,7 +132,10 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, name: str = "minigpt",
                  chat_format: PromptFormat = PLAIN, aliases: Sequence[str] = ()) -> None:
-        self.model, self.tokenizer, self.name, self.aliases = model.eval(), tokenizer, name, tuple(aliases)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.aliases = tuple(aliases)
         self.chat_format = chat_format
         self.eos_id: int = tokenizer.eot_token
         self.context_length: int = model.cfg.context_length
@@ -166,7 +171,8 @@ class Engine:
                                      "read as markup; remove it from the message")
             return self.encode(text)
         markup = [m for m in found if not any(start < m.end() and m.start() < end for start, end in spans)]
-        ids, position = [], 0
+        ids = []
+        position = 0
         for m in markup:  # the text between two markup tokens, specials in it read as plain text
             ids += self.tokenizer.encode(text[position:m.start()], disallowed_special=())
             ids += self.tokenizer.encode(m.group(), allowed_special={m.group()})
@@ -197,7 +203,9 @@ class Engine:
 
     def _generate(self, ids: Sequence[int], s: Sampling, generator: torch.Generator, cancel: threading.Event
                   ) -> Iterator[TokenEvent | Finished]:
-        decoder, stopper, count = IncrementalDecoder(self.tokenizer), StopMatcher(s.stop), 0
+        decoder = IncrementalDecoder(self.tokenizer)
+        stopper = StopMatcher(s.stop)
+        count = 0
         idx = torch.tensor([list(ids)], dtype=torch.long, device=self.model.device)
         steps = stream_steps(self.model, idx, s.max_tokens, temperature=s.temperature, top_k=s.top_k,
                              top_p=s.top_p, eos_id=self.eos_id, generator=generator, top_logprobs=s.top_logprobs)

@@ -22,7 +22,8 @@ from minigpt.serving.protocol import APIError
 
 logger = logging.getLogger(__name__)
 
-Scope, Message = dict[str, Any], dict[str, Any]
+Scope = dict[str, Any]
+Message = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
 
@@ -41,7 +42,10 @@ class Guard:
 
     def __init__(self, app: ASGIApp, *, allowed_hosts: Collection[str], api_key: str | None, max_body_bytes: int,
                  public: Callable[[str], bool]) -> None:
-        self.app, self.api_key, self.max_body_bytes, self.public = app, api_key, max_body_bytes, public
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.public = public
         self.allowed_hosts = {h.lower().strip("[]") for h in allowed_hosts}
 
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]],
@@ -53,7 +57,8 @@ class Guard:
         if refusal is not None:
             await _send_error(send, refusal)
             return
-        started, received = False, 0
+        started = False
+        received = 0
 
         async def counted_receive() -> Message:
             nonlocal received

@@ -96,7 +96,8 @@ def completion_job(engine: Engine, limits: Limits, data: dict[str, Any]) -> Job:
     """``POST /v1/completions``' body -> the job (400 for anything wrong)."""
     req = parse_request(CompletionRequest, data)
     _check_model(engine, req.model)
-    n, stops = req.n or 1, req.stops()
+    n = req.n or 1
+    stops = req.stops()
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     check_request(limits, prompts=_count_prompts(req.prompt), n=n, max_tokens=max_tokens, stops=stops)
     prompts = _prompts(req.prompt, engine)
@@ -119,7 +120,9 @@ def chat_job(engine: Engine, limits: Limits, data: dict[str, Any]) -> Job:
     _check_model(engine, req.model)
     if req.top_logprobs and not req.logprobs:
         raise APIError("top_logprobs needs logprobs: true.", param="top_logprobs")
-    n, stops, budget = req.n or 1, req.stops(), req.token_budget()
+    n = req.n or 1
+    stops = req.stops()
+    budget = req.token_budget()
     check_request(limits, prompts=1, n=n, max_tokens=budget or 0, stops=stops)
     try:
         ids = engine.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])

@@ -28,14 +28,16 @@ def content_spans(chat_format: PromptFormat, messages: Messages) -> tuple[str, l
     text = chat_format.render(messages)
     marked = chat_format.render([{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)])
     parts = _STAND_IN.split(marked)  # [markup, index, markup, index, ..., markup]
-    spans, position = [], 0
+    spans = []
+    position = 0
     for k, part in enumerate(parts):
         if k % 2 == 0:
             if not text.startswith(part, position):
                 return text, None
             position += len(part)
             continue
-        after, content = parts[k + 1], messages[int(part)]["content"]
+        after = parts[k + 1]
+        content = messages[int(part)]["content"]
         fits = [c for c in (content, content.strip()) if text.startswith(c, position)
                 and text.startswith(after, position + len(c))]
         if not fits:

@@ -33,7 +33,11 @@ class APIError(Exception):
     def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
                  kind: str = "invalid_request_error") -> None:
         super().__init__(message)
-        self.message, self.status, self.param, self.code, self.kind = message, status, param, code, kind
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+        self.kind = kind
 
     def body(self) -> dict[str, Any]:
         """``{"error": {"message", "type", "param", "code"}}``."""

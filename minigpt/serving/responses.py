@@ -35,8 +35,12 @@ class CompletionChoice:
     """One choice of ``/v1/completions``; ``logprobs`` None leaves log-probabilities out."""
 
     def __init__(self, engine: Engine, index: int, logprobs: int | None) -> None:
-        self.engine, self.index, self.top = engine, index, logprobs
-        self.text, self.tokens, self.reason = "", 0, None
+        self.engine = engine
+        self.index = index
+        self.top = logprobs
+        self.text = ""
+        self.tokens = 0
+        self.reason = None
         self.logprobs: dict[str, list] | None = (
             None if logprobs is None else {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []})
 
@@ -93,8 +97,11 @@ class ChatChoice:
     """One choice of ``/v1/chat/completions``; ``logprobs`` False leaves them out."""
 
     def __init__(self, engine: Engine, index: int, logprobs: bool) -> None:
-        self.engine, self.index = engine, index
-        self.text, self.tokens, self.reason = "", 0, None
+        self.engine = engine
+        self.index = index
+        self.text = ""
+        self.tokens = 0
+        self.reason = None
         self.content: list[dict[str, Any]] | None = [] if logprobs else None
 
     def first(self) -> dict[str, Any]:

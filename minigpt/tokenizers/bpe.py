@@ -220,7 +220,8 @@ class BPETokenizer:
 
     def _bpe(self, piece: bytes) -> list[int]:
         """Merge the bytes of one pre-token, lowest-ranked (earliest learned) merge first."""
-        rank_of, no_merge = self._ranks, self._no_merge
+        rank_of = self._ranks
+        no_merge = self._no_merge
         ids = [self._byte_ids[b] for b in piece]
         while len(ids) > 1:
             # The rank of every neighbouring pair; pairs never merged in training rank last

@@ -20,7 +20,8 @@ def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     """Replace every occurrence of ``pair`` in ``ids``, left to right, by ``new_id``."""
     first, second = pair
     merged = []
-    i, n = 0, len(ids)
+    i = 0
+    n = len(ids)
     while i < n:
         if ids[i] == first and i + 1 < n and ids[i + 1] == second:
             merged.append(new_id)
@@ -53,7 +54,8 @@ def _merge_and_recount(
     """
     changed = set()
     for w in words_with.pop(pair):
-        ids, n = words[w], freqs[w]
+        ids = words[w]
+        n = freqs[w]
         for old in pairwise(ids):
             pair_counts[old] -= n
             changed.add(old)

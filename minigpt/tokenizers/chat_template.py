@@ -106,7 +106,8 @@ def _render_within(template: jinja2.Template, variables: dict[str, Any], time_li
     before = sys.gettrace()
     sys.settrace(each_call if time_limit is not None else before)
     try:
-        written, chunks = 0, []
+        written = 0
+        chunks = []
         for chunk in template.generate(**variables):
             written += len(chunk)
             if max_chars is not None and written > max_chars:

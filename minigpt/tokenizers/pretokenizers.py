@@ -23,7 +23,8 @@ Step = Callable[[str], list[str]]  # one pre-tokenizer: a piece of text -> small
 
 def _spans(pattern: regex.Pattern[str], text: str) -> list[tuple[str, bool]]:
     """``text`` cut into the pattern's matches (True) and the gaps between them (False)."""
-    spans, end = [], 0
+    spans = []
+    end = 0
     for match in pattern.finditer(text):
         if match.start() > end:
             spans.append((text[end:match.start()], False))

@@ -75,7 +75,9 @@ def find_added_tokens(text: str, tokens: Mapping[str, AddedToken]) -> list[str |
     parts: list[str | AddedToken] = []
     done = 0
     for match in special_token_pattern(frozenset(tokens)).finditer(text):
-        token, start, end = tokens[match.group()], match.start(), match.end()
+        token = tokens[match.group()]
+        start = match.start()
+        end = match.end()
         if token.single_word and not _is_alone(text, start, end):
             continue
         while token.lstrip and start > done and text[start - 1] in _WHITE_SPACE:
@@ -115,10 +117,12 @@ class HFTokenizer:
         name: str = "hf-bpe",
         special_token_names: Mapping[str, str] | None = None,
     ) -> None:
-        self.bpe, self.name = bpe, name
+        self.bpe = bpe
+        self.name = name
         self.added_tokens = {token.content: token for token in added_tokens}
         self.special_tokens_set: Set[str] = frozenset(t for t, token in self.added_tokens.items() if token.special)
-        self._steps, self._normalize = list(pre_tokenizer), normalizer
+        self._steps = list(pre_tokenizer)
+        self._normalize = normalizer
         self._visible = bytes_to_unicode()
         self._id_of_visible = {self._show(data): i for i, data in bpe.vocab.items()}
         ids = [*bpe.vocab, *(token.id for token in self.added_tokens.values())]

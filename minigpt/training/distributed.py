@@ -84,8 +84,13 @@ class ShardSampler(Sampler[int]):
     """
 
     def __init__(self, length: int, rank: int, world_size: int, *, shuffle: bool, seed: int, drop_last: bool):
-        self.length, self.rank, self.world_size = length, rank, world_size
-        self.shuffle, self.seed, self.drop_last, self.epoch = shuffle, seed, drop_last, 0
+        self.length = length
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

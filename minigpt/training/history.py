@@ -60,6 +60,9 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     def __init__(self, step: int, run_dir: str | os.PathLike | None, exit_code: int, signal_name: str = "",
                  history: History | None = None) -> None:
-        self.step, self.run_dir, self.exit_code, self.history = step, run_dir, exit_code, history
+        self.step = step
+        self.run_dir = run_dir
+        self.exit_code = exit_code
+        self.history = history
         saved = f"; its checkpoint is saved in {run_dir}" if run_dir is not None else "; nothing was saved"
         super().__init__(f"training stopped by {signal_name or 'a signal'} after step {step}{saved}")

@@ -84,7 +84,8 @@ class GracefulInterrupt:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.count += 1
         if not self.requested:
-            self.requested, self.signum = True, signum
+            self.requested = True
+            self.signum = signum
             logger.warning("%s: finishing this step, saving a checkpoint, then stopping", self.signal_name)
         elif self.saving:
             logger.warning("still saving the checkpoint: it will be complete in a moment")

@@ -126,7 +126,8 @@ def train_model(
     device = select_device(device)
     _check_loaders(train_loader, val_loader, device)
     loop = _start(model, config, device, loss_fn, train_loader, val_loader, tokenizer, run_dir, resume)
-    cfg, batches = config, _batches(train_loader, loop.epoch, loop.batch_in_epoch)
+    cfg = config
+    batches = _batches(train_loader, loop.epoch, loop.batch_in_epoch)
     bar = tqdm(total=cfg.max_steps, initial=loop.step, disable=not progress or loop.rank != 0,
                desc="training", unit="step", dynamic_ncols=True)
     with loop.interrupt, bar, log_above_bar(bar):
@@ -205,7 +206,8 @@ def _batches(loader: Iterable, epoch: int, skip: int) -> Iterator[tuple[int, int
 
 def _check_inputs(loop: _Loop, batch: Any) -> None:
     """On a GPU the model reads no ids (that would wait for the device): check the inputs here, on the CPU."""
-    inputs, cfg = batch[0] if isinstance(batch, (tuple, list)) else None, getattr(loop.model, "cfg", None)
+    inputs = batch[0] if isinstance(batch, (tuple, list)) else None
+    cfg = getattr(loop.model, "cfg", None)
     if loop.device.type != "cpu" and cfg is not None and isinstance(inputs, torch.Tensor) and not inputs.is_cuda:
         check_token_ids(inputs, cfg.vocab_size)
 
@@ -217,7 +219,8 @@ def _optimizer_step(loop: _Loop, batches: Iterator[tuple[int, int, Any]]) -> int
     lr = lr_at_step(loop.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
     for group in loop.optimizer.param_groups:
         group["lr"] = lr
-    loss_sum, tokens = torch.zeros((), device=loop.device), 0
+    loss_sum = torch.zeros((), device=loop.device)
+    tokens = 0
     for micro in range(cfg.grad_accum):
         loop.epoch, loop.batch_in_epoch, batch = next(batches)
         _check_inputs(loop, batch)
@@ -307,7 +310,8 @@ def _eval_loss(loop: _Loop, loader: Iterable) -> tuple[float, dict[str, float]]:
 def _sample(loop: _Loop) -> str:
     """A continuation of ``sample_prompt``, greedy or sampled with the same seed every time (so
     that samples differ only because the model changed); draws nothing from the global RNG."""
-    cfg, model = loop.config, loop.model
+    cfg = loop.config
+    model = loop.model
     if loop.tokenizer is None or not cfg.sample_prompt:
         return ""
     idx = text_to_token_ids(cfg.sample_prompt, loop.tokenizer).to(loop.device)

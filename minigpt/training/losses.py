@@ -36,7 +36,8 @@ Metrics = Mapping[str, torch.Tensor | float]
 LossFn = Callable[[nn.Module, Any], torch.Tensor | tuple[torch.Tensor, Metrics]]
 
 # Keys by which a dict batch states its own counts (see scored_targets and input_tokens).
-NUM_SCORED, NUM_TOKENS = "num_scored", "num_tokens"
+NUM_SCORED = "num_scored"
+NUM_TOKENS = "num_tokens"
 
 
 def loss_and_metrics(output: torch.Tensor | tuple[torch.Tensor, Metrics]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -152,7 +153,9 @@ def summed_loss_and_metrics(
     """:func:`summed_loss` plus the sums of the metrics the loss function returns beside
     the loss, each weighted like the loss by its batch's count: ``sums[name] / count`` is
     the metric's mean over every scored item. Empty for a loss without metrics."""
-    total, count, sums = 0.0, 0, {}
+    total = 0.0
+    count = 0
+    sums = {}
     for i, batch in enumerate(data_loader):
         if num_batches is not None and i >= num_batches:
             break

@@ -24,7 +24,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     the embedding matrix and counts as an embedding. Frozen parameters are left out.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
+    decay = []
+    no_decay = []
     for param in model.parameters():  # each shared parameter once
         if param.requires_grad:
             is_matrix = param.dim() >= 2 and id(param) not in embeddings

@@ -27,7 +27,10 @@ from minigpt.io.files import atomic_write
 
 WIDTH = 7.0  # inches; every figure has this width, so figures line up in a report
 DPI = 120  # saved PNGs are WIDTH * DPI = 840 pixels wide
-TRAIN_COLOR, VAL_COLOR, LR_COLOR, BEFORE_COLOR = "tab:blue", "tab:orange", "tab:green", "tab:gray"
+TRAIN_COLOR = "tab:blue"
+VAL_COLOR = "tab:orange"
+LR_COLOR = "tab:green"
+BEFORE_COLOR = "tab:gray"
 
 
 class PlotFigure(Figure):

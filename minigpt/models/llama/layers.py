@@ -102,7 +102,9 @@ class GroupedQueryAttention(CachedAttention):
         if n_kv_heads < 1 or n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}: "
                              "each key/value head serves a whole group of query heads")
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
         self.groups = n_heads // n_kv_heads
         self.context_length = rope.context_length
         self.use_sdpa = use_sdpa

@@ -49,7 +49,9 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: Mapping[str, Any]) -> torch
     missing = [key for key in LLAMA3_KEYS if key not in scaling]
     if missing:
         raise ValueError(f"rope_scaling of type 'llama3' needs {', '.join(missing)}; got {dict(scaling)}")
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    factor = scaling["factor"]
+    low = scaling["low_freq_factor"]
+    high = scaling["high_freq_factor"]
     old_context = scaling["original_max_position_embeddings"]
     # A pair's wavelength: the number of positions one full turn takes.
     wavelength = 2 * math.pi / inv_freq
@@ -105,7 +107,9 @@ class RoPE(nn.Module):
     def __init__(self, head_dim: int, context_length: int, theta: float = 10000.0,
                  scaling: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        self.head_dim, self.context_length, self.theta = head_dim, context_length, theta
+        self.head_dim = head_dim
+        self.context_length = context_length
+        self.theta = theta
         self.scaling = dict(scaling) if scaling else None
         self.build_tables(torch.empty(0).device)
 
@@ -116,13 +120,15 @@ class RoPE(nn.Module):
             positions = torch.arange(self.context_length, dtype=torch.int64).float()
             angles = positions[:, None] * inv_freq[None, :]  # (context_length, head_dim / 2)
             # Half-width tables: rotate() applies each angle to both halves, where HF repeats the columns.
-            self.cos, self.sin = angles.cos(), angles.sin()
+            self.cos = angles.cos()
+            self.sin = angles.sin()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # Moved lazily: the tables are not buffers, so model.to(device) does not move them.
         if self.cos.device != x.device:
             self.cos, self.sin = self.cos.to(x.device), self.sin.to(x.device)
-        cos, sin = self.cos[positions], self.sin[positions]  # (tokens | batch x tokens, head_dim / 2)
+        cos = self.cos[positions]  # (tokens | batch x tokens, head_dim / 2)
+        sin = self.sin[positions]
         if positions.dim() == 2:  # one row of angles per sequence: broadcast over the heads
             cos, sin = cos[:, None], sin[:, None]
         # cos/sin are (T, hd/2), broadcast over batch and heads, or (b, 1, T, hd/2), over heads.
