@@ -11,7 +11,7 @@ The harness (``pip install "minigpt[eval]"``) runs hundreds of published benchma
 - ``generate_until(context, settings)``: a continuation that stops at the first of the
   ``until`` strings, after ``max_gen_toks`` tokens, or at ``<|endoftext|>``.
 
-:class:`MiniGPTLM` answers them with :func:`minigpt.generation.generate.token_logprobs` and
+:class:`MiniGPTLM` answers them with :func:`minigpt.generation.batch.token_logprobs` and
 :func:`minigpt.generation.generate.stream_generate`. It tokenizes exactly as the harness's own
 Hugging Face backend does (the same base class splits context and continuation, so a space
 between them belongs to the continuation), truncates from the left the same way, and so

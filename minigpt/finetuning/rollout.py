@@ -110,7 +110,7 @@ def check_prompt_lengths(prompt_ids: Sequence[Sequence[int]], max_new_tokens: in
 
 @torch.no_grad()
 def sample_rollouts(model: nn.Module, prompt_ids: Sequence[Sequence[int]], settings: RolloutSettings) -> Rollout:
-    """Sample one answer per prompt with :func:`minigpt.generation.generate.generate_batch` (batched,
+    """Sample one answer per prompt with :func:`minigpt.generation.batch.generate_batch` (batched,
     KV-cached, sampled from the global random generator) and pad them into a :class:`Rollout`.
 
     A prompt that does not fit the context with ``max_new_tokens`` answer tokens raises

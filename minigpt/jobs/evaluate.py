@@ -6,7 +6,7 @@ held out (the end of its corpus, the same share), cut into the same touching win
 that the number here equals the final validation loss ``pretrain`` printed
 (:func:`evaluate`). :func:`evaluate_perplexity` measures a whole text instead, with
 windows that overlap, so that every token is predicted with a long left context
-(:func:`minigpt.training.losses.sliding_window_perplexity`): the number to compare a model
+(:func:`minigpt.evaluation.perplexity.sliding_window_perplexity`): the number to compare a model
 before and after fine-tuning on a general text (WikiText-2's test split, say).
 """
 

@@ -67,7 +67,7 @@ def preset_sizes() -> list[PresetSize]:
 
 
 def llama_sizes() -> list[PresetSize]:
-    """The Llama-family presets (:data:`minigpt.models.llama.model.PRESETS`), as published: their heads
+    """The Llama-family presets (:data:`minigpt.models.llama.config.PRESETS`), as published: their heads
     are tied or not as the checkpoints have them, so both counts are the same."""
     sizes = []
     for name in LLAMA_PRESETS:

@@ -8,7 +8,7 @@ request's own ``torch.Generator``, so a seeded request gives the same tokens wha
 else the server is doing, and the same tokens as :func:`minigpt.generation.generate.generate`
 with that seed.
 
-Text leaves through :class:`~minigpt.generation.generate.IncrementalDecoder` (no character cut in
+Text leaves through :class:`~minigpt.generation.text.IncrementalDecoder` (no character cut in
 half) and :class:`StopMatcher` (text that might begin a stop string is held back until
 it is known not to).
 """

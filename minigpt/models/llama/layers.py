@@ -87,7 +87,7 @@ class GroupedQueryAttention(CachedAttention):
 
     ``positions`` ``(tokens,)`` or ``(batch, tokens)`` are the RoPE angles' positions;
     ``attn_mask`` ``(batch, 1, tokens, past + tokens)`` (bool, True where a query may see a key,
-    causality included; see :func:`minigpt.models.attention.padded_causal_mask`) hides left padding;
+    causality included; see :func:`minigpt.models.kv_cache.padded_causal_mask`) hides left padding;
     ``None`` is plain causal attention.
     As in :class:`minigpt.models.attention.MultiHeadAttention`, ``use_sdpa`` picks PyTorch's fused
     kernel or the explicit ``softmax(Q K^T / sqrt(head_dim) + mask) V``, and ``use_cache``
