@@ -210,5 +210,5 @@ def test_eval_perplexity_loads_the_weights_quantized_when_asked(setup, one_threa
     full = evaluate_perplexity(EvalConfig(**settings), progress=False)
     int8 = evaluate_perplexity(EvalConfig(**settings, quantize="int8"), progress=False)
     assert int8.perplexity != full.perplexity and int8.perplexity == pytest.approx(full.perplexity, rel=1e-2)
-    with pytest.raises(ValueError, match="unknown quantization scheme .int4.; choose one of nf4, nf4-dq, int8"):
-        EvalConfig(checkpoint="gpt2", quantize="int4")
+    with pytest.raises(ValueError, match="unknown quantization scheme .int3.; choose one of nf4, nf4-dq, int8, int4"):
+        EvalConfig(checkpoint="gpt2", quantize="int3")

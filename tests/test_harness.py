@@ -274,8 +274,8 @@ def test_run_tasks_job(model, tmp_path):
 def test_job_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="tasks is empty"):
         HarnessConfig(checkpoint="gpt2-small", tasks=" , ")
-    with pytest.raises(ValueError, match="unknown quantization scheme 'int4'"):
-        HarnessConfig(checkpoint="gpt2-small", tasks="hellaswag", quantize="int4")
+    with pytest.raises(ValueError, match="unknown quantization scheme 'int3'"):
+        HarnessConfig(checkpoint="gpt2-small", tasks="hellaswag", quantize="int3")
     with pytest.raises(ValueError, match="limit must be more than 0"):
         HarnessConfig(checkpoint="gpt2-small", tasks="hellaswag", limit=0)
     with pytest.raises(FileNotFoundError, match="is not a folder of task YAML files"):
