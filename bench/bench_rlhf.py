@@ -1,5 +1,5 @@
-"""PPO against DPO on one model: rollout tokens/s, the time of one update, peak memory, and what
-the LoRA-off reference saves.
+"""PPO against GRPO and DPO on one model: rollout tokens/s, the time of one update, peak memory, and
+what the LoRA-off reference saves.
 
 The model: a ``tiny``-preset GPT (random weights, context 128) with LoRA of rank 8 on every
 linear layer. Reported, each in this one process taking turns (``bench.common.interleaved_seconds``):
@@ -8,11 +8,14 @@ linear layer. Reported, each in this one process taking turns (``bench.common.in
   (``--prompts`` prompts of 48 tokens, ``--new-tokens`` answer tokens, KV cache);
 * ``ppo_update_s``: one PPO update (rollout, scoring by a reward model, GAE, ``ppo_epochs`` = 2
   passes of 2 minibatches) with the reference as the adapters-off policy and as a frozen copy;
-* ``dpo_step_s``: one DPO step on as many pairs of the same length (adapters-off reference);
+* ``grpo_step``: one GRPO step on ``--prompts`` arithmetic prompts, a group of 4 answers each
+  (rollout, exact-match and format rewards, the clipped objective with the k3 KL term to the
+  adapters-off reference): no reward model and no value model;
+* ``dpo_step``: one DPO step on as many pairs of the same length (adapters-off reference);
 * ``peak_growth_mb``: the growth of the peak resident set size (``VmHWM``, reset through
   ``/proc/self/clear_refs``) over each measurement;
 * ``frozen_copy_mb``: the bytes a frozen reference copy holds, which the adapters-off reference
-  does not. GRPO is measured by its own module's benchmark, where present.
+  does not.
 
 Run: ``python bench/bench_rlhf.py`` (about a minute on 2 cores).
 """
@@ -25,16 +28,20 @@ import time
 from pathlib import Path
 
 import torch
+from common import machine_fields
 
 from minigpt.finetuning.dpo import DPOLoss
+from minigpt.finetuning.grpo import GRPOLoss, collate_prompts, tokenize_prompts
 from minigpt.finetuning.preference import PreferenceExample, collate_preferences
 from minigpt.finetuning.reference import AdaptersOffReference, FrozenReference
 from minigpt.finetuning.reward import make_reward_model
+from minigpt.finetuning.reward_tasks import arithmetic_task
 from minigpt.finetuning.rollout import RolloutSettings, sample_rollouts
 from minigpt.jobs.ppo import PolicyAndValue, PPOConfig, ppo_update
 from minigpt.lora.adapters import apply_lora
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
+from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
 from minigpt.training.optim import create_optimizer
 
 
@@ -88,11 +95,23 @@ def main() -> None:
         dpo(policy, batch)[0].backward()
         optimizer.step()
 
+    tokenizer = get_gpt2_tokenizer()
+    task = arithmetic_task()
+    problems = [problem.prompt for problem in task.train[: args.prompts]]
+    grpo_batch = collate_prompts(tokenize_prompts(problems, tokenizer, cfg.context_length, args.new_tokens))
+    grpo = GRPOLoss(task.rewards, tokenizer, rollout_settings, group_size=4, reference=references["adapters_off"])
+
+    def grpo_step() -> None:
+        optimizer.zero_grad()
+        grpo(policy, grpo_batch)[0].backward()
+        optimizer.step()
+
     runs = {
         "rollout": lambda: sample_rollouts(policy, prompts, rollout_settings),
         **{f"ppo_update[{name}]": (lambda ref=ref: ppo_update(models, optimizer, ref, reward_model, prompts, s,
                                                                rollout_settings, 0.05))
            for name, ref in references.items()},
+        "grpo_step": grpo_step,
         "dpo_step": dpo_step,
     }
     results: dict[str, dict[str, float]] = {name: {"seconds": [], "peak_growth_mb": 0.0} for name in runs}
@@ -106,7 +125,7 @@ def main() -> None:
     report["rollout"]["tok_s"] = args.prompts * args.new_tokens / report["rollout"]["median_s"]
     copy = references["frozen_copy"].model
     report["frozen_copy_mb"] = sum(p.numel() * p.element_size() for p in copy.parameters()) / 2**20
-    print(json.dumps(report, indent=2))
+    print(json.dumps({"benchmark": "rlhf", **machine_fields(), **report}))
 
 
 if __name__ == "__main__":
