@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import DataLoader
-
 from minigpt.finetuning.dpo import LOSS_TYPES, DPOLoss
-from minigpt.finetuning.instruction import generate_responses, split_instruction_data
+from minigpt.finetuning.instruction import generate_responses
 from minigpt.finetuning.preference import PreferenceDataset, load_preference_data
 from minigpt.finetuning.reference import AdaptersOffReference, FrozenReference, Reference, precompute_reference
 from minigpt.io import sources
@@ -40,9 +38,9 @@ from minigpt.jobs.finetune import (
     finish,
     job_default,
     neftune_field,
+    preference_splits,
     prompt_format_field,
     setup,
-    shuffled_loader,
     split_scores,
     train,
 )
@@ -151,29 +149,21 @@ def finetune_dpo(settings: DPOConfig, model: CausalLM | None = None, *, resume: 
     entries = load_preference_data(s.data)[:s.subset]  # bad data is named before a model loads
     run = setup(s, model, resume=resume, progress=progress)
     run.prompt_format = choose_prompt_format(s.prompt_format, s.model, run.tokenizer)
-    parts = split_instruction_data(entries)
-    if not all(parts):
-        raise ValueError(f"{len(entries)} pairs split into {len(parts[0])} train, {len(parts[1])} validation and "
-                         f"{len(parts[2])} test pairs; each part needs one at least: use 20 pairs or more")
-    max_length = min(s.max_length, run.model.cfg.context_length)
-    datasets = [PreferenceDataset(part, run.tokenizer, prompt_format=run.prompt_format) for part in parts]
-    collate = datasets[0].collate_fn(max_length)
-    train_loader = shuffled_loader(datasets[0], s.batch_size, s.seed, drop_last=False, collate_fn=collate)
-    val_loader, test_loader = (DataLoader(dataset, s.batch_size, collate_fn=collate) for dataset in datasets[1:])
+    splits = preference_splits(run, entries, s.max_length, s.batch_size, s.seed)
     add_lora(run)
     run.model.to(run.device)
-    reference, strategy = make_reference(run, datasets, max_length)
+    reference, strategy = make_reference(run, splits.datasets, splits.max_length)
     loss_fn = DPOLoss(reference, beta=s.beta, label_smoothing=s.label_smoothing, loss_type=s.loss)
-    val_part = datasets[1].entries
-    prompts = datasets[1].entries[:s.num_responses]
-    before = split_scores(run, val_loader, loss_fn)
+    val_part = splits.datasets[1].entries
+    prompts = splits.datasets[1].entries[:s.num_responses]
+    before = split_scores(run, splits.val_loader, loss_fn)
     reference_answers = answers(run, prompts)  # the policy is still the reference
     data = s.data or sources.PREFERENCE_DATA.relpath
-    history = train(run, train_loader, val_loader, loss_fn=loss_fn, neftune_alpha=s.neftune_alpha,
+    history = train(run, splits.train_loader, splits.val_loader, loss_fn=loss_fn, neftune_alpha=s.neftune_alpha,
                     sample_prompt=run.prompt_format.prompt(val_part[0]), sample_tokens=35, sample_temperature=0.0,
-                    data=f"{data}: {len(parts[0])} train, {len(parts[1])} validation, {len(parts[2])} test pairs "
+                    data=f"{data}: {splits.summary()} "
                          f"| reference: {strategy} | loss {s.loss}, beta {s.beta:g}")
-    after = split_scores(run, val_loader, loss_fn)
+    after = split_scores(run, splits.val_loader, loss_fn)
     logger.info("validation (whole split): %s", ", ".join(
         f"{name} {before[name]:.3f} -> {after[name]:.3f}" for name in after))
     tuned_answers = answers(run, prompts)
@@ -183,9 +173,9 @@ def finetune_dpo(settings: DPOConfig, model: CausalLM | None = None, *, resume: 
         for entry, old, new in zip(prompts, reference_answers, tuned_answers, strict=True)])
     plot_preference(history, run.output / "preference.png")
     metrics = {
-        "data": str(data), "examples": {"train": len(parts[0]), "val": len(parts[1]), "test": len(parts[2])},
+        "data": str(data), "examples": splits.examples(),
         "reference": strategy, "loss_type": s.loss, "beta": s.beta, "val_before": before, "val": after,
         "ab_samples": len(tuned_answers),
     }
-    return finish(run, history, test_loader, metrics, lambda m, out: m.save_pretrained(out), loss_fn=loss_fn,
+    return finish(run, history, splits.test_loader, metrics, lambda m, out: m.save_pretrained(out), loss_fn=loss_fn,
                   adapter=ADAPTER_FILE)

@@ -28,7 +28,9 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from minigpt.finetuning.instruction import split_instruction_data
 from minigpt.finetuning.neftune import disable_neftune, enable_neftune
+from minigpt.finetuning.preference import PreferenceDataset
 from minigpt.finetuning.prompt_format import ALPACA, PROMPT_FORMATS, PromptFormat, prompt_format
 from minigpt.io.files import write_bytes, write_json
 from minigpt.jobs.quantize import check_quantize, quantize_field
@@ -202,6 +204,41 @@ def copy_tokenizer_files(spec: str, output: Path) -> None:
         if (source.directory / name).is_file():
             write_bytes(output / name, (source.directory / name).read_bytes())
 
+
+
+@dataclass
+class PreferenceSplits:
+    """A preference job's pairs split 85/5/10, tokenized in the run's prompt format, and batched."""
+
+    parts: list[list[dict[str, str]]]  # train, validation and test pairs
+    datasets: list[PreferenceDataset]
+    train_loader: DataLoader
+    val_loader: DataLoader
+    test_loader: DataLoader
+    max_length: int  # the longest batch, within the model's context
+
+    def examples(self) -> dict[str, int]:
+        """Pairs per split, as ``metrics.json`` records them."""
+        return {"train": len(self.parts[0]), "val": len(self.parts[1]), "test": len(self.parts[2])}
+
+    def summary(self) -> str:
+        return f"{len(self.parts[0])} train, {len(self.parts[1])} validation, {len(self.parts[2])} test pairs"
+
+
+def preference_splits(run: Run, entries: list[dict[str, str]], max_length: int, batch_size: int,
+                      seed: int) -> PreferenceSplits:
+    """The splits of DPO and the reward model: each part must hold a pair at least (the error says how many)."""
+    parts = split_instruction_data(entries)
+    if not all(parts):
+        raise ValueError(f"{len(entries)} pairs split into {len(parts[0])} train, {len(parts[1])} validation and "
+                         f"{len(parts[2])} test pairs; each part needs one at least: use 20 pairs or more")
+    max_length = min(max_length, run.model.cfg.context_length)
+    datasets = [PreferenceDataset(part, run.tokenizer, prompt_format=run.prompt_format) for part in parts]
+    collate = datasets[0].collate_fn(max_length)
+    train_loader = shuffled_loader(datasets[0], batch_size, seed, drop_last=False, collate_fn=collate)
+    val_loader = DataLoader(datasets[1], batch_size, collate_fn=collate)
+    test_loader = DataLoader(datasets[2], batch_size, collate_fn=collate)
+    return PreferenceSplits(parts, datasets, train_loader, val_loader, test_loader, max_length)
 
 def shuffled_loader(dataset: Dataset, batch_size: int, seed: int, *, drop_last: bool,
                     collate_fn: Callable | None = None) -> DataLoader:

@@ -13,10 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import DataLoader
-
-from minigpt.finetuning.instruction import split_instruction_data
-from minigpt.finetuning.preference import PreferenceDataset, load_preference_data
+from minigpt.finetuning.preference import load_preference_data
 from minigpt.finetuning.reward import RewardLoss, make_reward_model, save_reward_model
 from minigpt.io import sources
 from minigpt.jobs.finetune import (
@@ -26,9 +23,9 @@ from minigpt.jobs.finetune import (
     choose_prompt_format,
     finish,
     job_default,
+    preference_splits,
     prompt_format_field,
     setup,
-    shuffled_loader,
     split_scores,
     train,
 )
@@ -83,27 +80,19 @@ def finetune_reward(settings: RewardConfig, model: CausalLM | None = None, *, re
     entries = load_preference_data(s.data)[:s.subset]  # bad data is named before a model loads
     run = setup(s, model, resume=resume, progress=progress)
     run.prompt_format = choose_prompt_format(s.prompt_format, s.model, run.tokenizer)
-    parts = split_instruction_data(entries)
-    if not all(parts):
-        raise ValueError(f"{len(entries)} pairs split into {len(parts[0])} train, {len(parts[1])} validation and "
-                         f"{len(parts[2])} test pairs; each part needs one at least: use 20 pairs or more")
-    max_length = min(s.max_length, run.model.cfg.context_length)
-    datasets = [PreferenceDataset(part, run.tokenizer, prompt_format=run.prompt_format) for part in parts]
-    collate = datasets[0].collate_fn(max_length)
-    train_loader = shuffled_loader(datasets[0], s.batch_size, s.seed, drop_last=False, collate_fn=collate)
-    val_loader, test_loader = (DataLoader(dataset, s.batch_size, collate_fn=collate) for dataset in datasets[1:])
+    splits = preference_splits(run, entries, s.max_length, s.batch_size, s.seed)
     make_reward_model(run.model)
     add_lora(run)
     if s.lora_rank:
         run.model.out_head.requires_grad_(True)  # the new head trains in full beside the adapters
     run.model.to(run.device)
     loss_fn = RewardLoss(s.center_rewards)
-    before = split_scores(run, val_loader, loss_fn)
+    before = split_scores(run, splits.val_loader, loss_fn)
     data = s.data or sources.PREFERENCE_DATA.relpath
-    history = train(run, train_loader, val_loader, loss_fn=loss_fn,
-                    data=f"{data}: {len(parts[0])} train, {len(parts[1])} validation, {len(parts[2])} test pairs")
-    after = split_scores(run, val_loader, loss_fn)
+    history = train(run, splits.train_loader, splits.val_loader, loss_fn=loss_fn,
+                    data=f"{data}: {splits.summary()}")
+    after = split_scores(run, splits.val_loader, loss_fn)
     plot_reward_model(history, run.output / "reward.png")
-    metrics = {"data": str(data), "examples": {"train": len(parts[0]), "val": len(parts[1]), "test": len(parts[2])},
+    metrics = {"data": str(data), "examples": splits.examples(),
                "val_before": before, "val": after}
-    return finish(run, history, test_loader, metrics, save_reward_model, loss_fn=loss_fn)
+    return finish(run, history, splits.test_loader, metrics, save_reward_model, loss_fn=loss_fn)
