@@ -53,13 +53,13 @@ import torch
 from common import interleaved_seconds, machine_fields
 
 from minigpt import GPTConfig, GPTModel, generate
+from minigpt.evaluation.perplexity import sliding_window_perplexity
 from minigpt.generation.batch import generate_batch
 from minigpt.generation.decoding import compile_for_decoding
 from minigpt.jobs.evaluate import WIKITEXT2, text_token_ids
 from minigpt.quantization.layers import QUANTIZED_LAYERS
 from minigpt.quantization.model import quantize_model
 from minigpt.runtime.runtime import has_fast_bfloat16
-from minigpt.training.losses import sliding_window_perplexity
 
 MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm",
             "mkldnn::_linear_pointwise")
