@@ -24,6 +24,11 @@ transformers' float32, the share of ``--new-tokens`` greedy tokens equal to floa
 weight bytes read per token, and the WikiText-2 perplexity of float32 and each scheme on
 the first ``--perplexity-tokens`` tokens (0 skips it) in windows of 256.
 
+Greedy agreement on a random model says little: its logits are nearly flat, so any rounding flips
+near-ties. ``--trained RUN`` (a checkpoint with trained weights, e.g. ``runs/tiny-shakespeare-tiny``
+from ``minigpt pretrain``) adds the same checks on it: the share of ``--new-tokens`` greedy tokens of
+each scheme equal to float32's after each of four prompts, and its WikiText-2 perplexities.
+
 The JSON line also names the CPU, its instruction set and the kernel table used
 (``common.machine_fields``); ``MINIGPT_LINEAR_KERNEL=f_linear`` or ``=onednn`` forces one
 float kernel, to show what measuring the choice buys.
@@ -57,12 +62,14 @@ from minigpt.evaluation.perplexity import sliding_window_perplexity
 from minigpt.generation.batch import generate_batch
 from minigpt.generation.decoding import compile_for_decoding
 from minigpt.jobs.evaluate import WIKITEXT2, text_token_ids
+from minigpt.models import load, load_tokenizer
 from minigpt.quantization.layers import QUANTIZED_LAYERS
 from minigpt.quantization.model import quantize_model
 from minigpt.runtime.runtime import has_fast_bfloat16
 
 MATMULS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm",
             "mkldnn::_linear_pointwise")
+TRAINED_PROMPTS = ("ROMEO:", "First Citizen:\nBefore we proceed", "The meaning of life is", "Once upon a time")
 QUICK = dict(new_tokens=8, prompt_tokens=8, repeats=1, batch_prompts=8, batch_new_tokens=8, one_by_one_sample=2,
              perplexity_tokens=0)
 
@@ -84,7 +91,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
     position and token embeddings are looked up, one row each, so they are left out
     unless the token embedding is the tied output head; quantized layers as stored)."""
     looked_up = {id(model.pos_emb.weight)}
-    if model.out_head.weight is not model.tok_emb.weight:
+    if getattr(model.out_head, "weight", None) is not model.tok_emb.weight:  # untied, or a quantized head
         looked_up.add(id(model.tok_emb.weight))
     dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in looked_up)
     return dense + sum(m.quantized_bytes() for m in model.modules() if isinstance(m, QUANTIZED_LAYERS))
@@ -97,9 +104,29 @@ def same_greedy_tokens(reference: GPTModel, other: GPTModel, prompt: torch.Tenso
 
 
 def wikitext2_perplexity(model: GPTModel, tokens: int) -> float:
-    """Perplexity on WikiText-2's first ``tokens`` test tokens, in separate windows of 256."""
+    """Perplexity on WikiText-2's first ``tokens`` test tokens, in separate windows of 256 (or the context)."""
     ids = text_token_ids(WIKITEXT2, max_tokens=tokens)
-    return sliding_window_perplexity(model, ids, context_length=256, stride=256, batch_size=1).perplexity
+    window = min(256, model.cfg.context_length)
+    return sliding_window_perplexity(model, ids, context_length=window, stride=window, batch_size=1).perplexity
+
+
+def trained_checks(run: str, schemes: list[str], n: int, perplexity_tokens: int) -> dict[str, float]:
+    """On the trained checkpoint ``run``: each scheme's share of greedy tokens equal to float32's
+    (``n`` tokens after each of TRAINED_PROMPTS), and WikiText-2 perplexities."""
+    model = load(run).eval()
+    tokenizer = load_tokenizer(run)
+    prompts = [torch.tensor([tokenizer.encode(text)]) for text in TRAINED_PROMPTS]
+    checks = {}
+    for scheme in schemes:
+        quantized = quantize_model(load(run).eval(), scheme)
+        shares = [same_greedy_tokens(model, quantized, prompt, n) for prompt in prompts]
+        checks[f"trained_{scheme}_same_greedy_tokens"] = round(sum(shares) / len(shares), 3)
+        if perplexity_tokens:
+            perplexity = wikitext2_perplexity(quantized, perplexity_tokens)
+            checks[f"trained_{scheme}_wikitext2_perplexity"] = round(perplexity, 2)
+    if perplexity_tokens:
+        checks["trained_float32_wikitext2_perplexity"] = round(wikitext2_perplexity(model, perplexity_tokens), 2)
+    return checks
 
 
 def matmul_share(run: Callable[[], object]) -> float:
@@ -146,6 +173,8 @@ def main() -> None:
                         help="weight-only schemes to decode with (speed, greedy agreement, perplexity)")
     parser.add_argument("--perplexity-tokens", type=int, default=512,
                         help="WikiText-2 tokens scored by float32 and each --quantize scheme (0: none)")
+    parser.add_argument("--trained", metavar="RUN",
+                        help="a trained checkpoint on which to also measure each scheme's greedy agreement")
     parser.add_argument("--batch-1-only", action="store_true",
                         help="only the batch-1 cached rows: no uncached, batched or one-by-one runs")
     parser.add_argument("--quick", action="store_true", help="a seconds-long check that it runs (tiny model)")
@@ -202,6 +231,8 @@ def main() -> None:
         seconds = interleaved_seconds(runs, args.repeats)
         checks = bf16_checks(ours, half, prompt, n) if bf16 else {}
         checks.update(quantized_checks(ours, quantized, prompt, n, args.perplexity_tokens))
+        if args.trained:
+            checks.update(trained_checks(args.trained, args.quantize, n, args.perplexity_tokens))
         shares = {"minigpt_matmul_share": round(matmul_share(runs["cached"]), 3),
                   "transformers_matmul_share": round(matmul_share(runs["transformers"]), 3)}
     cached, hf_rate = n / seconds["cached"], n / seconds["transformers"]

@@ -38,7 +38,7 @@ from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.models.gpt2.weights import load_config
 from minigpt.quantization.layers import QUANTIZED_LAYERS, Linear4bit, Linear8bit, LinearInt4
-from minigpt.quantization.model import is_quantized, quantize_model
+from minigpt.quantization.model import WEIGHT_ONLY_SCHEMES, is_quantized, quantize_model
 from minigpt.quantization.schemes import SCHEMES, quantized_bytes
 from minigpt.runtime.linear import Linear
 from minigpt.tokenizers.gpt2 import get_gpt2_tokenizer
@@ -83,7 +83,11 @@ def float_with_dequantized_weights(quantized: nn.Module) -> GPTModel:
     with torch.no_grad():
         for name, m in quantized.named_modules():
             if isinstance(m, QUANTIZED_LAYERS):
-                model.get_submodule(name.removesuffix(".linear")).weight.copy_(m.dequantized_weight())
+                linear = model.get_submodule(name.removesuffix(".linear"))
+                if m.tied_to is None:
+                    linear.weight.copy_(m.dequantized_weight())
+                else:  # a quantized tied head has its own copy; the embedding kept the float matrix
+                    linear.weight = nn.Parameter(m.dequantized_weight())
     return model
 
 
@@ -193,7 +197,7 @@ def test_a_saved_quantized_model_loads_back_exactly(scheme, tmp_path):
     entry = config["quantization"]
     assert entry["scheme"] == scheme and entry["compute_dtype"] == "float32"
     assert entry["layers"]["trf_blocks.0.ff.layers.0"] == [4 * SMALL.emb_dim, SMALL.emb_dim]
-    assert len(entry["layers"]) == 6 * SMALL.n_layers
+    assert len(entry["layers"]) == 6 * SMALL.n_layers + (scheme in WEIGHT_ONLY_SCHEMES)  # decoding's: the head too
     loaded = GPTModel.from_pretrained(tmp_path / "q").eval()
     assert type(loaded.trf_blocks[0].att.W_key) is {"int8": Linear8bit, "int4": LinearInt4}.get(scheme, Linear4bit)
     saved, restored = model.state_dict(), loaded.state_dict()
@@ -272,7 +276,11 @@ def test_a_hugging_face_gpt2_loads_straight_into_a_quantized_model(scheme, tmp_p
     block_linears = [name for name, m in ours.named_modules() if isinstance(m, nn.Linear) and "trf_blocks" in name]
     assert len(block_linears) == 6 * ours.cfg.n_layers
     assert all(isinstance(quantized.get_submodule(name), QUANTIZED_LAYERS) for name in block_linears)
-    assert type(quantized.out_head) is Linear and quantized.out_head.weight is quantized.tok_emb.weight
+    if scheme in WEIGHT_ONLY_SCHEMES:  # decoding reads the head for every token: quantized too, untied
+        assert isinstance(quantized.out_head, QUANTIZED_LAYERS) and quantized.out_head.tied_to == "tok_emb"
+        assert torch.equal(quantized.tok_emb.weight, ours.tok_emb.weight)  # looked up, so kept in float
+    else:  # QLoRA's schemes keep the head in full precision, tied to the embedding
+        assert type(quantized.out_head) is Linear and quantized.out_head.weight is quantized.tok_emb.weight
     x = random_ids(ours.cfg, 2, 24)
     with torch.no_grad():
         reference, float_logits, got = hf(x).logits, ours(x), quantized(x)
@@ -281,7 +289,8 @@ def test_a_hugging_face_gpt2_loads_straight_into_a_quantized_model(scheme, tmp_p
     # These random logits are about 0.16 in size: int8 moves them by at most about 0.003, NF4 by about 0.04.
     tolerance = 0.01 if scheme == "int8" else 0.1
     assert (got - reference).abs().max() < tolerance
-    assert (got.argmax(-1) == reference.argmax(-1)).float().mean() > 0.8  # close logits: a few near-ties flip
+    # Close logits: a few near-ties flip (more under int4, which rounds the head too, to 16 levels a group).
+    assert (got.argmax(-1) == reference.argmax(-1)).float().mean() > (0.7 if scheme == "int4" else 0.8)
 
 
 # ---------------------------------------------------------------------------------- jobs

@@ -56,7 +56,8 @@ def test_int4_error_is_at_most_half_a_step_and_sizes_are_counted():
 def test_packed_kernels_compute_the_dequantized_product(dtype, tolerance, rows):
     """torch's int8 and int4 kernels against x @ dequantize(q).T in float64: float32 activations to
     float32 rounding, bfloat16 ones to bfloat16's (relative to the product's summed magnitudes)."""
-    w, x = torch.randn(96, 224) * 0.02, torch.randn(rows, 224)  # 224 inputs: 3.5 groups of 64
+    # 224 inputs: 3.5 groups of 64; 101 outputs: int4's tiles of 16 rows padded (as a vocabulary's are)
+    w, x = torch.randn(101, 224) * 0.02, torch.randn(rows, 224)
     for q in (quantize_int8(w), quantize_int4(w, 64)):
         if not weight_only.supports_packed(q):
             pytest.skip("this PyTorch lacks the weight-only kernels")
@@ -65,7 +66,7 @@ def test_packed_kernels_compute_the_dequantized_product(dtype, tolerance, rows):
         magnitude = x.double().abs() @ dense.double().abs().t()
         kernel = "packed_bfloat16" if dtype == torch.bfloat16 else "packed_float32"
         out = weight_only.packed_product(kernel, x, q, lambda q=q: weight_only.int4_layout(q))
-        assert out.dtype == torch.float32 and out.shape == (rows, 96)
+        assert out.dtype == torch.float32 and out.shape == (rows, 101)
         assert ((out.double() - reference).abs() <= tolerance * magnitude).all()
 
 
@@ -106,3 +107,18 @@ def test_int4_layers_load_their_buffers_and_remake_the_kernels_layout(packed_win
         model.load_state_dict(other.state_dict())  # new weights: the cached tiled layout must follow
         torch.testing.assert_close(model(ids), other(ids), rtol=0, atol=0)
         assert not torch.allclose(before, model(ids))
+
+
+
+def test_a_model_quantized_under_inference_mode_decodes_through_the_packed_kernels(packed_wins):
+    """Tensors made under ``torch.inference_mode`` keep no version counter; the int4 layer's cached
+    layout must not ask for one. The tied output head is quantized too: its 97 vocabulary rows are
+    padded to the int4 kernel's tiles of 16 inside the layout and cut off again."""
+    with torch.inference_mode():
+        model = quantize_model(GPTModel({**TINY, "vocab_size": 97, "tie_weights": True}), "int4").eval()
+        head = model.out_head
+        assert isinstance(head, LinearInt4) and head.tied_to == "tok_emb"
+        assert model(torch.randint(0, 97, (1, 8))).shape == (1, 8, 97)
+        hidden = torch.randn(3, TINY["emb_dim"])
+        assert head._packed_kernel(hidden) == "packed_bfloat16"
+        torch.testing.assert_close(head(hidden), F.linear(hidden, head.dequantized_weight()), rtol=2e-2, atol=2e-2)

@@ -26,7 +26,6 @@ QLoRA (Dettmers et al. 2023) is the same on a base quantized by ``quantize_model
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -40,7 +39,7 @@ from torch import nn
 from minigpt.lora.layers import LinearWithLoRA, check_lora_settings
 from minigpt.lora.targets import DEFAULT_TARGETS, match_targets
 from minigpt.quantization.layers import QUANTIZED_LAYERS
-from minigpt.quantization.model import dequantize_model, is_quantized
+from minigpt.quantization.model import dequantize_model, is_quantized, untie_in_config
 
 logger = logging.getLogger(__name__)
 
@@ -130,10 +129,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         _set_submodule(model, name, linear)
     if untied:
         logger.info("merge_lora: untied %s from the weights it shared, to merge its update", untied)
-        cfg = getattr(model, "cfg", None)
-        if dataclasses.is_dataclass(cfg) and getattr(cfg, "tie_weights", False):
-            # A copy, not an edit: other models may hold the same config object.
-            model.cfg = dataclasses.replace(cfg, tie_weights=False)
+        untie_in_config(model)
     return model
 
 

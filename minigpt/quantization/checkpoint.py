@@ -25,7 +25,7 @@ from torch import nn
 
 from minigpt.io.state_dict import tensor_mismatches
 from minigpt.quantization.layers import QUANTIZED_LAYERS, Linear4bit, Linear8bit, LinearInt4
-from minigpt.quantization.model import quantization_of, quantize_model
+from minigpt.quantization.model import quantization_of, quantize_model, tied_weights
 from minigpt.quantization.schemes import check_scheme
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ def quantize_skeleton(model: nn.Module, entry: Mapping[str, Any], source: str) -
     except (KeyError, TypeError, AttributeError, ValueError) as err:
         raise ValueError(f"{source}: its {QUANTIZATION_KEY} entry is damaged ({err!r}); save the model again") from err
     layer_type = {"int8": Linear8bit, "int4": LinearInt4}.get(scheme, Linear4bit)
+    ties = tied_weights(model)
     for name, shape in layers.items():
         linear = _linear(model, name, source)
         if [linear.out_features, linear.in_features] != list(shape):
@@ -84,6 +85,7 @@ def quantize_skeleton(model: nn.Module, entry: Mapping[str, Any], source: str) -
                              f"config but {tuple(shape)} by its {QUANTIZATION_KEY} entry")
         quantized = layer_type(linear.in_features, linear.out_features, linear.bias is not None,
                                compute_dtype=dtype, **blocks)
+        quantized.tied_to = ties.get(name)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, quantized)
 

@@ -75,6 +75,9 @@ class _QuantizedLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.compute_dtype = compute_dtype
+        # The module whose float weight this layer's was tied to (GPT-2's output head and its token
+        # embedding), set by minigpt.quantization.model: dequantizing ties them again.
+        self.tied_to: str | None = None
         # A buffer, not a parameter: the whole base layer is frozen, bias included.
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
@@ -278,7 +281,8 @@ class LinearInt4(_QuantizedLinear):
 
     def _int4_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The int4 kernel's layout of the weight, made on first use and again whenever it is replaced."""
-        version = (self.packed.data_ptr(), self.packed._version)
+        # An in-place load bumps the version counter; a tensor made under inference_mode has none.
+        version = (self.packed.data_ptr(), None if self.packed.is_inference() else self.packed._version)
         if self._layout is None or self._layout[0] != version:
             self._layout = (version, weight_only.int4_layout(self.quantized()))
         return self._layout[1]

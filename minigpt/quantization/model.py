@@ -1,13 +1,20 @@
 """A whole model quantized: every linear layer outside the skipped names replaced by its quantized layer,
 one at a time (never a second float copy), and back to full precision when LoRA is merged.
 
-The one idea, as in QLoRA: the block linears hold almost all the weights, so they go to 4 or 8 bits;
-the embeddings and the output head are a small part and the most sensitive, so they stay in full
-precision.
+The one idea: what stays in full precision depends on what the quantization is for.
+
+* QLoRA's schemes (``nf4``, ``nf4-dq``, ``fp4``) make a large model fit for *training*: the block
+  linears hold almost all the weights, so they go to 4 bits; the embeddings and the output head
+  are a small part of a large model and the most sensitive, so they stay in full precision.
+* The weight-only schemes (``int8``, ``int4``) make *decoding* fast: each new token reads every
+  weight once, and the output head is read whole for every token (GPT-2 small's tied head is 154 MB
+  of its 495 MB in float32), so it is quantized too; int8 keeps its logits close (one scale per
+  vocabulary row). The embeddings stay: a token looks up one row of them, however large they are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +29,15 @@ from minigpt.quantization.schemes import (
 )
 from minigpt.runtime.linear import Linear
 
-DEFAULT_SKIP: tuple[str, ...] = ("tok_emb", "pos_emb", "out_head")
+QLORA_SKIP: tuple[str, ...] = ("tok_emb", "pos_emb", "out_head")
+WEIGHT_ONLY_SKIP: tuple[str, ...] = ("tok_emb", "pos_emb")
+WEIGHT_ONLY_SCHEMES: tuple[str, ...] = ("int8", "int4")
+
+
+def default_skip(scheme: str) -> tuple[str, ...]:
+    """The modules ``scheme`` leaves in full precision unless told otherwise: the embeddings, and for
+    QLoRA's schemes the output head too (see the module's docstring)."""
+    return WEIGHT_ONLY_SKIP if scheme in WEIGHT_ONLY_SCHEMES else QLORA_SKIP
 
 
 def quantize_linear(linear: nn.Linear, scheme: str, *, block_size: int = 64, scale_block_size: int = 256,
@@ -41,17 +56,18 @@ def _skipped(name: str, skip: Sequence[str]) -> bool:
                or name.startswith(p + ".") for p in skip)
 
 
-def quantize_model(model: nn.Module, scheme: str, *, skip: Sequence[str] = DEFAULT_SKIP, block_size: int = 64,
+def quantize_model(model: nn.Module, scheme: str, *, skip: Sequence[str] | None = None, block_size: int = 64,
                    scale_block_size: int = 256, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` not named in ``skip`` by its quantized layer, in place.
 
     ``skip`` holds module-name patterns (``fnmatch``; a pattern also matches a name's dotted
-    endings and everything inside it). By default the embeddings and the output head stay in
-    full precision, as in QLoRA: they are a small part of a large model and the most sensitive.
-    Each layer is quantized on its own device and its float weight freed right after.
-    Returns ``model``.
+    endings and everything inside it); None is :func:`default_skip`: the embeddings, and for
+    QLoRA's schemes the output head. A tied output head quantized gets its own quantized copy;
+    the embedding keeps the float matrix. Each layer is quantized on its own device and its
+    float weight freed right after. Returns ``model``.
     """
     check_scheme(scheme)
+    skip = default_skip(scheme) if skip is None else skip
     check_block_size(block_size)
     check_block_size(scale_block_size, "scale block size")
     if isinstance(skip, str):
@@ -63,11 +79,28 @@ def quantize_model(model: nn.Module, scheme: str, *, skip: Sequence[str] = DEFAU
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(name, skip)]
     if not names:
         raise ValueError(f"model has no nn.Linear layer outside skip={list(skip)} to quantize")
+    ties = tied_weights(model)
     for name in names:
         quantized = quantize_linear(model.get_submodule(name), scheme, block_size=block_size,
                                     scale_block_size=scale_block_size, compute_dtype=compute_dtype)
+        quantized.tied_to = ties.get(name)
         _set_submodule(model, name, quantized)
     return model
+
+
+def tied_weights(model: nn.Module) -> dict[str, str]:
+    """``{linear's name: name of the module that holds the same weight first}`` for every linear
+    layer whose weight is shared (a tied output head -> ``"tok_emb"``)."""
+    owners: dict[int, str] = {}
+    ties = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            continue
+        owner = owners.setdefault(id(weight), name)
+        if owner != name and isinstance(module, nn.Linear):
+            ties[name] = owner
+    return ties
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -75,11 +108,16 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     dequantized weight (in ``dtype``, by default each layer's compute dtype) and its bias.
 
     The rounding of quantization stays: the result computes what the quantized model
-    computes, in full precision (e.g. to merge LoRA adapters into it). Returns ``model``.
+    computes, in full precision (e.g. to merge LoRA adapters into it). An output head quantized
+    from a tied weight stays untied from the embedding (:func:`untie_in_config`). Returns ``model``.
     """
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]
     if not layers:
         raise ValueError("model has no quantized layers to dequantize")
+    if any(layer.tied_to is not None for _, layer in layers):
+        # A tied head was quantized on its own: its dequantized copy differs from the embedding's
+        # float matrix by the rounding, so the two stay apart, and the model saves both.
+        untie_in_config(model)
     for name, layer in layers:
         weight = layer.dequantized_weight().to(dtype or layer.compute_dtype)
         linear = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
@@ -90,6 +128,15 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             linear.bias = nn.Parameter(layer.bias.to(weight.dtype))
         _set_submodule(model, name, linear)
     return model
+
+
+def untie_in_config(model: nn.Module) -> None:
+    """Record that ``model``'s output head no longer shares the token embedding's weight:
+    ``model.cfg.tie_weights`` becomes False (on a copy of the config, which other models may
+    share), so saving writes the head's own matrix."""
+    cfg = getattr(model, "cfg", None)
+    if dataclasses.is_dataclass(cfg) and getattr(cfg, "tie_weights", False):
+        model.cfg = dataclasses.replace(cfg, tie_weights=False)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

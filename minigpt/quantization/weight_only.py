@@ -48,22 +48,30 @@ def int8_packed(x: torch.Tensor, q: Int8Weight, dtype: torch.dtype) -> torch.Ten
     return out.view(*x.shape[:-1], -1).to(x.dtype)
 
 
+INT4_TILE = 16  # the int4 kernel's tiles hold 16 output rows; other counts are padded up to it
+
+
 def int4_layout(q: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:
     """The int4 kernel's operands: the integers in its tiled layout, and ``(groups, out, 2)`` scale
-    and zero pairs. The kernel needs ``out`` divisible by 16."""
-    tiled = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(q).int(), 1)
-    return tiled, torch.stack([q.scales.t(), q.zeros.t()], dim=-1).contiguous()
+    and zero pairs, ``out`` padded up to whole tiles (50,257 vocabulary rows -> 50,272)."""
+    padding = -q.packed.shape[0] % INT4_TILE
+    # The padded rows are all zero: integers 0 with scale 0 and zero point 0 dequantize to 0,
+    # so their outputs are 0 and int4_packed cuts them off.
+    integers = torch.nn.functional.pad(unpack_int4(q).int(), (0, 0, 0, padding))
+    tiled = torch._convert_weight_to_int4pack_for_cpu(integers, 1)
+    scales_and_zeros = torch.stack([q.scales.t(), q.zeros.t()], dim=-1)  # (groups, out, 2)
+    return tiled, torch.nn.functional.pad(scales_and_zeros, (0, 0, 0, padding)).contiguous()
 
 
 def int4_packed(x: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor], block_size: int,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, out_features: int) -> torch.Tensor:
     """``x @ dequantize_int4(q).T`` by ``torch._weight_int4pack_mm_for_cpu`` from :func:`int4_layout`'s
-    operands, activations in ``dtype``: ``(..., in) -> (..., out)`` in ``x``'s dtype."""
+    operands, activations in ``dtype``: ``(..., in) -> (..., out_features)`` in ``x``'s dtype."""
     tiled, scales_and_zeros = layout
     rows = x.reshape(-1, x.shape[-1]).to(dtype)
     rows = torch.nn.functional.pad(rows, (0, 2 * tiled.shape[1] - rows.shape[1]))  # the padded inputs: zeros
     out = torch._weight_int4pack_mm_for_cpu(rows, tiled, block_size, scales_and_zeros.to(dtype))
-    return out.view(*x.shape[:-1], -1).to(x.dtype)
+    return out[:, :out_features].reshape(*x.shape[:-1], out_features).to(x.dtype)  # the padded rows cut off
 
 
 def packed_product(kernel: str, x: torch.Tensor, q: Int8Weight | Int4Weight,
@@ -71,15 +79,14 @@ def packed_product(kernel: str, x: torch.Tensor, q: Int8Weight | Int4Weight,
     """``x @ W.T`` by one of the packed :data:`KERNELS` (``int4`` gives the int4 layout, made once)."""
     if isinstance(q, Int8Weight):
         return int8_packed(x, q, ACTIVATIONS[kernel])
-    return int4_packed(x, int4(), q.block_size, ACTIVATIONS[kernel])
+    return int4_packed(x, int4(), q.block_size, ACTIVATIONS[kernel], q.packed.shape[0])
 
 
 def supports_packed(q: Int8Weight | Int4Weight) -> bool:
-    """Whether PyTorch's kernels take this weight (int4: ``out`` divisible by 16, even groups)."""
+    """Whether PyTorch's kernels take this weight (int4: groups of 32 to 256 inputs)."""
     if isinstance(q, Int8Weight):
         return hasattr(torch, "_weight_int8pack_mm")
-    return (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and q.packed.shape[0] % 16 == 0
-            and q.block_size in (32, 64, 128, 256))
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and q.block_size in (32, 64, 128, 256)
 
 
 def _runners(product: Product) -> dict[str, Callable[[], torch.Tensor]]:

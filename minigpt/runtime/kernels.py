@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from minigpt.io.files import cache_dir, write_json
+from minigpt.io.files import CACHE_DIR_ENV, cache_dir, write_json
 
 KERNEL_ENV = "MINIGPT_LINEAR_KERNEL"
 KERNELS: tuple[str, ...] = ("f_linear", "onednn")
@@ -281,12 +281,14 @@ class KernelTable:
         return [(p, self.seconds[p.key]) for p in products]
 
 
-_TABLES: dict[tuple[Path, int], KernelTable] = {}
+_TABLES: dict[tuple[str | None, int], KernelTable] = {}
 
 
 def kernel_table() -> KernelTable:
     """This machine's table (one per cache folder and thread count, read from disk once)."""
-    where = (cache_dir(), torch.get_num_threads())
+    # Keyed by the variable's text, not the folder's path: every product asks, and resolving
+    # a path (the home folder, ~) would cost more than a small product itself.
+    where = (os.environ.get(CACHE_DIR_ENV), torch.get_num_threads())
     if where not in _TABLES:
         _TABLES[where] = KernelTable(table_path(machine()), machine())
     return _TABLES[where]

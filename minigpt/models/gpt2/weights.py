@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from minigpt.io.weight_files import (
     CONFIG_FILE,
@@ -140,7 +141,7 @@ def _build_quantized(cfg: GPTConfig, entry: Mapping[str, Any], state: Mapping[st
         # codes and scales have a place to go.
         quantize_skeleton(model, entry, source)
     expected = dict(model.state_dict())
-    if cfg.tie_weights:
+    if _tied(model):
         expected.pop("out_head.weight")
     problems = tensor_problems(expected, state)
     if problems:
@@ -148,8 +149,14 @@ def _build_quantized(cfg: GPTConfig, entry: Mapping[str, Any], state: Mapping[st
     return _assign(model, state)
 
 
+def _tied(model: GPTModel) -> bool:
+    """Whether the head shares the embedding's weight, so the file holds it once: a tied config,
+    unless quantization gave the head its own quantized copy (int8 and int4 do)."""
+    return model.cfg.tie_weights and isinstance(model.out_head, nn.Linear)
+
+
 def _assign(model: GPTModel, state: Mapping[str, torch.Tensor]) -> GPTModel:
-    tied = model.cfg.tie_weights
+    tied = _tied(model)
     # assign=True makes the meta parameters *be* the given tensors instead of copying into them
     # (a meta tensor has no memory to copy into). A tied head is absent from the file, hence
     # strict=False for it.
