@@ -389,6 +389,10 @@ def test_info_gives_the_memory_of_each_scheme():
     blocks = 12 * (4 * 768 * 768 + 2 * 4 * 768 * 768)  # attention 4 x (768, 768), feed-forward (3072, 768) x 2
     rest = small.parameters - blocks
     assert memory["nf4"] == 4 * rest + blocks // 2 + 4 * blocks // 64
-    assert memory["float32"] == 2 * memory["bfloat16"] and memory["float32"] > memory["int8"] > memory["nf4"]
+    # int8 (and int4) quantize the output head too; the preset's head is untied, so its float matrix goes.
+    shapes = [(768, 768)] * 48 + [(3072, 768), (768, 3072)] * 12 + [(50257, 768)]
+    assert memory["int8"] == 4 * (rest - 50257 * 768) + sum(quantized_bytes(shape, "int8") for shape in shapes)
+    assert memory["float32"] == 2 * memory["bfloat16"] and memory["float32"] > memory["nf4"] > memory["nf4-dq"]
+    assert memory["nf4"] > memory["int8"] > memory["int4"]  # nf4 keeps the 154 MB head in float32
     assert memory["nf4"] - memory["nf4-dq"] == sum(quantized_bytes(n, "nf4") - quantized_bytes(n, "nf4-dq")
                                                    for n in [768 * 768] * 48 + [4 * 768 * 768] * 24)

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
                   + "".join(f" {_size(p.memory[name]):>9}" for name in FORMATS))
     print("'params' is the preset as configured; 'tied head' shares the output head with the token embedding, "
           "as OpenAI's GPT-2 checkpoints do (the Llama family as published). Memory is the configured model's; "
-          "int8, nf4 and nf4-dq (--quantize) store the blocks' weight matrices in 8 or about 4 bits, and keep the "
-          "embeddings, the output head, the norms and the biases in float32.")
+          "--quantize stores the blocks' weight matrices in 8 or about 4 bits (int8, int4: the output head too, "
+          "a tied head as its own copy beside the float32 embedding); the embeddings, the norms and the biases "
+          "stay in float32, and so does the head under nf4 and nf4-dq.")
     return 0

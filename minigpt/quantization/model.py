@@ -76,7 +76,7 @@ def quantize_model(model: nn.Module, scheme: str, *, skip: Sequence[str] | None 
         raise ValueError(f"model is already quantized ({quantization_of(model)['scheme']}); "
                          "quantize a full-precision model instead")
     # Names first, then replacement: swapping modules while named_modules() walks them is unsafe.
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(name, skip)]
+    names = linears_to_quantize(model, skip)
     if not names:
         raise ValueError(f"model has no nn.Linear layer outside skip={list(skip)} to quantize")
     ties = tied_weights(model)
@@ -86,6 +86,11 @@ def quantize_model(model: nn.Module, scheme: str, *, skip: Sequence[str] | None 
         quantized.tied_to = ties.get(name)
         _set_submodule(model, name, quantized)
     return model
+
+
+def linears_to_quantize(model: nn.Module, skip: Sequence[str]) -> list[str]:
+    """The names of ``model``'s ``nn.Linear`` layers outside the ``skip`` patterns (see :func:`quantize_model`)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(name, skip)]
 
 
 def tied_weights(model: nn.Module) -> dict[str, str]:
