@@ -316,6 +316,14 @@ def test_offline_download_leaves_no_folder_and_says_where_to_put_which_files(tmp
     assert not (tmp_path / "weights").exists()
 
 
+def test_a_mistyped_download_name_gets_the_closest_and_every_name(tmp_path, capsys):
+    assert main(["download", "gpt2-smal", "--weights-dir", str(tmp_path / "weights")]) == 2
+    err = capsys.readouterr().err
+    assert "'gpt2-smal' is not a published checkpoint: did you mean 'gpt2-small'?" in err
+    assert "gpt2-xl" in err and "smollm2-135m" in err and "llama-3.2-1b" in err  # every family's names
+    assert not (tmp_path / "weights").exists()
+
+
 # ---------------------------------------------------------------------------- pretrain
 
 

@@ -23,7 +23,6 @@ function) and ``model.save_pretrained(directory)`` here, where the families are 
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from minigpt.lora.files import load_lora
 from minigpt.models.base import CausalLM, Family
 from minigpt.models.registry import (
     FAMILIES,
+    did_you_mean,
     family_of,
     family_of_config,
     family_of_name,
@@ -98,8 +98,7 @@ def check_spec(spec: str | os.PathLike) -> None:
     if "/" in text or os.sep in text or text.startswith("."):
         raise FileNotFoundError(f"{text} not found: no such file or directory; give a run or weights directory "
                                 "that exists, or a model name")
-    close = difflib.get_close_matches(text, known_names() + known_presets(), n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
+    hint = did_you_mean(text, known_names() + known_presets())
     published = known_names()
     own_presets = [name for name in known_presets() if name not in published]
     raise ValueError(f"{text!r} is not a model minigpt knows: {hint}give a published name ({', '.join(published)}), "

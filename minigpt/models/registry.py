@@ -7,6 +7,7 @@ minigpt asks which family a model is (``docs/architecture.md`` has the recipe).
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,12 @@ FAMILIES: tuple[Family, ...] = (LLAMA, GPT2)
 def known_names() -> list[str]:
     """Every published checkpoint minigpt fetches by name, all families."""
     return [name for family in FAMILIES for name in family.hub_names]
+
+
+def did_you_mean(text: str, names: list[str]) -> str:
+    """``"did you mean 'gpt2-small'? "`` for the name of ``names`` closest to a mistyped ``text``, or ""."""
+    close = difflib.get_close_matches(text, names, n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
 
 
 def known_presets() -> list[str]:
