@@ -509,7 +509,7 @@ class CompactTokenizer:
 
 def instruction_tuned_then_dpo(lr: float, dpo_steps: int, seed: int = 0):
     """A tiny GPT (2 layers, 64 wide) instruction-tuned for 300 steps on the instruction data,
-    then DPO-tuned on the preference data's training pairs, evaluated every 100 steps on
+    then DPO-tuned on the preference data's training pairs, evaluated every 200 steps on
     the 165 held-out pairs (validation and test parts). Returns the DPO run's History."""
     instructions, pairs = load_instruction_data(), load_preference_data()
     texts = [format_input(e) for e in instructions + pairs] + [RESPONSE_HEADER] + [e["output"] for e in instructions]
@@ -522,14 +522,14 @@ def instruction_tuned_then_dpo(lr: float, dpo_steps: int, seed: int = 0):
                                 mask_instruction=True)
     loaders = [DataLoader(InstructionDataset(part, tokenizer), batch_size=8, shuffle=shuffle, drop_last=shuffle,
                           collate_fn=collate) for part, shuffle in ((train, True), (val, False))]
-    train_model(model, *loaders, TrainConfig(max_steps=300, lr=3e-3, min_lr=3e-4, warmup_steps=10, eval_every=100,
+    train_model(model, *loaders, TrainConfig(max_steps=300, lr=3e-3, min_lr=3e-4, warmup_steps=10, eval_every=300,
                                              eval_iter=7), device="cpu", progress=False)
     train, val, test = split_instruction_data(pairs)
     collate = functools.partial(collate_preferences, pad_token_id=tokenizer.eot_token, allowed_max_length=128)
     loaders = [DataLoader(PreferenceDataset(part, tokenizer, tokenizer.eot_token), batch_size=8, shuffle=shuffle,
                           drop_last=shuffle, collate_fn=collate)
                for part, shuffle in ((train, True), (val + test, False))]
-    config = TrainConfig(max_steps=dpo_steps, lr=lr, min_lr=lr, warmup_steps=0, weight_decay=0.0, eval_every=100,
+    config = TrainConfig(max_steps=dpo_steps, lr=lr, min_lr=lr, warmup_steps=0, weight_decay=0.0, eval_every=200,
                          eval_iter=21)
     return train_model(model, *loaders, config, device="cpu", loss_fn=DPOLoss(FrozenReference(model), beta=0.1),
                        progress=False)
@@ -546,7 +546,7 @@ def test_dpo_ranks_held_out_pairs_right_within_cpu_minutes(data_dir):
     """
     history = instruction_tuned_then_dpo(lr=5e-5, dpo_steps=400)
     accuracy, margin = history.metrics["val/rewards/accuracies"], history.metrics["val/rewards/margins"]
-    assert history.steps == [0, 100, 200, 300, 400]
+    assert history.steps == [0, 200, 400]
     assert accuracy[0] == 0.0 and margin[0] == 0.0  # the policy starts as the reference
     assert accuracy[-1] >= 0.7 and margin[-1] > 0
     assert margin == sorted(margin) and history.val_losses[-1] < history.val_losses[0] < 0.7
