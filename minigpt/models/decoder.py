@@ -18,8 +18,10 @@ from minigpt.models.kv_cache import padded_causal_mask
 
 class Decoder(nn.Module):
     """Base class of :class:`~minigpt.models.gpt2.model.GPTModel` and
-    :class:`~minigpt.models.llama.model.LlamaModel`: a subclass sets ``cfg`` and ``tok_emb`` and
-    calls :meth:`_check_ids` and :meth:`_positions_and_mask` at the start of its forward."""
+    :class:`~minigpt.models.llama.model.LlamaModel`: a subclass sets ``cfg``, ``tok_emb``,
+    ``trf_blocks`` (each block's ``att`` holding a KV cache), ``final_norm`` and ``out_head``,
+    calls :meth:`_check_ids` and :meth:`_positions_and_mask` at the start of its forward and
+    ends it with :meth:`_logits`."""
 
     cache_pos: int = 0  # absolute position of the next token fed with use_cache=True
     _past_mask: torch.Tensor | None = None  # (batch, cache_pos) real tokens, once padding was seen
@@ -100,6 +102,30 @@ class Decoder(nn.Module):
         if in_idx.device.type == "cpu" and not torch.compiler.is_compiling():
             check_token_ids(in_idx, self.cfg.vocab_size)
 
+
+    def _logits(self, x: torch.Tensor, new_tokens: int, use_cache: bool, logits_to_keep: int) -> torch.Tensor:
+        """The end of a forward: ``(batch, tokens, emb_dim)`` out of the last block ->
+        ``(batch, tokens or logits_to_keep, vocab_size)`` logits."""
+        if use_cache:
+            # Moved on once every block has appended its keys, so all blocks saw the same offset.
+            self.cache_pos += new_tokens
+        if logits_to_keep:
+            # Cut before the head: it is the widest product (emb_dim x vocab_size per position).
+            x = x[:, -logits_to_keep:]
+        # A last norm: pre-norm blocks leave the residual stream itself un-normalised.
+        return self.out_head(self.final_norm(x))
+
+    def reset_kv_cache(self) -> None:
+        """Empty every block's KV cache; the next cached call starts at position 0."""
+        self.cache_pos = 0
+        self._past_mask = None
+        for block in self.trf_blocks:
+            block.att.reset_cache()
+
+    def set_attention_impl(self, use_sdpa: bool) -> None:
+        """Switch every block between the fused (SDPA) and the explicit attention path."""
+        for block in self.trf_blocks:
+            block.att.use_sdpa = use_sdpa
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Parameter count; a tied output head is counted once."""

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minigpt.models.attention import MultiHeadAttention
 from minigpt.models.decoder import Decoder
 from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.layers import LayerNorm, TransformerBlock
@@ -107,25 +106,4 @@ class GPTModel(Decoder):
                 x = checkpoint(block, x, attn_mask=allowed, use_reentrant=False)
             else:
                 x = block(x, use_cache=use_cache, attn_mask=allowed)
-        if use_cache:
-            # Moved on once every block has appended its keys, so all blocks saw the same offset.
-            self.cache_pos += in_idx.shape[1]
-        if logits_to_keep:
-            # Cut before the head: it is the widest product (emb_dim x vocab_size per position).
-            x = x[:, -logits_to_keep:]
-        # A last LayerNorm: pre-norm blocks leave the residual stream itself un-normalised.
-        return self.out_head(self.final_norm(x))
-
-    def reset_kv_cache(self) -> None:
-        """Empty every block's KV cache; the next cached call starts at position 0."""
-        self.cache_pos = 0
-        self._past_mask: torch.Tensor | None = None  # (batch, cache_pos) real tokens, once padding was seen
-        for module in self.modules():
-            if isinstance(module, MultiHeadAttention):
-                module.reset_cache()
-
-    def set_attention_impl(self, use_sdpa: bool) -> None:
-        """Switch every block between the fused (SDPA) and the explicit attention path."""
-        for module in self.modules():
-            if isinstance(module, MultiHeadAttention):
-                module.use_sdpa = use_sdpa
+        return self._logits(x, in_idx.shape[1], use_cache, logits_to_keep)

@@ -104,23 +104,7 @@ class LlamaModel(Decoder):
                 x = checkpoint(block, x, positions, attn_mask=allowed, use_reentrant=False)
             else:
                 x = block(x, positions, use_cache=use_cache, attn_mask=allowed)
-        if use_cache:
-            self.cache_pos += in_idx.shape[1]
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        return self.out_head(self.final_norm(x))
-
-    def reset_kv_cache(self) -> None:
-        """Empty every block's KV cache; the next cached call starts at position 0."""
-        self.cache_pos = 0
-        self._past_mask: torch.Tensor | None = None  # (batch, cache_pos) real tokens, once padding was seen
-        for block in self.trf_blocks:
-            block.att.reset_cache()
-
-    def set_attention_impl(self, use_sdpa: bool) -> None:
-        """Switch every block between the fused (SDPA) and the explicit attention path."""
-        for block in self.trf_blocks:
-            block.att.use_sdpa = use_sdpa
+        return self._logits(x, in_idx.shape[1], use_cache, logits_to_keep)
 
     def kv_cache_bytes_per_token(self) -> int:
         """Bytes the KV cache holds per token of one sequence: keys and values of every layer."""
