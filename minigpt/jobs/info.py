@@ -50,11 +50,11 @@ def model_bytes(model: nn.Module) -> dict[str, int]:
     head's too) quantized and the rest in float32. Works on a ``meta`` model: only shapes are read."""
     total = sum(p.numel() for p in model.parameters())
     sizes = {"float32": 4 * total, "bfloat16": 2 * total}
+    # A tied head's matrix stays in float32 as the embedding: its quantized copy comes on top.
+    ties = tied_weights(model)
     for scheme in FORMATS[2:]:
         names = linears_to_quantize(model, default_skip(scheme))
         shapes = [tuple(model.get_submodule(name).weight.shape) for name in names]
-        # A tied head's matrix stays in float32 as the embedding: its quantized copy comes on top.
-        ties = tied_weights(model)
         replaced = [shape for name, shape in zip(names, shapes, strict=True) if name not in ties]
         rest = 4 * (total - sum(out * in_ for out, in_ in replaced))
         sizes[scheme] = rest + sum(quantized_bytes(shape, scheme) for shape in shapes)

@@ -102,7 +102,6 @@ class Decoder(nn.Module):
         if in_idx.device.type == "cpu" and not torch.compiler.is_compiling():
             check_token_ids(in_idx, self.cfg.vocab_size)
 
-
     def _logits(self, x: torch.Tensor, new_tokens: int, use_cache: bool, logits_to_keep: int) -> torch.Tensor:
         """The end of a forward: ``(batch, tokens, emb_dim)`` out of the last block ->
         ``(batch, tokens or logits_to_keep, vocab_size)`` logits."""

@@ -76,7 +76,8 @@ class _QuantizedLinear(nn.Module):
         self.out_features = out_features
         self.compute_dtype = compute_dtype
         # The module whose float weight this layer's was tied to (GPT-2's output head and its token
-        # embedding), set by minigpt.quantization.model: dequantizing ties them again.
+        # embedding), set by minigpt.quantization.model: dequantizing leaves the two apart and says so
+        # in the model's config (untie_in_config).
         self.tied_to: str | None = None
         # A buffer, not a parameter: the whole base layer is frozen, bias included.
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
