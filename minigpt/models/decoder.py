@@ -102,9 +102,12 @@ class Decoder(nn.Module):
         if in_idx.device.type == "cpu" and not torch.compiler.is_compiling():
             check_token_ids(in_idx, self.cfg.vocab_size)
 
-    def _logits(self, x: torch.Tensor, new_tokens: int, use_cache: bool, logits_to_keep: int) -> torch.Tensor:
+    def _logits(
+        self, x: torch.Tensor, new_tokens: int, use_cache: bool, logits_to_keep: int, head: bool = True,
+    ) -> torch.Tensor:
         """The end of a forward: ``(batch, tokens, emb_dim)`` out of the last block ->
-        ``(batch, tokens or logits_to_keep, vocab_size)`` logits."""
+        ``(batch, tokens or logits_to_keep, vocab_size)`` logits; with ``head=False`` the
+        final norm's output ``(batch, tokens or logits_to_keep, emb_dim)``, what the head scores."""
         if use_cache:
             # Moved on once every block has appended its keys, so all blocks saw the same offset.
             self.cache_pos += new_tokens
@@ -112,7 +115,8 @@ class Decoder(nn.Module):
             # Cut before the head: it is the widest product (emb_dim x vocab_size per position).
             x = x[:, -logits_to_keep:]
         # A last norm: pre-norm blocks leave the residual stream itself un-normalised.
-        return self.out_head(self.final_norm(x))
+        x = self.final_norm(x)
+        return self.out_head(x) if head else x
 
     def reset_kv_cache(self) -> None:
         """Empty every block's KV cache; the next cached call starts at position 0."""

@@ -107,6 +107,22 @@ def _(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return grad.new_empty((grad.shape[1], x.shape[1]))
 
 
+def input_gradient(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``grad @ weight``, the gradient of ``linear(x, weight)`` for ``x``: ``(..., out) -> (..., in)``,
+    by the kernel measured fastest where :func:`product_dtype` allows (it is ``linear(grad, weight.T)``)."""
+    if product_dtype(grad, weight.t()) is None:
+        return grad @ weight
+    return linear_grad_input(grad, weight)
+
+
+def weight_gradient(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad.T @ x``, the gradient of ``linear(x, weight)`` for ``weight``: ``(rows, out), (rows, in)
+    -> (out, in)``, by the kernel measured fastest where :func:`product_dtype` allows."""
+    if product_dtype(grad.t(), x.t()) is None:
+        return grad.t() @ x
+    return linear_grad_weight(grad, x)
+
+
 def _save_for_backward(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     x, weight, bias = inputs
     ctx.save_for_backward(x, weight)

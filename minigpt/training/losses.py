@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt.models.base import evaluating
+from minigpt.models.decoder import Decoder
+from minigpt.runtime.linear import Linear
+from minigpt.training.head_loss import head_cross_entropy
 
 IGNORE_INDEX = -100  # targets with this id add nothing to the loss (padding, prompts)
 
@@ -68,11 +71,32 @@ def calc_loss_batch(
     Every position is one prediction: the logits ``(batch, tokens, vocab)`` are flattened
     to ``(batch * tokens, vocab)`` rows scored against the ``batch * tokens`` targets.
     Targets equal to ``-100`` are skipped (fine-tuning marks padding and prompts so).
+    A model whose head :func:`plain_head_weight` finds gets the head and the loss in one
+    (:func:`~minigpt.training.head_loss.head_cross_entropy`), which never holds all the logits.
     """
-    logits = model(input_batch.to(device))
+    inputs = input_batch.to(device)
+    targets = target_batch.to(device).flatten()
+    weight = plain_head_weight(model)
+    if weight is not None:
+        # The head and its loss in one, a chunk of rows at a time (minigpt.training.head_loss):
+        # the (batch * tokens, vocab) logits never exist whole. Same loss, same gradients.
+        hidden = model(inputs, head=False)  # (batch, tokens, emb_dim)
+        return head_cross_entropy(hidden.flatten(0, 1), weight, targets, ignore_index=IGNORE_INDEX)
+    logits = model(inputs)
     # float32 for the softmax even under autocast: its sums lose digits in 16 bits.
-    return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.to(device).flatten(),
-                           ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX)
+
+
+def plain_head_weight(model: nn.Module) -> torch.Tensor | None:
+    """The output head's ``(vocab, emb_dim)`` weight where :func:`calc_loss_batch` may apply the
+    head itself: a :class:`~minigpt.models.decoder.Decoder` (it can stop before its head) whose head
+    is a plain linear layer without bias. None for anything else (a LoRA, quantized or classifier
+    head with a bias, a wrapped model), and inside ``torch.compile``, which fuses the loss itself."""
+    head = getattr(model, "out_head", None)
+    if (not isinstance(model, Decoder) or type(head) not in (nn.Linear, Linear) or head.bias is not None
+            or type(head.weight) is not nn.Parameter or torch.compiler.is_compiling()):
+        return None
+    return head.weight
 
 
 def language_model_loss(loss_fn: LossFn) -> LossFn:

@@ -80,6 +80,7 @@ class GPTModel(Decoder):
         use_cache: bool = False,
         attention_mask: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        head: bool = True,
     ) -> torch.Tensor:
         """``(batch, tokens)`` integer ids -> ``(batch, tokens, vocab_size)`` logits.
 
@@ -92,6 +93,8 @@ class GPTModel(Decoder):
         and no query attends a padded key, so a padded row gives the logits it would alone.
         ``logits_to_keep=n`` returns only the last ``n`` positions' logits (0: all);
         generation needs just the last one, which spares the widest matrix product.
+        ``head=False`` stops before the output head: ``(batch, tokens, emb_dim)``, the final
+        norm's output, for a loss that applies the head itself (:mod:`minigpt.training.head_loss`).
         """
         # The KV-cache offset: a cached call continues at absolute position cache_pos.
         start = self.cache_pos if use_cache else 0
@@ -106,4 +109,4 @@ class GPTModel(Decoder):
                 x = checkpoint(block, x, attn_mask=allowed, use_reentrant=False)
             else:
                 x = block(x, use_cache=use_cache, attn_mask=allowed)
-        return self._logits(x, in_idx.shape[1], use_cache, logits_to_keep)
+        return self._logits(x, in_idx.shape[1], use_cache, logits_to_keep, head)

@@ -87,11 +87,12 @@ class LlamaModel(Decoder):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
 
     def forward(self, in_idx: torch.Tensor, use_cache: bool = False, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
+                logits_to_keep: int = 0, head: bool = True) -> torch.Tensor:
         """``(batch, tokens)`` ids -> ``(batch, tokens, vocab_size)`` logits, exactly as
         :meth:`GPTModel.forward <minigpt.models.gpt2.model.GPTModel.forward>`: ``use_cache=True`` continues the
         sequence of earlier cached calls; ``attention_mask`` (1 real, 0 left padding) hides padding
-        and makes each row's positions count its real tokens; ``logits_to_keep=n`` keeps the last n.
+        and makes each row's positions count its real tokens; ``logits_to_keep=n`` keeps the last n;
+        ``head=False`` returns the final norm's output ``(batch, tokens, emb_dim)`` instead of logits.
         """
         start = self.cache_pos if use_cache else 0
         self._check_ids(in_idx, start)
@@ -104,7 +105,7 @@ class LlamaModel(Decoder):
                 x = checkpoint(block, x, positions, attn_mask=allowed, use_reentrant=False)
             else:
                 x = block(x, positions, use_cache=use_cache, attn_mask=allowed)
-        return self._logits(x, in_idx.shape[1], use_cache, logits_to_keep)
+        return self._logits(x, in_idx.shape[1], use_cache, logits_to_keep, head)
 
     def kv_cache_bytes_per_token(self) -> int:
         """Bytes the KV cache holds per token of one sequence: keys and values of every layer."""
