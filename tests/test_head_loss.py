@@ -61,11 +61,23 @@ def test_ignored_targets_score_nothing_and_get_no_gradient():
     assert grad_hidden[[0, 4, 5, 12]].abs().max() == 0
 
 
-def test_no_scored_target_is_nan_as_in_cross_entropy():
+def test_no_scored_target_is_nan_with_zero_gradients_as_in_cross_entropy():
     hidden, weight, targets = _case(5)
     targets[:] = IGNORE_INDEX
-    assert _reference(hidden, weight, targets).isnan()
-    assert head_cross_entropy(hidden, weight, targets, chunk_rows=2).isnan()
+    expected = _loss_and_grads(_reference, hidden, weight, targets)
+    loss, grad_hidden, grad_weight = _loss_and_grads(
+        lambda h, w, t: head_cross_entropy(h, w, t, chunk_rows=2), hidden, weight, targets)
+    assert expected[0].isnan() and loss.isnan()
+    assert expected[1].abs().max() == grad_hidden.abs().max() == 0
+    assert expected[2].abs().max() == grad_weight.abs().max() == 0
+
+
+def test_no_rows_at_all_is_nan_with_zero_gradients():
+    hidden, weight, targets = _case(0)
+    loss = head_cross_entropy(hidden, weight, targets)
+    assert loss.isnan() and _reference(hidden, weight, targets).isnan()
+    loss.backward()
+    assert hidden.grad.shape == (0, 8) and weight.grad.abs().max() == 0
 
 
 def test_extreme_logits_stay_finite_and_exact():

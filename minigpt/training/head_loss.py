@@ -45,7 +45,7 @@ def _summed(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, i
     w = weight.detach().to(dtype)  # cast once here, not once a chunk
     scored = targets != ignore_index
     grad_hidden = torch.empty(h.shape, dtype=torch.float32, device=h.device) if want_grad else None
-    grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_grad else None
+    grad_weight = None
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     with torch.no_grad(), torch.autocast(device, enabled=False):
         for start in range(0, h.shape[0], chunk_rows):
@@ -65,7 +65,10 @@ def _summed(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, i
             # out of the weight's gradient at a cost of emb_dim, not vocab_size, per row.
             chunk_hidden = h[rows] * chunk_scored[:, None].to(dtype)
             grad_hidden[rows] = input_gradient(grad_logits, w) * chunk_scored[:, None]
-            grad_weight += weight_gradient(grad_logits, chunk_hidden)
+            chunk_grad_weight = weight_gradient(grad_logits, chunk_hidden).float()  # (vocab, emb_dim)
+            grad_weight = chunk_grad_weight if grad_weight is None else grad_weight.add_(chunk_grad_weight)
+    if want_grad and grad_weight is None:  # no rows at all
+        grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
     return total, scored.sum(), grad_hidden, grad_weight
 
 
@@ -85,7 +88,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_hidden, grad_weight, count = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        scale = grad_loss / count  # d(mean)/d(sum), times what arrives from above
+        # d(mean)/d(sum), times what arrives from above. With nothing scored the sums are zero, and
+        # so are the gradients (as F.cross_entropy's), though the loss itself is NaN.
+        scale = grad_loss / count.clamp(min=1)
         grad_h = (grad_hidden * scale).to(hidden_dtype) if ctx.needs_input_grad[0] else None
         grad_w = (grad_weight * scale).to(weight_dtype) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None, None
