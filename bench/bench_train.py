@@ -2,8 +2,11 @@
 
 Both implementations get the same GPT-2 layout (query/key/value bias, output head tied to
 the token embedding, dropout 0), the same batch, loss (cross-entropy over every position)
-and optimizer (``torch.optim.AdamW(fused=True)``). Rows, their steps taking turns so that
-a change in machine load hits all alike:
+and optimizer (``torch.optim.AdamW(fused=True)``). Each computes the loss its own way:
+transformers over the whole float32 logits, minigpt through its training loss
+(``next_token_loss``: the head and the loss in one, a chunk of rows at a time,
+``minigpt.training.head_loss``). Rows, their steps taking turns so that a change in machine
+load hits all alike:
 
 * transformers and minigpt in float32;
 * both with bfloat16 autocast, where ``--precision auto`` picks it (a CPU with AVX-512-BF16
@@ -116,7 +119,7 @@ class Trainer:
             if self.is_hf:
                 logits = self.model(input_ids=x).logits
                 return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            return self.loss_of(self.batch)  # next_token_loss: the same float32 cross-entropy
+            return self.loss_of(self.batch)  # next_token_loss: the same cross-entropy, the head chunk by chunk
 
     def step(self) -> float:
         start = time.perf_counter()

@@ -130,6 +130,17 @@ def test_the_logits_never_exist_whole(monkeypatch):
     assert shapes == [(4, 8)] * 5 + [(1, 8)]  # six chunks: 4 rows each and the one left over
 
 
+def test_rows_without_a_scored_target_never_reach_the_head(monkeypatch):
+    hidden, weight, targets = _case(11)
+    targets[:6] = IGNORE_INDEX  # a prompt's positions
+    shapes = []
+    real_linear = head_loss.linear
+    monkeypatch.setattr(head_loss, "linear", lambda x, w: shapes.append(tuple(x.shape)) or real_linear(x, w))
+    head_cross_entropy(hidden, weight, targets, chunk_rows=4).backward()
+    assert shapes == [(4, 8), (1, 8)]  # the 5 scored rows
+    assert hidden.grad[:6].abs().max() == 0
+
+
 def test_default_chunk_is_as_large_as_the_weight():
     assert chunk_rows_for(torch.empty(50257, 768)) == 768
 

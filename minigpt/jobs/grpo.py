@@ -171,10 +171,15 @@ def finetune_grpo(settings: GRPOConfig, model: GPTModel | None = None, *, resume
 
 
 def demo_grpo(output: str | os.PathLike, *, steps: int = 40, progress: bool = False) -> dict[str, Any]:
-    """GRPO seen working on a CPU in a minute or two (the notebook's demonstration): the default
-    settings (the tiny preset, its 80-step warm-up on the ``larger`` task) with only ``steps``
-    GRPO steps. The reward and the accuracy of the *sampled* answers climb within these steps
-    (``grpo.png``); the greedy held-out accuracy (``accuracy_before``, ``accuracy`` in the
-    returned metrics of :func:`finetune_grpo`) needs the default 200 steps to move."""
-    settings = GRPOConfig(output=str(output), subset=8 * steps, epochs=1, eval_every=max(1, steps // 4))
+    """GRPO's moving parts on a CPU in well under a minute (the notebook's demonstration): the
+    default settings (the tiny preset, its 80-step warm-up on the ``larger`` task) with only
+    ``steps`` GRPO steps, at a gentler learning rate (3e-4: at the default 1e-3, a handful of
+    steps from this warm-up pushed the KL up fast and the greedy accuracy down).
+
+    A few steps show each part at work in ``grpo.png`` and the returned metrics: groups sampled
+    and scored, the spread of their rewards (``frac_reward_zero_std``: groups that teach nothing),
+    the KL to the reference growing from 0. They do not show learning: over 8 steps the sampled
+    and greedy accuracies move within their noise. The default 200 steps of :func:`finetune_grpo`
+    (about 7 minutes on 2 cores) are what raise the greedy held-out accuracy (45 % to 67.5 %)."""
+    settings = GRPOConfig(output=str(output), subset=8 * steps, epochs=1, eval_every=max(1, steps // 4), lr=3e-4)
     return finetune_grpo(settings, progress=progress)

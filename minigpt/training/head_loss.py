@@ -13,7 +13,8 @@ That works because the gradient of the cross-entropy is known in closed form,
 
 so the forward pass computes it while the chunk is at hand, and with it the gradients of the
 head's input and weight (two products). Backward only scales them by the gradient that arrives
-and by 1 / (number of scored targets), the mean. The results equal
+and by 1 / (number of scored targets), the mean. Rows whose target is ignored (a prompt, padding)
+never reach the head at all. The results equal
 ``F.cross_entropy(F.linear(hidden, weight).float(), targets)`` up to the order of float additions.
 """
 
@@ -41,35 +42,37 @@ def _summed(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, i
     device = hidden.device.type
     # The products run in autocast's dtype where it is on, as F.linear's would; the softmax in float32.
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    h = hidden.detach().to(dtype)
+    # Only rows with a scored target reach the head: a prompt's or padding's logits would be computed
+    # just to be thrown away (instruction tuning scores the answers alone).
+    scored = (targets != ignore_index).nonzero().squeeze(1)  # (scored,) row indices
+    h = hidden.detach()[scored].to(dtype)  # (scored, emb_dim)
     w = weight.detach().to(dtype)  # cast once here, not once a chunk
-    scored = targets != ignore_index
-    grad_hidden = torch.empty(h.shape, dtype=torch.float32, device=h.device) if want_grad else None
+    ids = targets[scored][:, None]  # (scored, 1)
+    grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if want_grad else None
     grad_weight = None
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     with torch.no_grad(), torch.autocast(device, enabled=False):
         for start in range(0, h.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            # An ignored target's row scores nothing: its id is replaced by 0 and its row masked.
-            chunk_scored = scored[rows]
-            chunk_targets = targets[rows].masked_fill(~chunk_scored, 0)[:, None]  # (chunk, 1)
             log_probs = torch.log_softmax(linear(h[rows], w).float(), dim=-1)  # (chunk, vocab)
-            total -= (log_probs.gather(1, chunk_targets).squeeze(1) * chunk_scored).sum()
+            total -= log_probs.gather(1, ids[rows]).sum()
             if not want_grad:
                 continue
             # softmax - one_hot(target), in place: the chunk's logits become their gradient.
             grad_logits = log_probs.exp_()
-            grad_logits.scatter_add_(1, chunk_targets, grad_logits.new_full(chunk_targets.shape, -1.0))
+            grad_logits.scatter_add_(1, ids[rows], grad_logits.new_full(ids[rows].shape, -1.0))
             grad_logits = grad_logits.to(dtype)
-            # Masking the chunk's inputs, not its (chunk x vocab) gradient, keeps ignored rows
-            # out of the weight's gradient at a cost of emb_dim, not vocab_size, per row.
-            chunk_hidden = h[rows] * chunk_scored[:, None].to(dtype)
-            grad_hidden[rows] = input_gradient(grad_logits, w) * chunk_scored[:, None]
-            chunk_grad_weight = weight_gradient(grad_logits, chunk_hidden).float()  # (vocab, emb_dim)
+            grad_h[rows] = input_gradient(grad_logits, w)  # (chunk, vocab) @ (vocab, emb_dim)
+            chunk_grad_weight = weight_gradient(grad_logits, h[rows]).float()  # (vocab, emb_dim)
             grad_weight = chunk_grad_weight if grad_weight is None else grad_weight.add_(chunk_grad_weight)
-    if want_grad and grad_weight is None:  # no rows at all
-        grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-    return total, scored.sum(), grad_hidden, grad_weight
+    grad_hidden = None
+    if want_grad:
+        # Unscored rows get exactly zero, as they do from F.cross_entropy.
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=h.device).index_copy_(0, scored, grad_h)
+        if grad_weight is None:  # nothing scored
+            grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    count = torch.tensor(len(scored), device=h.device)
+    return total, count, grad_hidden, grad_weight
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
