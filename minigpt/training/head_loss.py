@@ -63,14 +63,20 @@ def _summed(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, i
             grad_logits.scatter_add_(1, ids[rows], grad_logits.new_full(ids[rows].shape, -1.0))
             grad_logits = grad_logits.to(dtype)
             grad_h[rows] = input_gradient(grad_logits, w)  # (chunk, vocab) @ (vocab, emb_dim)
-            chunk_grad_weight = weight_gradient(grad_logits, h[rows]).float()  # (vocab, emb_dim)
-            grad_weight = chunk_grad_weight if grad_weight is None else grad_weight.add_(chunk_grad_weight)
+            chunk_grad_weight = weight_gradient(grad_logits, h[rows])  # (vocab, emb_dim), in dtype
+            if grad_weight is None:
+                grad_weight = chunk_grad_weight.float()
+            else:
+                grad_weight.add_(chunk_grad_weight)  # float32 += dtype: the cast and the sum in one pass
     grad_hidden = None
     if want_grad:
         # Unscored rows get exactly zero, as they do from F.cross_entropy.
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=h.device).index_copy_(0, scored, grad_h)
         if grad_weight is None:  # nothing scored
             grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        # The kernel may hand back the transpose of a (emb_dim, vocab) product; laid out as the weight
+        # is, the gradient adds into its .grad (a tied embedding's included) without reading across rows.
+        grad_weight = grad_weight.contiguous()
     count = torch.tensor(len(scored), device=h.device)
     return total, count, grad_hidden, grad_weight
 
