@@ -10,7 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.runtime import kernels
-from minigpt.runtime.kernels import KERNEL_ENV, KernelTable, Product, choose, kernel_table, row_bucket, table_path
+from minigpt.runtime.kernels import (
+    KERNEL_ENV,
+    MAX_TIMED_ROWS,
+    KernelTable,
+    Product,
+    choose,
+    kernel_table,
+    row_bucket,
+    table_path,
+)
 from minigpt.runtime.linear import Linear
 
 needs_onednn = pytest.mark.skipif(not kernels.HAS_ONEDNN, reason="PyTorch built without oneDNN")
@@ -43,6 +52,8 @@ def test_a_product_is_named_by_its_key_and_back():
     assert Product.from_key(product.key) == product
     assert product.flops == 2 * 64 * 768 * 3072 and product.weight_bytes == 2 * 768 * 3072
     assert Product("int4", 1, 768, 3072).weight_bytes == 768 * 3072 / 2
+    # A product of more rows than are timed is timed at MAX_TIMED_ROWS: its speed counts those FLOPs.
+    assert Product("forward", 1024, 768, 3072).flops == 2 * MAX_TIMED_ROWS * 768 * 3072
 
 
 def test_the_faster_kernel_is_chosen_measured_once_and_read_back_by_the_next_process(measuring):

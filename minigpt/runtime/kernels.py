@@ -87,7 +87,8 @@ class Product:
 
     @property
     def flops(self) -> int:
-        return 2 * self.rows * self.in_features * self.out_features
+        """FLOPs of one timed call: rows beyond MAX_TIMED_ROWS are timed at that many."""
+        return 2 * min(self.rows, MAX_TIMED_ROWS) * self.in_features * self.out_features
 
     @property
     def weight_bytes(self) -> float:
