@@ -7,7 +7,7 @@ from test_generation import CFG, CountingModel
 from test_generation_batches import prompts_of_lengths
 
 from minigpt.finetuning.reference import sequence_logprobs
-from minigpt.finetuning.rollout import Rollout, RolloutSettings, answer_logprobs, sample_rollouts, token_logprobs_of
+from minigpt.finetuning.rollout import Rollout, RolloutSettings, answer_logprobs, sample_rollouts
 from minigpt.generation.batch import generate_batch
 from minigpt.models.gpt2.model import GPTModel
 
@@ -58,19 +58,20 @@ def test_answer_logprobs_score_each_row_as_if_alone(model):
         assert torch.allclose(got[i][rollout.answer_mask[i, 1:].bool()], alone[-n:], atol=1e-5)
 
 
-def test_the_head_scores_the_answer_columns_only(model):
+def test_the_head_scores_the_answer_tokens_only(model):
     torch.manual_seed(6)
     rollout = sample_rollouts(model, prompts_of_lengths(5, 2, 4, seed=6), RolloutSettings(max_new_tokens=3))
     model.eval()
-    every_column = token_logprobs_of(model, rollout.ids, rollout.answer_mask, rollout.attention_mask)
-    widths = []
-    hook = model.out_head.register_forward_hook(lambda module, inputs, out: widths.append(out.shape[1]))
+    rows = []
+    hook = model.out_head.register_forward_hook(lambda module, inputs, out: rows.append(out.shape[:-1]))
     got = answer_logprobs(model, rollout)
     hook.remove()
-    # The column before the first answer token predicts it; the prompt's other columns never reach the head.
-    assert widths == [rollout.ids.shape[1] - rollout.prompt_width + 1]
-    assert got.shape == every_column.shape
-    torch.testing.assert_close(got, every_column, rtol=1e-5, atol=1e-6)
+    # One row of logits per answer token: the prompt and padding columns never reach the head.
+    assert rows == [(int(rollout.answer_mask.sum()),)]
+    with torch.no_grad():  # the same numbers from every column's logits
+        logits = model(rollout.ids, attention_mask=rollout.attention_mask)[:, :-1]
+    every_column = torch.log_softmax(logits, dim=-1).gather(-1, rollout.ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(got, every_column * rollout.answer_mask[:, 1:], rtol=1e-5, atol=1e-6)
 
 
 def test_row_sums_are_dpo_sequence_logprobs(model):

@@ -31,7 +31,7 @@ from torch import nn
 from minigpt.generation.batch import generate_batch
 from minigpt.generation.generate import EosIds, eos_list
 from minigpt.generation.sampling import check_sampling
-from minigpt.training.losses import IGNORE_INDEX
+from minigpt.models.decoder import Decoder
 
 
 @dataclass
@@ -148,42 +148,41 @@ def sample_rollouts(model: nn.Module, prompt_ids: Sequence[Sequence[int]], setti
 
 
 def token_logprobs_of(model: nn.Module, ids: torch.Tensor, scored: torch.Tensor,
-                      attention_mask: torch.Tensor | None = None, *, skip: int = 0) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``(b, T)`` ids -> ``(b, T - 1)`` float32: entry ``t`` is ``log p(ids[t + 1] | ids[: t + 1])``
     where ``scored[:, t + 1]`` is set, exactly 0 elsewhere. Gradients flow (run it under
     ``torch.no_grad()`` for a reference). ``attention_mask`` marks padding (left or right).
-    ``skip``: the first entries, which the caller knows score nothing (``scored[:, 1 : skip + 1]``
-    unset): their logits are not computed.
 
-    One forward pass; the log-softmax is one cross-entropy with the unscored targets ignored,
-    in float32 even under autocast (its sums lose digits in 16 bits).
+    One forward pass; the log-softmax is one cross-entropy over the scored positions only, in
+    float32 even under autocast (its sums lose digits in 16 bits).
     """
     if ids.dim() != 2 or ids.shape != scored.shape:
         raise ValueError(f"ids and scored must have the same (batch, tokens) shape, got {tuple(ids.shape)} "
                          f"and {tuple(scored.shape)}")
-    # The whole sequence goes in (the last position's logits are unused): a training-time hook that
-    # reads the sequence's length, such as NEFTune's, sees the sequence as it is.
-    # Logits at column t predict ids[t + 1]: drop the last column, which predicts past the end. With skip,
-    # the head (emb_dim x vocab_size per position, the widest product) runs on the last T - skip columns only.
-    logits = (model(ids, attention_mask=attention_mask, logits_to_keep=ids.shape[1] - skip) if skip
-              else model(ids, attention_mask=attention_mask))[:, :-1]
-    # The targets are the ids shifted left by one; unscored ones (prompt, padding) become -100,
-    # which cross_entropy skips and returns 0 for.
-    targets = ids[:, skip + 1:].masked_fill(~scored[:, skip + 1:].bool(), IGNORE_INDEX)  # (b, T - 1 - skip)
+    # Column t predicts ids[t + 1]: the targets are the ids shifted left by one, and the last column,
+    # which predicts past the end, scores nothing.
+    wanted = scored[:, 1:].bool()  # (b, T - 1)
+    # The whole sequence goes in: a training-time hook that reads the sequence's length, such as
+    # NEFTune's, sees the sequence as it is.
+    if isinstance(model, Decoder):
+        # Only the scored columns reach the head (emb_dim x vocab_size per position, the widest product):
+        # a prompt's and padding's logits would be computed to be thrown away.
+        hidden = model(ids, attention_mask=attention_mask, head=False)[:, :-1]  # (b, T - 1, emb_dim)
+        logits = model.out_head(hidden[wanted])  # (scored, vocab)
+    else:
+        logits = model(ids, attention_mask=attention_mask)[:, :-1][wanted]
     # cross_entropy is -log_softmax read at the target, in one call; float32 because a log-sum-exp
     # over 50k+ vocabulary entries loses digits in 16 bits.
-    logps = -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                             reduction="none").view(targets.shape)
-    return F.pad(logps, (skip, 0))  # the skipped entries score exactly 0
+    logps = -F.cross_entropy(logits.float(), ids[:, 1:][wanted], reduction="none")  # (scored,)
+    # Back in place, (b, T - 1); the unscored entries are exactly 0.
+    return torch.zeros(wanted.shape, dtype=logps.dtype, device=logps.device).masked_scatter(wanted, logps)
 
 
 def answer_logprobs(model: nn.Module, rollout: Rollout) -> torch.Tensor:
     """``(b, T - 1)``: the log-probability ``model`` gives each sampled answer token, at the
     column before it (entry ``t`` scores ``rollout.ids[:, t + 1]``); 0 on prompt and padding.
     Row sums are the answers' log-probabilities. Gradients flow."""
-    # Every answer starts at column P, predicted by column P - 1: the prompt's other logits are never read.
-    return token_logprobs_of(model, rollout.ids, rollout.answer_mask, rollout.attention_mask,
-                             skip=rollout.prompt_width - 1)
+    return token_logprobs_of(model, rollout.ids, rollout.answer_mask, rollout.attention_mask)
 
 
 def _device_of(model: nn.Module) -> torch.device:
