@@ -12,6 +12,7 @@ from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.models.llama.config import LlamaConfig
 from minigpt.models.llama.model import LlamaModel
+from minigpt.runtime.kernels import KERNEL_ENV
 from minigpt.training import head_loss
 from minigpt.training.head_loss import chunk_rows_for, head_cross_entropy
 from minigpt.training.losses import IGNORE_INDEX, calc_loss_batch, plain_head_weight
@@ -163,11 +164,17 @@ def _all_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     lambda: LlamaModel(LlamaConfig(vocab_size=96, context_length=16, emb_dim=32, n_heads=4, n_kv_heads=2,
                                    n_layers=2, hidden_dim=64)),
 ], ids=["gpt2-tied", "gpt2-untied", "llama"])
-def test_training_loss_and_every_gradient_equal_the_logits_path(build):
+@pytest.mark.parametrize("kernel", ["f_linear", "onednn"])
+def test_training_loss_and_every_gradient_equal_the_logits_path(build, kernel, monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, kernel)
     torch.manual_seed(0)
     model = build()
     assert plain_head_weight(model) is model.out_head.weight
     inputs, targets = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
+    with torch.no_grad():  # head=False stops at the final norm's output, which the head turns into the logits
+        hidden = model(inputs, head=False)
+        assert hidden.shape == (3, 16, 32)
+        torch.testing.assert_close(model.out_head(hidden), model(inputs))
     targets[1, :7] = IGNORE_INDEX  # a prompt's positions, as instruction tuning masks them
     loss = calc_loss_batch(inputs, targets, model, "cpu")
     loss.backward()

@@ -14,7 +14,7 @@ from minigpt import GPTConfig, GPTModel
 from minigpt.models.llama.config import LlamaConfig
 from minigpt.models.llama.model import LlamaModel
 from minigpt.runtime.kernels import KERNEL_ENV
-from minigpt.runtime.linear import Linear, linear, product_dtype
+from minigpt.runtime.linear import Linear, input_gradient, linear, product_dtype, weight_gradient
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 
@@ -102,6 +102,26 @@ def test_the_gradient_of_a_sum_arrives_expanded_and_still_works():
     weight.requires_grad_()
     linear(x, weight, b).sum().backward()  # grad_out is a stride-0 expanded tensor of ones
     torch.testing.assert_close(weight.grad, x.sum(0).expand(OUT, IN), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("route", ["onednn", "f_linear", "mkldnn off"])
+def test_the_backward_products_on_their_own_equal_autograds(route, monkeypatch):
+    # input_gradient and weight_gradient, called outside autograd (a loss that writes its own
+    # backward), give what autograd gives linear(x, W): on either kernel, and on the BLAS when oneDNN is off.
+    if route == "mkldnn off":
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    else:
+        monkeypatch.setenv(KERNEL_ENV, route)
+    x, weight, _ = inputs((5, IN))
+    grad = torch.randn(5, OUT, generator=torch.Generator().manual_seed(1))
+    x.requires_grad_()
+    weight.requires_grad_()
+    F.linear(x, weight).backward(grad)
+    torch.testing.assert_close(input_gradient(grad, weight.detach()), x.grad, rtol=1e-5, atol=1e-4)
+    got = weight_gradient(grad, x.detach())
+    assert got.shape == (OUT, IN)
+    torch.testing.assert_close(got, weight.grad, rtol=1e-5, atol=1e-4)
 
 
 @needs_onednn

@@ -46,8 +46,8 @@ class PresetSize:
 
 def model_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of ``model`` in each of :data:`FORMATS`: all of it in float32 or bfloat16, or the
-    linears each scheme quantizes by default (``quantize_model``: the blocks', and for int8 the
-    head's too) quantized and the rest in float32. Works on a ``meta`` model: only shapes are read."""
+    linears each scheme quantizes by default (``quantize_model``: the blocks', and for int8 and
+    int4 the head's too) quantized and the rest in float32. Works on a ``meta`` model: only shapes are read."""
     total = sum(p.numel() for p in model.parameters())
     sizes = {"float32": 4 * total, "bfloat16": 2 * total}
     # A tied head's matrix stays in float32 as the embedding: its quantized copy comes on top.
