@@ -12,6 +12,7 @@ from minigpt.models.gpt2.config import GPTConfig
 from minigpt.models.gpt2.model import GPTModel
 from minigpt.models.llama.config import LlamaConfig
 from minigpt.models.llama.model import LlamaModel
+from minigpt.runtime import kernels
 from minigpt.runtime.kernels import KERNEL_ENV
 from minigpt.training import head_loss
 from minigpt.training.head_loss import chunk_rows_for, head_cross_entropy
@@ -164,7 +165,8 @@ def _all_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     lambda: LlamaModel(LlamaConfig(vocab_size=96, context_length=16, emb_dim=32, n_heads=4, n_kv_heads=2,
                                    n_layers=2, hidden_dim=64)),
 ], ids=["gpt2-tied", "gpt2-untied", "llama"])
-@pytest.mark.parametrize("kernel", ["f_linear", "onednn"])
+@pytest.mark.parametrize("kernel", ["f_linear", pytest.param("onednn", marks=pytest.mark.skipif(
+    not kernels.HAS_ONEDNN, reason="PyTorch built without oneDNN"))])
 def test_training_loss_and_every_gradient_equal_the_logits_path(build, kernel, monkeypatch):
     monkeypatch.setenv(KERNEL_ENV, kernel)
     torch.manual_seed(0)
