@@ -22,6 +22,7 @@ import logging
 import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, TypeVar
 
 import torch
@@ -43,13 +44,34 @@ class Step:
     ``ids`` ``(batch, 1)``: the chosen tokens. ``logprobs`` ``(batch,)``: their log-probability
     under the model's own distribution (softmax of the raw logits, temperature 1, whatever the
     sampling settings). ``top_ids`` / ``top_logprobs`` ``(batch, k)``: the ``k`` most likely
-    tokens and their log-probabilities, best first (``k = 0``: empty).
+    tokens and their log-probabilities, best first (``k = 0``: empty). The log-probabilities are
+    computed when first read: plain generation, which reads only ``ids``, skips a softmax over
+    the vocabulary at every token.
     """
 
     ids: torch.Tensor
-    logprobs: torch.Tensor
-    top_ids: torch.Tensor
-    top_logprobs: torch.Tensor
+    logits: torch.Tensor  # (batch, vocab) raw logits of the step
+    top_k: int = 0
+
+    @cached_property
+    def _logp(self) -> torch.Tensor:
+        return torch.log_softmax(self.logits.float(), dim=-1)  # (batch, vocab)
+
+    @cached_property
+    def _top(self) -> Any:
+        return self._logp.topk(self.top_k, dim=-1)
+
+    @property
+    def logprobs(self) -> torch.Tensor:
+        return self._logp.gather(-1, self.ids).squeeze(-1)
+
+    @property
+    def top_ids(self) -> torch.Tensor:
+        return self._top.indices
+
+    @property
+    def top_logprobs(self) -> torch.Tensor:
+        return self._top.values
 
 
 def _checked_context(model: Any, idx: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -79,13 +101,6 @@ def eos_list(eos_id: EosIds) -> list[int]:
     if eos_id is not None and not ids:
         raise ValueError("eos_id is an empty collection: give an id, several ids, or None")
     return ids
-
-
-def _step(logits: torch.Tensor, next_id: torch.Tensor, top_logprobs: int) -> Step:
-    """``(batch, vocab)`` raw logits and the chosen ``(batch, 1)`` ids -> a :class:`Step`."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    top = logp.topk(top_logprobs, dim=-1)
-    return Step(next_id, logp.gather(-1, next_id).squeeze(-1), top.indices, top.values)
 
 
 @torch.no_grad()
@@ -128,7 +143,7 @@ def stream_steps(
                 if eos:
                     next_id = next_id.masked_fill(finished, eos[0])
                     finished |= torch.isin(next_id, stops)
-                yield _step(logits, next_id, top_logprobs)
+                yield Step(next_id, logits, top_logprobs)
                 if (eos and bool(finished.all())) or step == max_new_tokens - 1:
                     return
                 seq = torch.cat([seq, next_id], dim=1)[:, -context_size:]

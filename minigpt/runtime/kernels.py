@@ -31,10 +31,9 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +54,7 @@ STREAM_BYTES = 2**27
 HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-@dataclass(frozen=True)
-class Product:
+class Product(NamedTuple):
     """One matrix product of a linear layer with an ``(out_features, in_features)`` weight.
 
     ``rows`` is the number of token vectors (bucketed by :func:`row_bucket`):
@@ -66,6 +64,9 @@ class Product:
     * ``grad_weight``: ``(rows, out).T @ (rows, in) -> (out, in)``, the gradient for ``W``;
     * ``int8``, ``int4``: the forward of a weight stored in 8 or 4 bits (:mod:`minigpt.quantization.weight_only`),
       with ``dtype`` the activations'.
+
+    A named tuple, not a dataclass: every product of every layer builds one to look its kernel
+    up, and a tuple is built and hashed several times faster.
     """
 
     op: str
@@ -232,7 +233,12 @@ def table_path(machine_key: dict[str, str | int] | None = None) -> Path:
 
 def forced_kernel() -> str | None:
     """The kernel ``MINIGPT_LINEAR_KERNEL`` forces, or None where the measured table decides."""
-    value = os.environ.get(KERNEL_ENV, "").strip()
+    return _forced(os.environ.get(KERNEL_ENV, ""))
+
+
+@cache  # read at every product: the variable's text is parsed once
+def _forced(value: str) -> str | None:
+    value = value.strip()
     if value in ("", "measure"):
         return None
     if value not in KERNELS:

@@ -38,16 +38,20 @@ def product_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """The dtype :func:`linear` computes this product in when it routes it by the kernel table
     (float32 or bfloat16 CPU tensors of sizes that fit, a dense weight, oneDNN enabled), or None
     where it goes to ``F.linear`` unchanged."""
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    # Every product of every layer asks, so the checks are plain and cheap (no generators).
+    if not (kernels.HAS_ONEDNN and torch.backends.mkldnn.enabled):
+        return None
+    autocast = torch.is_autocast_enabled("cpu")
+    dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+    if dtype not in _DTYPE_NAMES:
+        return None
+    for t in (x, weight, bias):
+        if t is not None and not (t.is_cpu and t.layout == torch.strided and t.is_floating_point()
+                                  and (autocast or t.dtype == dtype)):
+            return None
     fits = (
-        kernels.HAS_ONEDNN
-        and torch.backends.mkldnn.enabled
-        and dtype in _DTYPE_NAMES
-        and all(t.device.type == "cpu" and t.is_floating_point() and t.layout == torch.strided for t in tensors)
-        and (torch.is_autocast_enabled("cpu") or all(t.dtype == dtype for t in tensors))
         # Sizes that do not fit go to F.linear, whose error names the shapes (oneDNN's names none).
-        and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1] and x.numel() > 0
+        weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1] and x.numel() > 0
         and (bias is None or bias.shape == weight.shape[:1])
         # (out, in) or its transpose, densely: other strides (the query, key and value thirds of
         # Hugging Face GPT-2's fused c_attn) would take oneDNN's reference kernel, 100x slower.
