@@ -199,3 +199,20 @@ def test_kv_cache_grows_in_powers_of_two_and_keeps_its_contents(use_sdpa):
         capacities.append(mha.cache_k.shape[2])
     assert capacities == [64, 64, 128, 200, 200]  # the last one capped at the context
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+
+
+def test_reserving_ahead_grows_the_cache_as_appending_would():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(8, 8, context_length=200, dropout=0.0, num_heads=2).eval()
+    x = torch.randn(1, 140, 8)
+    full = mha(x)
+    mha.kv_cache.reserve(5)  # nothing to grow yet: the first append allocates
+    assert mha.cache_k is None
+    pieces, capacities = [], []
+    for start, end in [(0, 64), (64, 65), (65, 130), (130, 140)]:
+        mha.kv_cache.reserve(end - start)
+        capacities.append(None if mha.cache_k is None else mha.cache_k.shape[2])
+        pieces.append(mha(x[:, start:end], use_cache=True))
+    assert capacities == [None, 128, 200, 200]  # grown before the append that needs the room
+    assert mha.cache_len == 140 and mha.cache_k.shape[2] == 200
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)  # the prefix was copied over

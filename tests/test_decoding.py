@@ -7,6 +7,7 @@ The graph-count tests trace with TorchDynamo but hand the graphs to its "eager" 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -61,6 +62,17 @@ def test_two_graphs_serve_every_step_and_give_the_eager_tokens(model, fresh_dyna
     assert torch.equal(got, generate(model, ids, 40))
     assert fresh_dynamo["stats"]["unique_graphs"] == 2  # the prompt, then one new token
     assert not fresh_dynamo["graph_break"]  # each step is one whole graph
+
+
+@pytest.mark.slow
+def test_a_generation_past_the_caches_first_capacity_still_takes_two_graphs(fresh_dynamo):
+    torch.manual_seed(0)
+    model = GPTModel(dataclasses.replace(CFG, context_length=256)).eval()
+    fast = compile_for_decoding(model, backend="eager")
+    ids = prompt(5)
+    got = generate(fast, ids, 100)  # the cache grows from 64 to 128 tokens on the way
+    assert torch.equal(got, generate(model, ids, 100))
+    assert fresh_dynamo["stats"]["unique_graphs"] == 2  # the growth happens outside the compiled step
 
 
 @pytest.mark.slow

@@ -39,9 +39,13 @@ class DecodingModel(Wrapper):
         super().__init__()
         self.compiled = compiled
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, in_idx: torch.Tensor, *args: Any, use_cache: bool = False, **kwargs: Any) -> Any:
+        if use_cache:
+            # The cache grows here, eagerly, before the compiled step: growing inside it would make
+            # the step that grows the cache a graph of its own, a third compilation.
+            self.reserve_kv_cache(in_idx.shape[1])
         with torch._dynamo.config.patch(_DYNAMO_SETTINGS):
-            return self.compiled(*args, **kwargs)
+            return self.compiled(in_idx, *args, use_cache=use_cache, **kwargs)
 
 
 def compile_for_decoding(model: nn.Module, **options: Any) -> nn.Module:

@@ -125,6 +125,11 @@ class Decoder(nn.Module):
         for block in self.trf_blocks:
             block.att.reset_cache()
 
+    def reserve_kv_cache(self, new_tokens: int) -> None:
+        """Grow every block's KV cache, where it exists, to hold ``new_tokens`` more tokens."""
+        for block in self.trf_blocks:
+            block.att.kv_cache.reserve(new_tokens)
+
     def set_attention_impl(self, use_sdpa: bool) -> None:
         """Switch every block between the fused (SDPA) and the explicit attention path."""
         for block in self.trf_blocks:

@@ -65,26 +65,38 @@ class KVCache(nn.Module):
                 f"{self.context_length} tokens"
             )
         # A first call, a new batch size or a new dtype (a model cast to bfloat16) starts an empty
-        # buffer of the right kind; the growth below allocates it.
+        # buffer of the right kind; reserve() below allocates it.
         if self.k is None or self.k.shape[0] != b or self.k.dtype != keys.dtype:
             self.k = keys.new_empty(b, h, 0, d)
             self.v = values.new_empty(b, h, 0, d)
-        if end > self.k.shape[2]:
-            # Doubling, not bit_length(): under torch.compile the comparisons stay symbolic, so one
-            # graph serves every prompt length up to the same capacity.
-            capacity = max(self.min_capacity, self.k.shape[2])
-            while capacity < end:
-                capacity *= 2
-            capacity = min(self.context_length, capacity)
-            grown_k = keys.new_empty(b, h, capacity, d)
-            grown_v = values.new_empty(b, h, capacity, d)
-            # Copy only the filled prefix: the rest of the new buffer is written as tokens arrive.
-            grown_k[:, :, :start], grown_v[:, :, :start] = self.k[:, :, :start], self.v[:, :, :start]
-            self.k = grown_k
-            self.v = grown_v
+        self.reserve(n)
         # The new tokens go at their absolute positions start .. end - 1 (dim 2 is the sequence).
         self.k[:, :, start:end] = keys
         self.v[:, :, start:end] = values
         self.length = end
         # Views of the filled part, (b, h, end, d): attention never reads the unused capacity.
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reserve(self, new_tokens: int) -> None:
+        """Grow the buffers, if they exist, to hold ``new_tokens`` more than they hold now.
+
+        :meth:`append` calls it; a model compiled for decoding calls it before each compiled step
+        (:mod:`minigpt.generation.decoding`), so that no step's graph contains the growth.
+        """
+        end = self.length + new_tokens
+        if self.k is None or end <= self.k.shape[2]:
+            return
+        # Doubling, not bit_length(): under torch.compile the comparisons stay symbolic, so one
+        # graph serves every prompt length up to the same capacity.
+        capacity = max(self.min_capacity, self.k.shape[2])
+        while capacity < end:
+            capacity *= 2
+        capacity = min(self.context_length, capacity)
+        b, h, _, d = self.k.shape
+        grown_k = self.k.new_empty(b, h, capacity, d)
+        grown_v = self.v.new_empty(b, h, capacity, d)
+        # Copy only the filled prefix: the rest of the new buffer is written as tokens arrive.
+        grown_k[:, :, :self.length] = self.k[:, :, :self.length]
+        grown_v[:, :, :self.length] = self.v[:, :, :self.length]
+        self.k = grown_k
+        self.v = grown_v
